@@ -1,0 +1,47 @@
+// k2_megatron._C: the one place where every operator schema of the extension is declared.
+//
+// Kernels live in csrc/<op family>/ and register their CUDA implementations with TORCH_LIBRARY_IMPL
+// next to their host code. The CPU implementations are the pure-PyTorch references, registered from
+// Python (k2_megatron/ops/), together with the fake (meta) implementations used by torch.compile.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+
+#define K2_STRINGIFY_IMPL(x) #x
+#define K2_STRINGIFY(x) K2_STRINGIFY_IMPL(x)
+
+TORCH_LIBRARY(k2_megatron, m) {
+  // Newton-Schulz orthogonalisation of a batch of matrices [..., m, n] (Muon).
+  // coefficients: flat (a, b, c) per iteration, so its length is 3 * steps.
+  m.def("newton_schulz(Tensor x, float[] coefficients, float eps) -> Tensor");
+  // MoE grouped GEMM; conventions in k2_megatron/ops/reference/grouped_gemm.py. x [T, K] grouped by expert,
+  // w [E, K, N] ([E, N, K] if trans_b), batch_sizes int64 [E] (host or device) -> out [T, N];
+  // wgrad: dw[e] = x_e^T dy_e -> [E, K, N] ([E, N, K] if trans_b). Token permutation: tokens [T, H],
+  // topk_indices [T, k] -> (permuted [T*k, H] sorted by expert, row_map int64 [T, k], tokens_per_expert int64 [E]);
+  // unpermute: (permuted, row_map, topk_probs [T, k] or None) -> [T, H].
+  m.def("grouped_gemm(Tensor x, Tensor w, Tensor batch_sizes, bool trans_b) -> Tensor");
+  m.def("grouped_gemm_wgrad(Tensor x, Tensor dy, Tensor batch_sizes, bool trans_b) -> Tensor");
+  m.def("moe_permute(Tensor tokens, Tensor topk_indices, int num_experts) -> "
+        "(Tensor permuted, Tensor row_map, Tensor tokens_per_expert)");
+  m.def("moe_unpermute(Tensor permuted, Tensor row_map, Tensor? topk_probs) -> Tensor");
+  // MLA attention with per-head max logits (QK-Clip); conventions in k2_megatron/ops/reference/attention.py.
+  // Dense: q, k [b, s, h, d_qk], v [b, s_k, h, d_v] -> out [b, s, h, d_v], lse [b, h, s], max_logits f32 [h].
+  // Varlen: q [total_q, h, d_qk], k, v [total_k, h, d], cu_seqlens int32 [n + 1] -> lse [h, total_q].
+  m.def("mla_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale) -> "
+        "(Tensor out, Tensor lse, Tensor max_logits)");
+  m.def("mla_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+        "float softmax_scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def("mla_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, bool causal, float softmax_scale) -> "
+        "(Tensor out, Tensor lse, Tensor max_logits)");
+  m.def("mla_attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
+        "float softmax_scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "k2_megatron CUDA kernels; the operators are under torch.ops.k2_megatron";
+  // SM architectures this library was compiled for, as "80_90a" (K2_CUDA_ARCHS at build time).
+  m.def("cuda_archs", []() { return std::string(K2_STRINGIFY(K2_CUDA_ARCHS)); });
+}

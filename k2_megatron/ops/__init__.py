@@ -1,0 +1,9 @@
+"""k2_megatron ops: each runs its CUDA kernel (k2_megatron._C) on a supported GPU, else its pure-PyTorch
+reference (k2_megatron.ops.reference). Arguments are validated here, with errors that name them."""
+
+from k2_megatron.ops.attention import mla_attention, mla_attention_varlen
+from k2_megatron.ops.grouped_gemm import grouped_gemm, permute, unpermute
+from k2_megatron.ops.newton_schulz import DEFAULT_COEFFICIENTS, newton_schulz
+
+__all__ = ["DEFAULT_COEFFICIENTS", "grouped_gemm", "mla_attention", "mla_attention_varlen", "newton_schulz",
+           "permute", "unpermute"]

@@ -1,0 +1,62 @@
+"""``newton_schulz``: batched Newton-Schulz orthogonalisation for Muon (K2 report section 2)."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from k2_megatron import _extension
+from k2_megatron.ops import reference
+from k2_megatron.ops._checks import check_tensor
+
+_OP = "newton_schulz"
+_DTYPES = (torch.bfloat16, torch.float32)
+
+# Keller Jordan's quintic (a, b, c), used by Moonlight and K2: normalised singular values >= ~3e-3 land in
+# about [0.68, 1.21] after 5 steps.
+DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def flatten_coefficients(steps: int, coefficients) -> list[float]:
+    """One (a, b, c) for every step, or one triple per step -> the flat list the op takes (3 * steps)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{_OP}: steps must be a non-negative int, got {steps!r}")
+    items = list(coefficients)
+    if len(items) == 3 and all(isinstance(v, (int, float)) for v in items):
+        triples = [tuple(items)] * steps
+    else:
+        triples = [tuple(t) if isinstance(t, (tuple, list)) else () for t in items]
+        if len(triples) != steps or any(len(t) != 3 for t in triples):
+            raise ValueError(f"{_OP}: coefficients must be one (a, b, c) triple or {steps} triples (one per step), "
+                             f"got {coefficients!r}")
+    flat = [float(v) for t in triples for v in t]
+    if not all(math.isfinite(v) for v in flat):
+        raise ValueError(f"{_OP}: coefficients must be finite, got {coefficients!r}")
+    return flat
+
+
+def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients: Sequence = DEFAULT_COEFFICIENTS,
+                  eps: float = 1e-7) -> torch.Tensor:
+    """Orthogonalise every matrix of ``x`` [..., m, n] (bf16 or fp32) with ``steps`` Newton-Schulz iterations.
+
+    Each matrix is normalised by its own Frobenius norm (+ ``eps``); m > n is handled by iterating on the
+    transpose. Returns a contiguous tensor of x's shape and dtype. bf16 runs bf16 matmuls with fp32
+    accumulation (the paper's setting); fp32 runs in fp32. A zero matrix gives zeros.
+    On CUDA the whole batch runs in one launch sequence with symmetric (half-cost) X X^T and A A.
+    """
+    check_tensor(_OP, "x", x, min_dim=2, dtypes=_DTYPES)
+    flat = flatten_coefficients(steps, coefficients)
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{_OP}: eps must be a positive finite float, got {eps!r}")
+    if _extension.dispatch_to_op("newton_schulz", x):
+        return torch.ops.k2_megatron.newton_schulz(x, flat, float(eps))
+    return reference.newton_schulz(x, flat, float(eps))
+
+
+if _extension.extension_loaded():
+    # The schema and the CUDA kernel come from k2_megatron._C; the CPU kernel is the reference.
+    @torch.library.register_fake("k2_megatron::newton_schulz")
+    def _(x, coefficients, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    torch.library.register_kernel("k2_megatron::newton_schulz", "cpu", reference.newton_schulz)

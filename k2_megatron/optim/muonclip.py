@@ -1,0 +1,272 @@
+"""``MuonClip``: Muon for hidden matrices, AdamW for the rest, QK-Clip after every step (K2 report section 2).
+
+    groups = muon_param_groups(model, lr=2e-4, weight_decay=0.1)
+    opt = MuonClip(groups)
+    for layer in attention_layers:
+        opt.register_attention(f"layers.{i}", w_q_up=..., w_kv_up=..., layout=MLAHeadLayout(...),
+                               max_logits=lambda: layer.core_attention.current_max_attn_logits)
+    loss.backward(); opt.step(); opt.zero_grad()
+
+Each param group says ``use_muon``. Muon params are 2-D matrices or 3-D expert stacks [E, n, m] (E matrices);
+all Muon updates of the same matrix shape, dtype, device and Newton-Schulz settings are orthogonalised in
+one batched ``newton_schulz`` call. This class is the single-process optimizer; the megatron integration
+(ZeRO-1 shards, TP/EP/PP) reuses the pure functions of ``k2_megatron.optim.muon`` and ``qk_clip``.
+"""
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from k2_megatron.ops import DEFAULT_COEFFICIENTS
+from k2_megatron.ops.newton_schulz import flatten_coefficients
+from k2_megatron.optim.muon import (MUON_UPDATE_SCALE, adamw_step_, apply_decoupled_update_, muon_momentum_,
+                                    muon_orthogonalize)
+from k2_megatron.optim.qk_clip import (QK_CLIP_ALPHA, QK_CLIP_TAU, MLAHeadLayout, check_max_logits,
+                                       check_mla_weights, check_qk_clip_args, qk_clip_)
+
+# Names of parameters that stay on AdamW although they are matrices: embeddings and the output head (Muon is
+# for hidden layers), and the MoE router, whose rows are per-expert score directions rather than a linear map
+# of the residual stream (K2 lists the attention and FFN projections as Muon's matrices).
+DEFAULT_ADAMW_PATTERNS = (r"embed", r"lm_head", r"output_layer", r"router", r"(^|\.)mlp\.gate\.")
+
+_MUON_KEYS = ("momentum", "nesterov", "ns_steps", "ns_coefficients", "ns_eps", "ns_dtype", "update_scale")
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Raised by ``MuonClip.step`` when a gradient holds inf or NaN (with nonfinite="raise")."""
+
+
+def muon_param_groups(model_or_named_params, *, adamw_patterns: Iterable[str] = DEFAULT_ADAMW_PATTERNS,
+                      **group_options) -> list[dict]:
+    """Splits parameters into a Muon group (2-D/3-D hidden matrices) and an AdamW group (the rest).
+
+    Accepts a module or an iterable of (name, param). A parameter goes to AdamW when it has fewer than 2
+    dimensions or its name matches one of ``adamw_patterns`` (regular expressions). ``group_options``
+    (lr, weight_decay, ...) are copied into both groups. Frozen parameters are left out.
+    """
+    named = model_or_named_params.named_parameters() if isinstance(model_or_named_params, torch.nn.Module) \
+        else model_or_named_params
+    patterns = [re.compile(p) for p in adamw_patterns]
+    muon, adamw = ([], []), ([], [])
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        to_adamw = p.dim() < 2 or p.dim() > 3 or any(pat.search(name) for pat in patterns)
+        bucket = adamw if to_adamw else muon
+        bucket[0].append(p)
+        bucket[1].append(name)
+    groups = []
+    for (params, names), use_muon in ((muon, True), (adamw, False)):
+        if params:
+            groups.append({"params": params, "param_names": names, "use_muon": use_muon, **group_options})
+    return groups
+
+
+@dataclass
+class QKClipTarget:
+    """One attention layer registered for QK-Clip."""
+
+    w_q_up: torch.Tensor
+    w_kv_up: torch.Tensor
+    layout: MLAHeadLayout
+    max_logits_source: Callable[[], torch.Tensor | None] | None = None
+
+
+@dataclass
+class QKClipStats:
+    """What QK-Clip saw and did on one layer in the last step (tensors: read them when you log)."""
+
+    max_logit: torch.Tensor  # 0-d, the layer's largest head max logit
+    clipped: torch.Tensor  # bool [h]
+
+    @property
+    def num_clipped(self) -> int:
+        return int(self.clipped.sum())
+
+
+class MuonClip(torch.optim.Optimizer):
+    """Muon + AdamW with QK-Clip.
+
+    Args:
+        params: param groups, each with ``use_muon`` (see ``muon_param_groups``).
+        lr: learning rate of both Muon and AdamW (Muon's update-RMS matching makes one rate fit both).
+        momentum, nesterov: Muon momentum (M = mu M + G) and the Nesterov variant.
+        weight_decay: decoupled weight decay (both).
+        ns_steps, ns_coefficients, ns_eps, ns_dtype: Newton-Schulz settings (bf16, as in the paper).
+        update_scale: Muon update scale factor, O * update_scale * sqrt(max(n, m)).
+        adamw_betas, adamw_eps: AdamW settings.
+        qk_clip_tau, qk_clip_alpha: QK-Clip threshold and split; tau=None turns QK-Clip off.
+        nonfinite: "raise" (default) raises NonFiniteGradientError on an inf/NaN gradient before anything is
+            updated; "skip" skips the whole step with a warning and counts it in ``skipped_steps``.
+    """
+
+    def __init__(self, params, lr: float = 2e-4, *, momentum: float = 0.95, nesterov: bool = False,
+                 weight_decay: float = 0.1, ns_steps: int = 5, ns_coefficients=DEFAULT_COEFFICIENTS,
+                 ns_eps: float = 1e-7, ns_dtype: torch.dtype = torch.bfloat16,
+                 update_scale: float = MUON_UPDATE_SCALE, adamw_betas: tuple[float, float] = (0.9, 0.95),
+                 adamw_eps: float = 1e-8, qk_clip_tau: float | None = QK_CLIP_TAU,
+                 qk_clip_alpha: float = QK_CLIP_ALPHA, nonfinite: str = "raise"):
+        if not (lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"MuonClip: lr must be >= 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"MuonClip: momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"MuonClip: weight_decay must be >= 0, got {weight_decay}")
+        if ns_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"MuonClip: ns_dtype must be torch.bfloat16 or torch.float32, got {ns_dtype}")
+        flatten_coefficients(ns_steps, ns_coefficients)  # validates steps and coefficients
+        if not all(0.0 <= b < 1.0 for b in adamw_betas) or len(adamw_betas) != 2:
+            raise ValueError(f"MuonClip: adamw_betas must be two values in [0, 1), got {adamw_betas}")
+        if qk_clip_tau is not None:
+            check_qk_clip_args(qk_clip_tau, qk_clip_alpha)
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"MuonClip: nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+                        ns_coefficients=ns_coefficients, ns_eps=ns_eps, ns_dtype=ns_dtype,
+                        update_scale=update_scale, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps)
+        super().__init__(params, defaults)
+        self.qk_clip_tau = qk_clip_tau
+        self.qk_clip_alpha = qk_clip_alpha
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self.qk_clip_targets: dict[str, QKClipTarget] = {}
+        self.qk_clip_stats: dict[str, QKClipStats] = {}
+        self._recorded_max_logits: dict[str, torch.Tensor] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "use_muon" not in param_group:
+            raise ValueError("MuonClip: every param group needs 'use_muon' (True: Muon, False: AdamW); "
+                             "k2_megatron.optim.muon_param_groups(model) builds them")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["use_muon"]:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
+                if p.dim() not in (2, 3):
+                    raise ValueError(f"MuonClip: Muon takes 2-D matrices or 3-D expert stacks [E, n, m]; parameter "
+                                     f"{name or ''} has shape {tuple(p.shape)} (put it in an AdamW group)")
+
+    # ---- QK-Clip registration --------------------------------------------------------------------------
+
+    def register_attention(self, name: str, *, w_q_up: torch.Tensor, w_kv_up: torch.Tensor, layout: MLAHeadLayout,
+                           max_logits: Callable[[], torch.Tensor | None] | None = None) -> None:
+        """Registers an MLA layer for QK-Clip. ``max_logits`` (optional) is called at each step for the
+        layer's per-head max logits; otherwise feed them with ``record_max_logits`` before ``step``."""
+        if self.qk_clip_tau is None:
+            raise ValueError("MuonClip: register_attention needs QK-Clip on (qk_clip_tau is None)")
+        if name in self.qk_clip_targets:
+            raise ValueError(f"MuonClip: attention layer {name!r} is already registered")
+        check_mla_weights(w_q_up, w_kv_up, layout)
+        self.qk_clip_targets[name] = QKClipTarget(w_q_up, w_kv_up, layout, max_logits)
+
+    def record_max_logits(self, name: str, max_logits: torch.Tensor) -> None:
+        """Feeds the per-head max logits (already reduced over the global batch) for the next step."""
+        if name not in self.qk_clip_targets:
+            raise KeyError(f"MuonClip: no attention layer registered as {name!r}; "
+                           f"registered: {sorted(self.qk_clip_targets)}")
+        layout = self.qk_clip_targets[name].layout
+        if not isinstance(max_logits, torch.Tensor) or max_logits.shape != (layout.num_heads,):
+            shape = tuple(max_logits.shape) if isinstance(max_logits, torch.Tensor) else type(max_logits).__name__
+            raise ValueError(f"MuonClip: max_logits for {name!r} must have shape [{layout.num_heads}], got {shape}")
+        self._recorded_max_logits[name] = max_logits.detach()
+
+    # ---- step ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Everything that can refuse the step is checked before any tensor is modified.
+        max_logits = self._collect_max_logits()
+        if not self._grads_finite():
+            return loss
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_group_step(group)
+            else:
+                self._adamw_group_step(group)
+        self._apply_qk_clip(max_logits)
+        return loss
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return True
+        bad = []
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [f"param {i}" for i in range(len(group["params"]))]
+            bad += [f"group {gi} {n} {tuple(p.shape)}" for p, n in zip(group["params"], names)
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        msg = f"MuonClip: non-finite gradients in {', '.join(bad)}"
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(msg + "; nothing was updated")
+        self.skipped_steps += 1
+        warnings.warn(msg + f"; step skipped ({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=3)
+        return False
+
+    def _muon_group_step(self, group: dict) -> None:
+        # Momentum per parameter, then one Newton-Schulz call per bucket of same-shaped matrices.
+        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            update = muon_momentum_(state["momentum_buffer"], p.grad, group["momentum"], group["nesterov"])
+            key = (tuple(p.shape[-2:]), p.dtype, p.device)
+            buckets.setdefault(key, []).append((p, update))
+        for items in buckets.values():
+            stacked = torch.cat([u.reshape(-1, *u.shape[-2:]) for _, u in items])
+            ortho = muon_orthogonalize(stacked, ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"],
+                                       ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"],
+                                       scale=group["update_scale"])
+            offset = 0
+            for p, _ in items:
+                count = p.numel() // (p.shape[-2] * p.shape[-1])
+                apply_decoupled_update_(p, ortho[offset:offset + count].view_as(p), group["lr"], group["weight_decay"])
+                offset += count
+
+    def _adamw_group_step(self, group: dict) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), lr=group["lr"],
+                        betas=group["adamw_betas"], eps=group["adamw_eps"], weight_decay=group["weight_decay"])
+
+    def _collect_max_logits(self) -> dict[str, torch.Tensor]:
+        """The validated per-head max logits of every registered layer for this step (recorded or sourced)."""
+        recorded, self._recorded_max_logits = self._recorded_max_logits, {}
+        if self.qk_clip_tau is None:
+            return {}
+        collected = {}
+        for name, target in self.qk_clip_targets.items():
+            logits = recorded.get(name)
+            if logits is None and target.max_logits_source is not None:
+                logits = target.max_logits_source()
+            if logits is None:
+                raise RuntimeError(f"MuonClip: no max logits for attention layer {name!r} this step; record them "
+                                   "with record_max_logits() or register a max_logits source")
+            check_max_logits(logits, target.layout.num_heads, where=f"QK-Clip of {name!r}")
+            collected[name] = logits.detach()
+        return collected
+
+    def _apply_qk_clip(self, max_logits: dict[str, torch.Tensor]) -> None:
+        self.qk_clip_stats = {}
+        for name, logits in max_logits.items():
+            target = self.qk_clip_targets[name]
+            clipped = qk_clip_(target.w_q_up, target.w_kv_up, logits, target.layout, tau=self.qk_clip_tau,
+                               alpha=self.qk_clip_alpha)
+            self.qk_clip_stats[name] = QKClipStats(max_logit=logits.max(), clipped=clipped)

@@ -1,0 +1,46 @@
+"""The built extension: every kernel compiled for every requested architecture, on tensor cores.
+
+Reads the SASS of k2_megatron._C (tools/inspect_sass.py), so it checks the CUDA build on a machine without
+a GPU. Skipped when the extension is not built.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from k2_megatron import _extension
+
+pytestmark = pytest.mark.skipif(not _extension.extension_loaded(), reason="k2_megatron._C not built")
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "inspect_sass.py"
+
+# kernel name fragment -> the tensor-core instruction it must contain on every architecture.
+TENSOR_CORE_KERNELS = {
+    "syrk_bf16_kernel": "HMMA",
+}
+
+
+@pytest.fixture(scope="module")
+def sass_rows():
+    out = subprocess.run([sys.executable, str(TOOL), "--json"], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.fail(f"tools/inspect_sass.py failed: {out.stderr or out.stdout}")
+    return json.loads(out.stdout)
+
+
+def test_every_kernel_built_for_every_arch(sass_rows):
+    archs = {f"sm_{a}" for a in _extension.compiled_archs()}
+    assert {r["arch"] for r in sass_rows} == archs
+    kernels_by_arch = {a: {r["kernel"] for r in sass_rows if r["arch"] == a} for a in archs}
+    assert len({frozenset(k) for k in kernels_by_arch.values()}) == 1, kernels_by_arch
+
+
+@pytest.mark.parametrize("fragment,instruction", sorted(TENSOR_CORE_KERNELS.items()))
+def test_kernels_use_tensor_cores(sass_rows, fragment, instruction):
+    rows = [r for r in sass_rows if fragment in r["kernel"]]
+    assert rows, f"no kernel named *{fragment}* in k2_megatron._C"
+    for r in rows:
+        assert r[instruction] > 0, f"{r['kernel']} on {r['arch']} has no {instruction}"
