@@ -119,6 +119,10 @@ INSTALL_REQUIRES = [
     "pyyaml>=6.0",
     "tqdm>=4.66",
     "safetensors>=0.4",
+    "tokenizers>=0.20",
+    "tiktoken>=0.7",
+    "tensorboard>=2.16",
+    "matplotlib>=3.8",
 ]
 
 ext_modules, cmdclass = _extensions()
@@ -132,7 +136,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=find_packages(include=["k2_megatron", "k2_megatron.*"]),
+    package_data={"k2_megatron.data": ["corpus/*.jsonl.xz", "corpus/README.md"]},
     install_requires=INSTALL_REQUIRES,
+    entry_points={"console_scripts": [
+        "k2-convert-checkpoint=k2_megatron.checkpoint.convert_cli:main",
+    ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

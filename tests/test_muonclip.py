@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from k2_megatron.optim import MLAHeadLayout, MuonClip, NonFiniteGradientError, muon_param_groups, qk_clip_
+from k2_megatron.optim.qk_clip import WeightShard
 from k2_megatron.optim import muon as muon_module
 
 # ---- the paper's algorithm, written out independently in float64 ------------------------------------------
@@ -207,6 +208,42 @@ def test_qk_clip_scales_exactly_the_right_rows(alpha, dtype):
     assert torch.equal(kv_heads[:, 8:], bkv[:, 8:])  # v rows never touched
     if alpha == 0.0:
         assert torch.equal(q_heads[:, :8], bq[:, :8])  # gamma^0: q_C untouched, all on k_C
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_cuts,kv_cuts", [
+    ([7, 30, 31], [5, 227, 228]),   # boundaries in the middle of rows, and pieces shorter than a row
+    ([24, 48, 500], [16, 32, 100]),  # boundaries on row starts
+])
+def test_qk_clip_on_flat_shards_equals_whole_weights(dtype, q_cuts, kv_cuts):
+    """A ZeRO-1 optimizer holds flat pieces of a weight whose boundaries fall anywhere: clipping each piece gives
+    exactly the whole-weight result."""
+    torch.manual_seed(2)
+    w_q = torch.randn(LAYOUT.num_heads * LAYOUT.q_rows_per_head, 24).to(dtype)
+    w_kv = torch.randn(LAYOUT.num_heads * LAYOUT.kv_rows_per_head, 16).to(dtype)
+    s_max = torch.tensor([150.0, 20.0, 300.0, 101.0])
+    want_q, want_kv = w_q.clone(), w_kv.clone()
+    qk_clip_(want_q, want_kv, s_max, LAYOUT, tau=100.0)
+    got_q, got_kv = w_q.clone().view(-1), w_kv.clone().view(-1)
+    q_bounds, kv_bounds = [0, *q_cuts, got_q.numel()], [0, *kv_cuts, got_kv.numel()]
+    for (a, b), (c, d) in zip(zip(q_bounds, q_bounds[1:]), zip(kv_bounds, kv_bounds[1:])):
+        qk_clip_(WeightShard(got_q[a:b], a, *w_q.shape), WeightShard(got_kv[c:d], c, *w_kv.shape), s_max, LAYOUT,
+                 tau=100.0)
+    assert torch.equal(got_q.view_as(w_q), want_q) and torch.equal(got_kv.view_as(w_kv), want_kv)
+
+
+def test_weight_shard_must_fit():
+    with pytest.raises(ValueError, match="do not fit"):
+        WeightShard(torch.zeros(10), 2, 2, 5)
+
+
+def test_init_state_allocates_everything():
+    model = make_toy()
+    opt = MuonClip(muon_param_groups(model), lr=0.01)
+    opt.init_state()
+    assert set(opt.state[model.q_up]) == {"step", "momentum_buffer"}
+    assert set(opt.state[model.norm]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert all(float(st["step"]) == 0 for st in opt.state.values())
 
 
 def _rope(x, positions):

@@ -3,11 +3,13 @@
 from k2_megatron.optim.muon import (MUON_UPDATE_SCALE, adamw_step_, apply_decoupled_update_, muon_momentum_,
                                     muon_orthogonalize, muon_scale)
 from k2_megatron.optim.muonclip import (DEFAULT_ADAMW_PATTERNS, MuonClip, NonFiniteGradientError, QKClipStats,
-                                        muon_param_groups)
-from k2_megatron.optim.qk_clip import QK_CLIP_ALPHA, QK_CLIP_TAU, MLAHeadLayout, qk_clip_, qk_clip_factors
+                                        muon_param_groups, uses_muon)
+from k2_megatron.optim.qk_clip import (QK_CLIP_ALPHA, QK_CLIP_TAU, MLAHeadLayout, WeightShard, qk_clip_,
+                                       qk_clip_factors)
 
 __all__ = [
     "DEFAULT_ADAMW_PATTERNS", "MUON_UPDATE_SCALE", "QK_CLIP_ALPHA", "QK_CLIP_TAU", "MLAHeadLayout", "MuonClip",
-    "NonFiniteGradientError", "QKClipStats", "adamw_step_", "apply_decoupled_update_", "muon_momentum_",
-    "muon_orthogonalize", "muon_param_groups", "muon_scale", "qk_clip_", "qk_clip_factors",
+    "NonFiniteGradientError", "QKClipStats", "WeightShard", "adamw_step_", "apply_decoupled_update_",
+    "muon_momentum_", "muon_orthogonalize", "muon_param_groups", "muon_scale", "qk_clip_", "qk_clip_factors",
+    "uses_muon",
 ]

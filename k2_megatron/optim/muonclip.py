@@ -25,7 +25,7 @@ from k2_megatron.ops import DEFAULT_COEFFICIENTS
 from k2_megatron.ops.newton_schulz import flatten_coefficients
 from k2_megatron.optim.muon import (MUON_UPDATE_SCALE, adamw_step_, apply_decoupled_update_, muon_momentum_,
                                     muon_orthogonalize)
-from k2_megatron.optim.qk_clip import (QK_CLIP_ALPHA, QK_CLIP_TAU, MLAHeadLayout, check_max_logits,
+from k2_megatron.optim.qk_clip import (QK_CLIP_ALPHA, QK_CLIP_TAU, MLAHeadLayout, WeightShard, check_max_logits,
                                        check_mla_weights, check_qk_clip_args, qk_clip_)
 
 # Names of parameters that stay on AdamW although they are matrices: embeddings and the output head (Muon is
@@ -40,6 +40,11 @@ class NonFiniteGradientError(RuntimeError):
     """Raised by ``MuonClip.step`` when a gradient holds inf or NaN (with nonfinite="raise")."""
 
 
+def uses_muon(name: str, param: torch.Tensor, adamw_patterns: Iterable[str] = DEFAULT_ADAMW_PATTERNS) -> bool:
+    """The default split: Muon for 2-D matrices and 3-D expert stacks whose name matches no AdamW pattern."""
+    return param.dim() in (2, 3) and not any(re.search(p, name) for p in adamw_patterns)
+
+
 def muon_param_groups(model_or_named_params, *, adamw_patterns: Iterable[str] = DEFAULT_ADAMW_PATTERNS,
                       **group_options) -> list[dict]:
     """Splits parameters into a Muon group (2-D/3-D hidden matrices) and an AdamW group (the rest).
@@ -50,13 +55,11 @@ def muon_param_groups(model_or_named_params, *, adamw_patterns: Iterable[str] = 
     """
     named = model_or_named_params.named_parameters() if isinstance(model_or_named_params, torch.nn.Module) \
         else model_or_named_params
-    patterns = [re.compile(p) for p in adamw_patterns]
     muon, adamw = ([], []), ([], [])
     for name, p in named:
         if not p.requires_grad:
             continue
-        to_adamw = p.dim() < 2 or p.dim() > 3 or any(pat.search(name) for pat in patterns)
-        bucket = adamw if to_adamw else muon
+        bucket = muon if uses_muon(name, p, adamw_patterns) else adamw
         bucket[0].append(p)
         bucket[1].append(name)
     groups = []
@@ -66,12 +69,35 @@ def muon_param_groups(model_or_named_params, *, adamw_patterns: Iterable[str] = 
     return groups
 
 
+def batched_orthogonalize(items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Muon's O for each (group, param, update) (2-D, or 3-D [E, n, m] = E matrices): one batched Newton-Schulz
+    call per matrix shape, dtype, device and Newton-Schulz setting."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, (group, _, u) in enumerate(items):
+        key = (tuple(u.shape[-2:]), u.dtype, u.device, group["ns_steps"], str(group["ns_coefficients"]),
+               group["ns_eps"], group["ns_dtype"], group["update_scale"])
+        buckets.setdefault(key, []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(items)
+    for indices in buckets.values():
+        group = items[indices[0]][0]
+        updates = [items[i][2] for i in indices]
+        stacked = torch.cat([u.reshape(-1, *u.shape[-2:]) for u in updates])
+        ortho = muon_orthogonalize(stacked, ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"],
+                                   ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"], scale=group["update_scale"])
+        offset = 0
+        for i, u in zip(indices, updates):
+            count = u.numel() // (u.shape[-2] * u.shape[-1])
+            out[i] = ortho[offset:offset + count].view_as(u)
+            offset += count
+    return out
+
+
 @dataclass
 class QKClipTarget:
-    """One attention layer registered for QK-Clip."""
+    """One attention layer registered for QK-Clip: its up-projections (whole weights or WeightShards)."""
 
-    w_q_up: torch.Tensor
-    w_kv_up: torch.Tensor
+    w_q_up: torch.Tensor | WeightShard | None  # None: no piece of it is updated by this optimizer
+    w_kv_up: torch.Tensor | WeightShard | None
     layout: MLAHeadLayout
     max_logits_source: Callable[[], torch.Tensor | None] | None = None
 
@@ -136,6 +162,11 @@ class MuonClip(torch.optim.Optimizer):
         self.qk_clip_targets: dict[str, QKClipTarget] = {}
         self.qk_clip_stats: dict[str, QKClipStats] = {}
         self._recorded_max_logits: dict[str, torch.Tensor] = {}
+        # Maps [(group, param, update)] of every Muon parameter -> the orthogonalised updates. The default batches
+        # same-shaped matrices on this process; the megatron integration installs one for ZeRO-1 shards and TP.
+        self.orthogonalize_items: Callable[[list], list] = batched_orthogonalize
+        # The megatron integration checks gradients globally (all ranks must agree) and turns this off.
+        self.check_finite = True
 
     def add_param_group(self, param_group: dict) -> None:
         if "use_muon" not in param_group:
@@ -146,16 +177,21 @@ class MuonClip(torch.optim.Optimizer):
         if group["use_muon"]:
             names = group.get("param_names") or [None] * len(group["params"])
             for p, name in zip(group["params"], names):
-                if p.dim() not in (2, 3):
-                    raise ValueError(f"MuonClip: Muon takes 2-D matrices or 3-D expert stacks [E, n, m]; parameter "
-                                     f"{name or ''} has shape {tuple(p.shape)} (put it in an AdamW group)")
+                self._check_muon_param(p, name)
+
+    def _check_muon_param(self, p: torch.Tensor, name: str | None) -> None:
+        if p.dim() not in (2, 3):
+            raise ValueError(f"MuonClip: Muon takes 2-D matrices or 3-D expert stacks [E, n, m]; parameter "
+                             f"{name or ''} has shape {tuple(p.shape)} (put it in an AdamW group)")
 
     # ---- QK-Clip registration --------------------------------------------------------------------------
 
-    def register_attention(self, name: str, *, w_q_up: torch.Tensor, w_kv_up: torch.Tensor, layout: MLAHeadLayout,
-                           max_logits: Callable[[], torch.Tensor | None] | None = None) -> None:
+    def register_attention(self, name: str, *, w_q_up: torch.Tensor | WeightShard | None,
+                           w_kv_up: torch.Tensor | WeightShard | None,
+                           layout: MLAHeadLayout, max_logits: Callable[[], torch.Tensor | None] | None = None) -> None:
         """Registers an MLA layer for QK-Clip. ``max_logits`` (optional) is called at each step for the
-        layer's per-head max logits; otherwise feed them with ``record_max_logits`` before ``step``."""
+        layer's per-head max logits; otherwise feed them with ``record_max_logits`` before ``step``.
+        The weights are the tensors this optimizer updates: whole 2-D weights, or ``WeightShard``s of them."""
         if self.qk_clip_tau is None:
             raise ValueError("MuonClip: register_attention needs QK-Clip on (qk_clip_tau is None)")
         if name in self.qk_clip_targets:
@@ -184,12 +220,12 @@ class MuonClip(torch.optim.Optimizer):
                 loss = closure()
         # Everything that can refuse the step is checked before any tensor is modified.
         max_logits = self._collect_max_logits()
-        if not self._grads_finite():
+        if self.check_finite and not self._grads_finite():
             return loss
+        self._begin_step()
+        self._muon_step()
         for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon_group_step(group)
-            else:
+            if not group["use_muon"]:
                 self._adamw_group_step(group)
         self._apply_qk_clip(max_logits)
         return loss
@@ -210,40 +246,57 @@ class MuonClip(torch.optim.Optimizer):
         warnings.warn(msg + f"; step skipped ({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=3)
         return False
 
-    def _muon_group_step(self, group: dict) -> None:
-        # Momentum per parameter, then one Newton-Schulz call per bucket of same-shaped matrices.
-        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for p in group["params"]:
-            if p.grad is None:
+    def init_state(self) -> None:
+        """Allocates every parameter's state now (zeros) instead of at its first step; megatron's checkpoint
+        loading needs the state's tensors to exist before it copies into them."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_of(p, group["use_muon"])
+
+    MOMENTUM_KEY = "momentum_buffer"  # Muon's momentum in the state of each parameter
+
+    def _begin_step(self) -> None:
+        """Called once per step, after the checks and before any update."""
+
+    def _advance_step(self, group: dict, state: dict) -> int:
+        """Counts one more step of a parameter; returns its step count (AdamW's bias correction)."""
+        state["step"] = state["step"] + 1  # a new tensor: a loader may have shared one tensor between params
+        return int(state["step"])
+
+    def _state_of(self, p: torch.Tensor, use_muon: bool) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            if use_muon:
+                state[self.MOMENTUM_KEY] = torch.zeros_like(p)
+            else:
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+        return state
+
+    def _muon_step(self) -> None:
+        # Momentum per parameter, then one orthogonalisation pass over all Muon parameters (batched by shape).
+        items = []
+        for group in self.param_groups:
+            if not group["use_muon"]:
                 continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            update = muon_momentum_(state["momentum_buffer"], p.grad, group["momentum"], group["nesterov"])
-            key = (tuple(p.shape[-2:]), p.dtype, p.device)
-            buckets.setdefault(key, []).append((p, update))
-        for items in buckets.values():
-            stacked = torch.cat([u.reshape(-1, *u.shape[-2:]) for _, u in items])
-            ortho = muon_orthogonalize(stacked, ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"],
-                                       ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"],
-                                       scale=group["update_scale"])
-            offset = 0
-            for p, _ in items:
-                count = p.numel() // (p.shape[-2] * p.shape[-1])
-                apply_decoupled_update_(p, ortho[offset:offset + count].view_as(p), group["lr"], group["weight_decay"])
-                offset += count
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._state_of(p, True)
+                self._advance_step(group, state)
+                update = muon_momentum_(state[self.MOMENTUM_KEY], p.grad, group["momentum"], group["nesterov"])
+                items.append((group, p, update))
+        for (group, p, _), ortho in zip(items, self.orthogonalize_items(items)):
+            apply_decoupled_update_(p, ortho.view_as(p), group["lr"], group["weight_decay"])
 
     def _adamw_group_step(self, group: dict) -> None:
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), lr=group["lr"],
+            state = self._state_of(p, False)
+            step = self._advance_step(group, state)
+            adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step, lr=group["lr"],
                         betas=group["adamw_betas"], eps=group["adamw_eps"], weight_decay=group["weight_decay"])
 
     def _collect_max_logits(self) -> dict[str, torch.Tensor]:

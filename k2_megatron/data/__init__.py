@@ -1,0 +1,47 @@
+"""The data side of pretraining: bundled corpus, tokenizers, indexed datasets, resumable sample streams.
+
+    from k2_megatron.data import prepare_corpus_data, build_pretraining_datasets, SampleStream, unigram_baseline
+    data = prepare_corpus_data(vocab_size=4096)            # BPE + train/valid indexed datasets, cached
+    train_ds, valid_ds = build_pretraining_datasets(data.tokenizer, seq_length, data.train_prefix,
+                                                    data.valid_prefix, train_samples=iters * global_batch)
+    stream = SampleStream(train_ds, micro_batch_size, dp_rank=r, dp_size=dp)   # state_dict / load_state_dict
+    baseline = unigram_baseline(data.train_prefix, data.valid_prefix, data.tokenizer.vocab_size)
+
+Modules that need megatron-core (preprocess, dataset) are imported on first use of their names, so the corpus
+and tokenizer helpers load without it.
+"""
+
+import importlib
+
+from k2_megatron.data.corpus import (CORPUS_DIR, HELD_OUT_DOCUMENTS, corpus_fingerprint, corpus_path, corpus_texts,
+                                     iter_corpus_documents)
+from k2_megatron.data.tokenizer import (BPE_EOD_TOKEN, DEFAULT_VOCAB_SIZE, K2_EOD_TOKEN,
+                                        K2_NUM_RESERVED_SPECIAL_TOKENS, K2_PAT_STR, BPETokenizer, TextTokenizer,
+                                        TiktokenTokenizer, default_cache_dir, default_tokenizer,
+                                        export_tiktoken_ranks, load_tiktoken_ranks, load_tokenizer,
+                                        train_bpe_tokenizer)
+
+_LAZY = {
+    "k2_megatron.data.preprocess": ("IndexedDatasetStats", "PreparedData", "iter_documents", "prepare_corpus_data",
+                                    "preprocess_files", "write_indexed_dataset"),
+    "k2_megatron.data.dataset": ("DEFAULT_SEED", "DatasetExhaustedError", "SampleStream",
+                                 "build_pretraining_datasets", "collate_samples", "unigram_baseline",
+                                 "validation_batches"),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name):
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'k2_megatron.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["CORPUS_DIR", "HELD_OUT_DOCUMENTS", "corpus_fingerprint", "corpus_path", "corpus_texts",
+           "iter_corpus_documents", "BPE_EOD_TOKEN", "DEFAULT_VOCAB_SIZE", "K2_EOD_TOKEN",
+           "K2_NUM_RESERVED_SPECIAL_TOKENS", "K2_PAT_STR", "BPETokenizer", "TextTokenizer", "TiktokenTokenizer",
+           "default_cache_dir", "default_tokenizer", "export_tiktoken_ranks", "load_tiktoken_ranks",
+           "load_tokenizer", "train_bpe_tokenizer", *_LAZY_NAMES]

@@ -1,0 +1,220 @@
+"""Training and validation sample streams on megatron-core's GPTDataset, and the unigram baseline.
+
+Datasets: ``build_pretraining_datasets`` runs megatron-core's ``BlendedMegatronDatasetBuilder`` over
+``GPTDataset`` (its C++ index helpers ship in the 0.19.2 wheel and run on CPU) with one blend per split: the
+training split from the training prefixes, the validation split from the held-out prefixes. GPTDataset packs
+documents (each ending with the eod id) into ``seq_length + 1``-token windows, shuffles documents and samples
+with ``numpy.random.RandomState(seed)``, and caches its index files under ``path_to_cache`` (in a distributed
+run rank 0 builds them and the other ranks load them: call it on every rank).
+
+Sampling: ``SampleStream`` reads the dataset's samples in index order (the shuffle is inside GPTDataset),
+megatron's pretraining-sampler layout: each micro-batch step takes ``micro_batch_size * dp_size`` consecutive
+samples, rank r the r-th slice. Its whole state is ``consumed_samples`` (global, identical on every rank), so
+``state_dict()``/``load_state_dict()`` resume exactly, mid-epoch, and a changed data-parallel size continues
+with the same global sample order. ``dataset_hash`` (megatron's hash of the dataset definition) catches a
+resume against different data, seed or sequence length.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from k2_megatron.data.tokenizer import TextTokenizer, default_cache_dir
+
+DEFAULT_SEED = 1234
+
+
+class DatasetExhaustedError(RuntimeError):
+    """A SampleStream was asked for samples beyond the end of its dataset."""
+
+
+def _check_prefixes(name: str, prefixes: str | Sequence[str]) -> list[str]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefixes = [prefixes] if isinstance(prefixes, str) else list(prefixes)
+    if not prefixes:
+        raise ValueError(f"{name}: at least one indexed-dataset prefix is needed")
+    for p in prefixes:
+        if not IndexedDataset.exists(p):
+            raise FileNotFoundError(f"{name}: no indexed dataset at {p!r} (expected {p}.bin and {p}.idx; "
+                                    "make them with tools/preprocess_data.py)")
+    return prefixes
+
+
+def build_pretraining_datasets(tokenizer: TextTokenizer, seq_length: int, train_prefixes: str | Sequence[str],
+                               valid_prefixes: str | Sequence[str] | None = None, *, train_samples: int,
+                               valid_samples: int | None = None, train_weights: Sequence[float] | None = None,
+                               seed: int = DEFAULT_SEED, path_to_cache: str | None = None,
+                               is_built_on_rank: Callable[[], bool] | None = None):
+    """(train, valid) megatron GPTDatasets (or BlendedDatasets for several weighted prefixes); valid is None
+    without ``valid_prefixes``.
+
+    ``train_samples``: samples the run will draw (train_iters * global_batch_size); GPTDataset repeats epochs
+    (each reshuffled) to cover it. ``valid_samples``: None for one pass over the held-out data. Samples are
+    dicts of 1-D tensors: tokens, labels (tokens shifted by one), loss_mask, position_ids. ``path_to_cache``
+    defaults to ``<cache>/gpt_indices``. Must be called on every rank of a distributed run.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if not isinstance(seq_length, int) or seq_length < 1:
+        raise ValueError(f"seq_length: must be a positive int, got {seq_length!r}")
+    if not isinstance(train_samples, int) or train_samples < 1:
+        raise ValueError(f"train_samples: must be a positive int, got {train_samples!r}")
+    if valid_samples is not None and (not isinstance(valid_samples, int) or valid_samples < 1):
+        raise ValueError(f"valid_samples: must be None or a positive int, got {valid_samples!r}")
+    train_prefixes = _check_prefixes("train_prefixes", train_prefixes)
+    if train_weights is not None and len(train_weights) != len(train_prefixes):
+        raise ValueError(f"train_weights: {len(train_weights)} weights for {len(train_prefixes)} prefixes")
+    blends = [(train_prefixes, list(train_weights) if train_weights is not None else None), None, None]
+    if valid_prefixes is not None:
+        blends[1] = (_check_prefixes("valid_prefixes", valid_prefixes), None)
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend_per_split=blends, tokenizer=tokenizer,
+        path_to_cache=path_to_cache or os.path.join(default_cache_dir(), "gpt_indices"),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+    )
+    sizes = [train_samples, valid_samples, None]
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config)
+    train, valid, _ = builder.build()
+    if train is not None and len(train) < train_samples:
+        raise RuntimeError(f"train_samples: the training dataset holds {len(train)} samples, fewer than the "
+                           f"{train_samples} requested")
+    return train, valid
+
+
+def collate_samples(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Stacks the samples' tensors: tokens/labels/position_ids [b, s] int64, loss_mask [b, s] float32."""
+    if not samples:
+        raise ValueError("samples: cannot collate an empty list")
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
+
+
+class SampleStream:
+    """Deterministic, resumable micro-batches of one data-parallel rank from a megatron dataset.
+
+    Micro-batch step k (global, counting from the start of training) covers dataset indices
+    [consumed, consumed + micro_batch_size * dp_size) with consumed = k * micro_batch_size * dp_size; this rank
+    gets slice [dp_rank * micro_batch_size, (dp_rank + 1) * micro_batch_size) of it.
+    """
+
+    def __init__(self, dataset, micro_batch_size: int, *, dp_rank: int = 0, dp_size: int = 1,
+                 consumed_samples: int = 0):
+        if dataset is None:
+            raise ValueError("dataset: None (was it built on this rank?)")
+        for name, value, low in (("micro_batch_size", micro_batch_size, 1), ("dp_size", dp_size, 1),
+                                 ("consumed_samples", consumed_samples, 0), ("dp_rank", dp_rank, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: must be an int >= {low}, got {value!r}")
+        if dp_rank >= dp_size:
+            raise ValueError(f"dp_rank: must be < dp_size={dp_size}, got {dp_rank}")
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.consumed_samples = consumed_samples
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples one micro-batch step takes over all data-parallel ranks."""
+        return self.micro_batch_size * self.dp_size
+
+    @property
+    def dataset_hash(self) -> str:
+        return getattr(self.dataset, "unique_description_hash", type(self.dataset).__name__)
+
+    def __len__(self) -> int:
+        """Micro-batch steps left before the dataset runs out."""
+        return (len(self.dataset) - self.consumed_samples) // self.samples_per_step
+
+    def batch_at(self, consumed_samples: int) -> dict[str, torch.Tensor]:
+        """This rank's micro-batch of the step starting at ``consumed_samples`` (no state change)."""
+        end = consumed_samples + self.samples_per_step
+        if end > len(self.dataset):
+            raise DatasetExhaustedError(f"the dataset holds {len(self.dataset)} samples; the step at consumed_samples="
+                                f"{consumed_samples} needs {end} (build it with more train_samples)")
+        start = consumed_samples + self.dp_rank * self.micro_batch_size
+        return collate_samples([self.dataset[i] for i in range(start, start + self.micro_batch_size)])
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch of this rank; advances ``consumed_samples`` by ``micro_batch_size * dp_size``."""
+        batch = self.batch_at(self.consumed_samples)
+        self.consumed_samples += self.samples_per_step
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while self.consumed_samples + self.samples_per_step <= len(self.dataset):
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "dataset_hash": self.dataset_hash,
+                "dataset_len": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"consumed_samples", "dataset_hash"} - set(state)
+        if missing:
+            raise ValueError(f"state: missing keys {sorted(missing)} (got {sorted(state)})")
+        if state["dataset_hash"] != self.dataset_hash:
+            raise ValueError(f"state: saved for dataset {state['dataset_hash']} (len {state.get('dataset_len')}), "
+                             f"but this stream reads {self.dataset_hash} (len {len(self.dataset)}): the data, "
+                             "tokenizer, seed, sequence length or sample count changed since the checkpoint")
+        consumed = state["consumed_samples"]
+        if not isinstance(consumed, int) or not 0 <= consumed <= len(self.dataset):
+            raise ValueError(f"state: consumed_samples must be an int in [0, {len(self.dataset)}], got {consumed!r}")
+        self.consumed_samples = consumed
+
+
+def validation_batches(dataset, micro_batch_size: int, num_micro_batches: int | None = None, *,
+                       dp_rank: int = 0, dp_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """The held-out micro-batches of this rank, always from the start: the same samples at every evaluation.
+    ``num_micro_batches``: None for as many as fit in one pass."""
+    stream = SampleStream(dataset, micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    available = len(stream)
+    if num_micro_batches is None:
+        num_micro_batches = available
+    elif num_micro_batches > available:
+        raise ValueError(f"num_micro_batches: the validation set has {len(dataset)} samples, enough for "
+                         f"{available} micro-batches of {micro_batch_size} x dp {dp_size}, not {num_micro_batches}")
+    for _ in range(num_micro_batches):
+        yield stream.next_batch()
+
+
+def _token_counts(prefix: str, vocab_size: int) -> np.ndarray:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path
+
+    dtype = IndexedDataset(prefix).index.dtype
+    tokens = np.memmap(get_bin_path(prefix), dtype=dtype, mode="r")
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    chunk = 1 << 24
+    for start in range(0, tokens.shape[0], chunk):
+        part = np.asarray(tokens[start:start + chunk])
+        if part.size and int(part.max()) >= vocab_size:
+            raise ValueError(f"vocab_size: {prefix} holds token id {int(part.max())} >= vocab_size={vocab_size}")
+        counts += np.bincount(part, minlength=vocab_size)
+    return counts
+
+
+def unigram_baseline(train_prefixes: str | Sequence[str], valid_prefixes: str | Sequence[str], vocab_size: int,
+                     *, smoothing: float = 1.0) -> float:
+    """Cross-entropy in nats per token of the held-out data under the training split's unigram distribution.
+
+    p(t) = (count_train(t) + smoothing) / (N_train + smoothing * vocab_size) (additive smoothing, so a token
+    absent from training costs a finite amount); returns -mean over every held-out token of log p(t), eod ids
+    included (they are predicted targets in training too). A language model that learned anything beyond
+    token frequencies has a validation loss below this.
+    """
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size: must be a positive int, got {vocab_size!r}")
+    if not smoothing > 0:
+        raise ValueError(f"smoothing: must be > 0, got {smoothing}")
+    train_counts = sum(_token_counts(p, vocab_size) for p in _check_prefixes("train_prefixes", train_prefixes))
+    valid_counts = sum(_token_counts(p, vocab_size) for p in _check_prefixes("valid_prefixes", valid_prefixes))
+    n_valid = int(valid_counts.sum())
+    if n_valid == 0:
+        raise ValueError("valid_prefixes: the held-out data holds no tokens")
+    log_p = np.log(train_counts + smoothing) - np.log(train_counts.sum() + smoothing * vocab_size)
+    return float(-(valid_counts * log_p).sum() / n_valid)

@@ -1,0 +1,228 @@
+"""Build the K2 model on megatron-core: K2Config (+ parallel layout) -> MLATransformerConfig -> GPTModel.
+
+``build_k2_model`` is the model provider: call it on every rank after megatron's parallel_state is
+initialised (``initialize_model_parallel``); it builds this rank's pipeline stage with the K2 spec
+(k2_megatron.megatron.spec). On a machine without CUDA, enable k2_megatron.megatron.cpu_compat first
+(``init_distributed_cpu`` in this module does both for tests and CPU runs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+from k2_megatron.models.config import K2Config, check_parallel_layout, get_preset
+from k2_megatron.megatron.spec import get_k2_decoder_block_spec
+
+
+def to_transformer_config(cfg: K2Config, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                          virtual_pipeline_stages: int | None = None, expert_parallel: int = 1,
+                          first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+                          sequence_parallel: bool | None = None, params_dtype: torch.dtype = torch.float32,
+                          bias_update_rate: float = 1e-3, token_dispatcher: str = "alltoall",
+                          use_cpu_initialization: bool | None = None, **overrides) -> MLATransformerConfig:
+    """megatron-core's MLATransformerConfig for ``cfg`` on a given layout (raises ValueError for a bad layout).
+
+    first_stage_layers / last_stage_layers: uneven pipeline split (see check_parallel_layout).
+    bias_update_rate: the aux-loss-free expert-bias step (expert_bias += rate * sign(mean load - load) per
+    global batch, applied by megatron's finalize_model_grads); 0 freezes the bias.
+    Any other MLATransformerConfig field can be passed through ``overrides``.
+    """
+    check_parallel_layout(cfg, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                          virtual_pipeline_stages=virtual_pipeline_stages, expert_parallel=expert_parallel,
+                          first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
+    if cfg.q_lora_rank is None:
+        raise ValueError("q_lora_rank=None (a single query projection) cannot be built with megatron-core 0.19's "
+                         "MLA: with the latent norms on (qk_layernorm) it requires a Transformer-Engine fused "
+                         "norm+linear query projection. K2 uses q_lora_rank=1536.")
+    if sequence_parallel is None:
+        sequence_parallel = tensor_parallel > 1  # megatron requires it for TP > 1 with MoE
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not torch.cuda.is_available()
+    rope = {}
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        rope = dict(rope_type="yarn", rotary_scaling_factor=float(rs["factor"]),
+                    original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+                    beta_fast=float(rs.get("beta_fast", 32.0)), beta_slow=float(rs.get("beta_slow", 1.0)),
+                    mscale=float(rs.get("mscale", 1.0)), mscale_all_dim=float(rs.get("mscale_all_dim", 0.0) or 0.0))
+    else:
+        # megatron's MLA softmax scale uses _yarn_get_mscale(rotary_scaling_factor, mscale_all_dim), which is
+        # 1 for a factor <= 1: plain RoPE gets exactly 1/sqrt(d_qk).
+        rope = dict(rope_type="rope", rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
+    groups = {}
+    if cfg.n_group > 1:
+        groups = dict(moe_router_num_groups=cfg.n_group, moe_router_group_topk=cfg.topk_group)
+    pattern = [0] * cfg.first_k_dense_replace + [1] * cfg.num_moe_layers
+    kwargs = dict(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        kv_channels=cfg.v_head_dim,
+        multi_latent_attention=True,
+        q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_head_dim=cfg.qk_nope_head_dim,
+        qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        qk_layernorm=True,  # MLA: RMSNorm of the q and kv latents (q_a_layernorm, kv_a_layernorm)
+        rotary_base=cfg.rope_theta,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        init_method_std=cfg.initializer_range,
+        num_moe_experts=cfg.n_routed_experts,
+        moe_layer_freq=pattern,
+        moe_ffn_hidden_size=cfg.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=(cfg.moe_intermediate_size * cfg.n_shared_experts
+                                             if cfg.n_shared_experts else None),
+        moe_router_topk=cfg.num_experts_per_tok,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=bias_update_rate,
+        moe_router_topk_scaling_factor=cfg.routed_scaling_factor,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32",
+        moe_grouped_gemm=True,
+        moe_token_dispatcher_type=token_dispatcher,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_stages,
+        num_layers_in_first_pipeline_stage=first_stage_layers,
+        num_layers_in_last_pipeline_stage=last_stage_layers,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=1,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=use_cpu_initialization,
+        transformer_impl="local",
+        **rope,
+        **groups,
+    )
+    if cfg.n_routed_experts and not cfg.norm_topk_prob:
+        raise ValueError("norm_topk_prob=False is not supported: megatron normalises sigmoid top-k weights")
+    if not torch.cuda.is_available():
+        from k2_megatron.megatron import cpu_compat
+
+        kwargs.update(cpu_compat.config_overrides(pipeline_parallel=pipeline_parallel))
+    kwargs.update(overrides)
+    return MLATransformerConfig(**kwargs)
+
+
+def build_k2_model(cfg: K2Config | str, transformer_config: MLATransformerConfig | None = None, *,
+                   pre_process: bool | None = None, post_process: bool | None = None, vp_stage: int | None = None,
+                   **config_kwargs) -> GPTModel:
+    """This rank's (pipeline stage of the) K2 model as a megatron-core GPTModel with the K2 spec.
+
+    cfg: a K2Config or a preset name. transformer_config: built with ``to_transformer_config(cfg,
+    **config_kwargs)`` when not given; parallel sizes in it must match the initialised parallel_state.
+    """
+    if isinstance(cfg, str):
+        cfg = get_preset(cfg)
+    if transformer_config is None:
+        if parallel_state.model_parallel_is_initialized():
+            config_kwargs.setdefault("tensor_parallel", parallel_state.get_tensor_model_parallel_world_size())
+            config_kwargs.setdefault("pipeline_parallel", parallel_state.get_pipeline_model_parallel_world_size())
+            config_kwargs.setdefault("expert_parallel", parallel_state.get_expert_model_parallel_world_size())
+        transformer_config = to_transformer_config(cfg, **config_kwargs)
+    elif config_kwargs:
+        raise ValueError(f"pass either transformer_config or config kwargs, not both (got {sorted(config_kwargs)})")
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("build_k2_model: megatron parallel_state is not initialised; call "
+                           "megatron.core.parallel_state.initialize_model_parallel(...) first "
+                           "(or k2_megatron.megatron.model.init_distributed_cpu on a CPU)")
+    tc = transformer_config
+    sizes = {"tensor": (tc.tensor_model_parallel_size, parallel_state.get_tensor_model_parallel_world_size()),
+             "pipeline": (tc.pipeline_model_parallel_size, parallel_state.get_pipeline_model_parallel_world_size()),
+             "expert": (tc.expert_model_parallel_size, parallel_state.get_expert_model_parallel_world_size())}
+    for name, (want, have) in sizes.items():
+        if want != have:
+            raise ValueError(f"build_k2_model: config {name}-parallel size {want} != initialised size {have}")
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    block_spec = get_k2_decoder_block_spec(tc, vp_stage=vp_stage)
+    return GPTModel(config=tc, transformer_layer_spec=block_spec, vocab_size=cfg.vocab_size,
+                    max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process,
+                    post_process=post_process, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+                    position_embedding_type="none", vp_stage=vp_stage)
+
+
+def init_distributed_cpu(*, tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
+                         virtual_pipeline_stages: int | None = None, seed: int = 1234, rank: int | None = None,
+                         world_size: int | None = None, init_method: str | None = None) -> None:
+    """gloo process group + megatron parallel_state + RNG seeds on a CPU (cpu_compat enabled).
+
+    rank/world_size/init_method default to the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT);
+    a single process without them gets a private file store.
+    """
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from k2_megatron.megatron import cpu_compat
+
+    cpu_compat.enable()
+    if not torch.distributed.is_initialized():
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        if init_method is None:
+            if "MASTER_ADDR" in os.environ:
+                init_method = "env://"
+            else:
+                import tempfile
+
+                init_method = f"file://{tempfile.mkstemp(prefix='k2_gloo_')[1]}"
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, init_method=init_method)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_stages, expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=1)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def k2_model_provider(cfg: K2Config | str, **config_kwargs):
+    """A megatron-style model provider: ``provider(pre_process=..., post_process=..., vp_stage=...)`` builds
+    this rank's model (chunk) of ``cfg`` with ``build_k2_model`` (config kwargs as for to_transformer_config)."""
+    if isinstance(cfg, str):
+        cfg = get_preset(cfg)
+
+    def provider(pre_process: bool | None = None, post_process: bool | None = None, vp_stage: int | None = None,
+                 **unused) -> GPTModel:
+        return build_k2_model(cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                              **config_kwargs)
+
+    return provider
+
+
+def teardown_distributed_cpu() -> None:
+    """Undo init_distributed_cpu: megatron's parallel state, the default process group, cpu_compat."""
+    from k2_megatron.megatron import cpu_compat
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    cpu_compat.disable()
