@@ -139,6 +139,7 @@ setup(
     package_data={"k2_megatron.data": ["corpus/*.jsonl.xz", "corpus/README.md"]},
     install_requires=INSTALL_REQUIRES,
     entry_points={"console_scripts": [
+        "k2-pretrain=k2_megatron.training.pretrain:main",
         "k2-convert-checkpoint=k2_megatron.checkpoint.convert_cli:main",
     ]},
     ext_modules=ext_modules,

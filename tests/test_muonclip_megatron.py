@@ -250,6 +250,17 @@ def _single_process(cfg, full, tmp, init_file):
     _train(ddp, mopt, cfg, range(SAVE_AT, STEPS))
     out["resume_DP1"] = {"params": {n: p.detach().clone() for n, p in ddp.module.named_parameters()}}
 
+    # Without the distributed optimizer (megatron's Float16/FP32 wrappers): save after SAVE_AT steps, resume.
+    ddp, mopt = _build(cfg, full, distributed=False)
+    _train(ddp, mopt, cfg, range(STEPS), on_step=lambda step: _save(ddp, mopt, os.path.join(tmp, "replicated_ckpt"))
+           if step + 1 == SAVE_AT else None)
+    uninterrupted = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    ddp, mopt = _build(cfg, full, distributed=False)
+    _load(ddp, mopt, os.path.join(tmp, "replicated_ckpt"))
+    _train(ddp, mopt, cfg, range(SAVE_AT, STEPS))
+    out["resume_replicated"] = {"got": {n: p.detach().clone() for n, p in ddp.module.named_parameters()},
+                                "want": uninterrupted}
+
     # Errors, raised on every rank alike (here one rank).
     errors = {}
     try:
@@ -381,6 +392,12 @@ def test_resume_other_dp_size(runs):
     want = runs[2][0]["DP2"]["params"]
     worst = max((got[n] - want[n]).abs().max().item() for n in got)
     assert worst <= RESUME_OTHER_DP_ATOL, worst
+
+
+def test_resume_without_distributed_optimizer_is_exact(runs):
+    res = runs[1][0]["resume_replicated"]
+    for name, p in res["got"].items():
+        assert torch.equal(p, res["want"][name]), name
 
 
 def test_errors_agree_and_change_nothing(runs):

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
@@ -109,6 +110,42 @@ class _MegatronMuonClip(MuonClip):
             param_group.setdefault(key, value)
         param_group["params"] = list(param_group["params"])
         self.param_groups.append(param_group)
+
+
+def _pair_param_groups(current_groups: list[dict], state_dict_groups: list[dict]) -> list[dict]:
+    """megatron's pairing of saved with current param groups (by lr/wd settings, not position), with
+    ``use_muon`` part of a group's identity: megatron's own keys cannot tell a Muon group from an AdamW group
+    with the same multipliers, and collapses the two when loading."""
+
+    def identity(group: dict) -> tuple:
+        return (bool(group.get("use_muon", False)),
+                *(group.get(k, group.get(f"pre_{k}")) for k in param_group_identifier_keys))
+
+    saved = {}
+    for group in state_dict_groups:
+        if identity(group) in saved:
+            raise ValueError(f"MuonClip: two saved param groups share the identity {identity(group)}")
+        saved[identity(group)] = group
+    paired = []
+    for current, params in zip(current_groups, [g["params"] for g in state_dict_groups]):
+        if identity(current) not in saved:
+            raise ValueError(f"MuonClip: no saved param group matches {identity(current)}; saved: {sorted(saved)}")
+        group = saved[identity(current)]
+        group["params"] = params
+        paired.append(group)
+    return paired
+
+
+_MUON_AWARE_CLASSES: dict[type, type] = {}
+
+
+def _muon_aware(cls: type) -> type:
+    """A subclass of megatron's Float16/FP32 optimizer wrapper whose checkpoint loading pairs groups by
+    ``_pair_param_groups`` (the distributed optimizer pairs them in its own code, which MuonClip handles)."""
+    if cls not in _MUON_AWARE_CLASSES:
+        _MUON_AWARE_CLASSES[cls] = type(f"MuonClip{cls.__name__}", (cls,),
+                                        {"_filter_and_reorder_param_groups": staticmethod(_pair_param_groups)})
+    return _MUON_AWARE_CLASSES[cls]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,6 +431,7 @@ def _install(sub, config: OptimizerConfig, muonclip: MuonClipConfig, is_muon, tp
         inner.orthogonalize_items = ShardedOrthogonalizer(sub, is_muon, main_to_model, tp_group)
     else:
         inner.orthogonalize_items = ReplicatedOrthogonalizer(main_to_model, tp_group)
+        sub.__class__ = _muon_aware(type(sub))
     inner.init_state()
     sub.optimizer = inner
     sub.init_state_fn = lambda opt, config=None: opt.init_state()

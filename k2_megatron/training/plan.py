@@ -1,0 +1,308 @@
+"""The dry run: per-rank parameter counts and memory of a pretraining config on a simulated world.
+
+    python examples/pretrain_k2.py --config examples/configs/k2_full.yaml --dry-run [--world-size 256]
+
+Computed analytically from the K2Config and the parallel layout (nothing is built and no process group is
+made): building each rank's stage on the meta device was tried, but megatron-core's CPU initialisation
+materialises some weights (the 163,840 x 7,168 embedding alone is 4.7 GB in fp32), so it is neither free nor
+fast. The per-layer parameter formulas below are checked against real megatron-core K2 models in
+tests/test_pretrain_plan.py (every parameter of k2-tiny and of a 2-stage / 2-expert-rank split).
+
+Layout (megatron-core's): world = TP x PP x DP; experts split over EP ranks taken inside DP x TP; expert
+data-parallel size = world / (PP x EP) (expert TP = 1). Model chunks: with V virtual stages the layers form
+PP x V chunks, chunk c on pipeline stage c mod PP; the embedding sits in chunk 0, the final norm and output
+layer in the last chunk.
+
+Memory per rank (bytes per parameter):
+- weights: 2 (bf16) or 4 (fp32) for every parameter the rank holds;
+- gradient buffers: 4 (fp32 accumulation, grad_reduce_in_fp32);
+- ZeRO-1 optimizer state, sharded over the dense / expert data-parallel group: fp32 master copy 4 (bf16 runs only)
+  + MuonClip state: Muon momentum 4 (hidden matrices and expert stacks), AdamW moments 8 (embeddings, output
+  layer, router, norms);
+- activations of the in-flight micro-batches of the rank's stage (1F1B: PP - stage micro-batches; interleaved:
+  megatron's warm-up count), bf16, without and with K2's selective recomputation (norms, SwiGLU, MLA
+  up-projections recomputed). K2's FP8 activation storage and CPU offload are not modelled.
+K2 report (section 4): bf16 weights + fp32 gradient buffers ~6 TB over a 256-GPU model-parallel group (~30 GB
+per GPU).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+GIB = 1024**3
+PAPER_WEIGHTS_GRADS_TB = 6.0
+PAPER_PER_GPU_GB = 30.0
+
+
+@dataclass
+class LayerParams:
+    """Parameters of one decoder layer, split by kind (whole layer, all experts)."""
+
+    dense: int        # attention + norms + dense MLP / shared expert: replicated over EP and DP
+    dense_muon: int   # of which hidden matrices (Muon)
+    router: int       # router weight (AdamW)
+    experts: int      # all routed experts (Muon), split over EP
+
+
+def layer_params(cfg, layer: int) -> LayerParams:
+    """Parameter counts of decoder layer ``layer`` of a K2Config (megatron-core's MLA + MoE modules)."""
+    h, H = cfg.hidden_size, cfg.num_attention_heads
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    if cfg.q_lora_rank is not None:
+        q_mats = h * cfg.q_lora_rank + cfg.q_lora_rank * H * (dn + dr)   # linear_q_down_proj, linear_q_up_proj
+        q_norm = cfg.q_lora_rank                                         # q_layernorm
+    else:
+        q_mats, q_norm = h * H * (dn + dr), 0
+    attn_mats = (q_mats + h * (cfg.kv_lora_rank + dr)                    # linear_kv_down_proj (c_kv | k_R)
+                 + cfg.kv_lora_rank * H * (dn + dv)                      # linear_kv_up_proj (k_C | v)
+                 + H * dv * h)                                           # linear_proj
+    norms = h + q_norm + cfg.kv_lora_rank + h                            # input, q, kv, pre-MLP norms
+    if layer < cfg.first_k_dense_replace:
+        mlp = 3 * h * cfg.intermediate_size                              # SwiGLU fc1 (gate | up) + fc2
+        return LayerParams(attn_mats + norms + mlp, attn_mats + mlp, 0, 0)
+    shared = 3 * h * cfg.moe_intermediate_size * cfg.n_shared_experts
+    experts = 3 * h * cfg.moe_intermediate_size * cfg.n_routed_experts
+    return LayerParams(attn_mats + norms + shared, attn_mats + shared, cfg.n_routed_experts * h, experts)
+
+
+def split_layers(num_layers: int, pp: int, vpp: int, first: int | None = None, last: int | None = None) -> list[int]:
+    """Layers per model chunk (PP x V chunks, in chunk order). Uneven first/last stages as in
+    check_parallel_layout; otherwise an even split, or, when the layers do not divide, chunks of
+    ceil/floor size with the short chunks at the first chunk (embedding) and at the end (output layer)."""
+    chunks = pp * vpp
+    if first is not None or last is not None:
+        stage = [None] * pp
+        rest, rest_stages = num_layers, pp
+        if first is not None:
+            stage[0], rest, rest_stages = first, rest - first, rest_stages - 1
+        if last is not None:
+            stage[-1], rest, rest_stages = last, rest - last, rest_stages - 1
+        for s in range(pp):
+            if stage[s] is None:
+                stage[s] = rest // rest_stages
+        return [stage[c % pp] // vpp for c in range(chunks)]
+    base, extra = divmod(num_layers, chunks)
+    if extra == 0:
+        return [base] * chunks
+    short = chunks - extra
+    short_chunks = {0} | set(range(chunks - (short - 1), chunks)) if short > 1 else {0}
+    return [base if c in short_chunks else base + 1 for c in range(chunks)]
+
+
+def _activation_elements_per_token(cfg, layer: int, recompute: bool) -> int:
+    """bf16 elements kept for backward per token in one decoder layer (rough, megatron local modules)."""
+    h, H = cfg.hidden_size, cfg.num_attention_heads
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    ql, kl = cfg.q_lora_rank or 0, cfg.kv_lora_rank
+    # residual in, norm out, q latent (+ normed), kv latent (+ normed), q and k per head (pre/post rope),
+    # v, attention output, projection input
+    attn = h + (0 if recompute else h) + ql * (1 if recompute else 2) + (kl + dr) + (0 if recompute else kl) \
+        + (0 if recompute else H * (dn + dr) + H * (dn + dv)) + 2 * H * (dn + dr) + H * dv + H * dv
+    if layer < cfg.first_k_dense_replace:
+        f = cfg.intermediate_size
+        mlp = h + (0 if recompute else h) + 2 * f + (0 if recompute else f)
+    else:
+        k, fe, fs = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts
+        mlp = (h + (0 if recompute else h) + 2 * cfg.n_routed_experts       # residual, norm out, router fp32
+               + k * h + k * 2 * fe + (0 if recompute else k * fe)         # dispatched tokens, fc1 out, SwiGLU out
+               + 2 * fs + (0 if recompute else fs) + k * h)                 # shared expert, combine input
+    return attn + mlp
+
+
+@dataclass
+class StagePlan:
+    stage: int
+    layers: list[int]            # global layer indices on this stage
+    chunk_layers: list[int]      # layers per virtual chunk
+    params: int                  # parameters held by one rank of this stage
+    expert_params: int
+    muon_params: int
+    adamw_params: int
+    weights: float               # bytes
+    grads: float
+    optimizer: float             # fp32 master (bf16 runs) + MuonClip state, sharded over DP
+    activations: float           # no recomputation
+    activations_recompute: float
+    in_flight: int               # micro-batch x chunk passes alive at the peak
+
+    @property
+    def states(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+
+@dataclass
+class Plan:
+    world_size: int
+    tp: int
+    pp: int
+    vpp: int
+    ep: int
+    dp: int
+    expert_dp: int
+    total_params: int
+    active_params: int
+    stages: list[StagePlan] = field(default_factory=list)
+
+    @property
+    def model_parallel_group(self) -> int:
+        """Ranks holding one full copy of the model: TP x PP x EP."""
+        return self.tp * self.pp * self.ep
+
+    def weights_and_grads_per_model_copy(self) -> float:
+        """Bytes of weights + gradient buffers summed over one TP x PP x EP group (the paper's accounting)."""
+        return sum((s.weights + s.grads) * self.tp * self.ep for s in self.stages)
+
+
+def plan_memory(cfg, world_size: int) -> Plan:
+    """The per-stage plan of PretrainConfig ``cfg`` on ``world_size`` ranks (analytic, no allocation)."""
+    from k2_megatron.training.config import ConfigError
+
+    p = cfg.parallel
+    tp, pp, ep = p.tensor, p.pipeline, p.expert
+    vpp = p.virtual_stages or 1
+    if not isinstance(world_size, int) or world_size < 1 or world_size % (tp * pp):
+        raise ConfigError(f"--world-size: {world_size!r} is not a positive multiple of TP x PP = {tp * pp}")
+    dp = world_size // (tp * pp)
+    if (dp * tp) % ep:
+        raise ConfigError(f"parallel.expert={ep} must divide DP x TP = {dp} x {tp}")
+    expert_dp = world_size // (pp * ep)
+    vocab = _vocab_size(cfg)
+    k2 = cfg.k2_config(vocab)
+    if k2.n_routed_experts % ep:
+        raise ConfigError(f"parallel.expert={ep} must divide n_routed_experts={k2.n_routed_experts}")
+    chunk_layers = split_layers(k2.num_hidden_layers, pp, vpp, p.first_stage_layers, p.last_stage_layers)
+    if sum(chunk_layers) != k2.num_hidden_layers or min(chunk_layers) < 0:
+        raise ConfigError(f"parallel: cannot split {k2.num_hidden_layers} layers over {pp} x {vpp} chunks with "
+                          f"first_stage_layers={p.first_stage_layers}, last_stage_layers={p.last_stage_layers}")
+    starts = [sum(chunk_layers[:c]) for c in range(len(chunk_layers))]
+    wbytes = 2 if cfg.model.params_dtype == "bfloat16" else 4
+    master = 4 if wbytes == 2 else 0
+    seq, mbs = cfg.data.seq_length, cfg.train.micro_batch_size
+    tokens = seq * mbs
+    _, layout = _layout_or_none(cfg, world_size)
+    n_micro = layout.num_micro_batches if layout else pp * vpp
+    h, V = k2.hidden_size, k2.vocab_size
+    plan = Plan(world_size, tp, pp, vpp, ep, dp, expert_dp, 0, 0)
+    total = active = 0
+    for s in range(pp):
+        chunks = [c for c in range(pp * vpp) if c % pp == s]
+        layers = [layer for c in chunks for layer in range(starts[c], starts[c] + chunk_layers[c])]
+        dense = dense_muon = router = experts = 0
+        act, act_rc = 0.0, 0.0
+        for layer in layers:
+            lp = layer_params(k2, layer)
+            dense, dense_muon, router, experts = (dense + lp.dense, dense_muon + lp.dense_muon, router + lp.router,
+                                                  experts + lp.experts)
+        if 0 in chunks:
+            dense += V * h                                   # embedding (AdamW)
+        if pp * vpp - 1 in chunks:
+            dense += h + (0 if k2.tie_word_embeddings else V * h)   # final norm + output layer (AdamW)
+        local_experts = experts // ep
+        params = dense // tp + router + local_experts        # TP shards the dense matrices (approximately)
+        muon = dense_muon // tp + local_experts
+        adamw = params - muon
+        # in-flight (micro-batch, chunk) passes at the activation peak of this stage
+        if vpp > 1:
+            passes = min((pp - s - 1) * 2 + (vpp - 1) * pp + 1, n_micro * vpp)
+        else:
+            passes = min(pp - s, n_micro)
+        per_chunk = [sum(_activation_elements_per_token(k2, layer, rc) for layer in range(starts[c], starts[c] +
+                                                                                        chunk_layers[c]))
+                     for rc in (False, True) for c in chunks]
+        mean_chunk = [sum(per_chunk[:len(chunks)]) / len(chunks), sum(per_chunk[len(chunks):]) / len(chunks)]
+        act = passes * mean_chunk[0] * tokens * 2 / tp
+        act_rc = passes * mean_chunk[1] * tokens * 2 / tp
+        # ZeRO-1: dense states over DP, expert states over expert-DP
+        dense_local = params - local_experts
+        dense_muon_local = dense_muon // tp
+        opt = ((dense_local * master + dense_muon_local * 4 + (dense_local - dense_muon_local) * 8) / dp
+               + local_experts * (master + 4) / expert_dp)
+        plan.stages.append(StagePlan(s, layers, [chunk_layers[c] for c in chunks], params, local_experts, muon, adamw,
+                                     params * wbytes, params * 4.0, opt, act, act_rc, passes))
+        total += dense + router + experts
+        frac = k2.num_experts_per_tok / max(k2.n_routed_experts, 1)
+        active += dense + router + experts * frac
+    plan.total_params, plan.active_params = int(total), int(active)
+    return plan
+
+
+def _vocab_size(cfg) -> int:
+    """The model's vocabulary: model.overrides.vocab_size, else N of a 'default:N' tokenizer, else the preset's
+    (no tokenizer file is read)."""
+    from k2_megatron.models import get_preset
+
+    if "vocab_size" in cfg.model.overrides:
+        return cfg.model.overrides["vocab_size"]
+    kind, _, arg = cfg.data.tokenizer.partition(":")
+    if kind == "default" and arg.isdigit():
+        return int(arg)
+    return get_preset(cfg.model.preset).vocab_size
+
+
+def _layout_or_none(cfg, world_size: int):
+    from k2_megatron.training.schedule import batch_layout
+
+    try:
+        dp = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+        return dp, batch_layout(cfg.train.global_batch_tokens, cfg.data.seq_length, cfg.train.micro_batch_size, dp)
+    except ValueError:
+        return None, None
+
+
+def format_plan(plan: Plan, cfg) -> str:
+    gb = lambda b: b / GIB  # noqa: E731
+    lines = [f"dry run: {cfg.model.preset}, {plan.total_params / 1e9:.2f}B parameters "
+             f"({plan.active_params / 1e9:.2f}B activated per token), analytic (nothing built or allocated)",
+             f"world {plan.world_size} = TP{plan.tp} x PP{plan.pp}"
+             f"{f' x {plan.vpp} virtual stages' if plan.vpp > 1 else ''} x DP{plan.dp}; EP{plan.ep} inside DP; "
+             f"ZeRO-1 over DP{plan.dp} (dense) and DP{plan.expert_dp} (experts); "
+             f"model-parallel group TP x PP x EP = {plan.model_parallel_group} ranks",
+             f"every rank of a pipeline stage holds the same amounts (experts: "
+             f"{cfg.k2_config(_vocab_size(cfg)).n_routed_experts // plan.ep} local per MoE layer); per rank, memory "
+             "in GiB:",
+             f"{'stage':>5} {'layers':>14} {'params':>9} {'experts':>9} {'bf16 w':>7} {'fp32 g':>7} {'optim':>7} "
+             f"{'states':>7} {'act':>7} {'act rc':>7} {'in-flight':>9}"]
+    for s in plan.stages:
+        parts, i = [], 0
+        for n in s.chunk_layers:  # layer ranges of the stage's chunks, "a-b|c-d"
+            parts.append("-" if n == 0 else str(s.layers[i]) if n == 1 else f"{s.layers[i]}-{s.layers[i + n - 1]}")
+            i += n
+        span = "|".join(parts)
+        lines.append(f"{s.stage:>5} {span:>14} {s.params / 1e9:>8.2f}B {s.expert_params / 1e9:>8.2f}B "
+                     f"{gb(s.weights):>7.1f} {gb(s.grads):>7.1f} {gb(s.optimizer):>7.1f} {gb(s.states):>7.1f} "
+                     f"{gb(s.activations):>7.1f} {gb(s.activations_recompute):>7.1f} {s.in_flight:>9}")
+    wg = plan.weights_and_grads_per_model_copy()
+    per_gpu = wg / plan.model_parallel_group
+    lines += [
+        "columns: params per rank; bf16 weights; fp32 gradient buffers; optim = fp32 master + MuonClip state "
+        "(Muon momentum / AdamW moments) sharded by ZeRO-1; states = the three; act = activations of the in-flight "
+        "micro-batches without recomputation, act rc = with K2's selective recomputation (FP8 storage and CPU "
+        "offload, which K2 adds, not modelled)",
+        f"bf16 weights + fp32 gradient buffers over the {plan.model_parallel_group}-rank model-parallel group: "
+        f"{wg / 1e12:.2f} TB ({per_gpu / 1e9:.1f} GB per GPU on average, max "
+        f"{max((s.weights + s.grads) for s in plan.stages) / 1e9:.1f} GB)"
+        + (f"; K2 report: ~{PAPER_WEIGHTS_GRADS_TB:g} TB, ~{PAPER_PER_GPU_GB:g} GB per GPU (ratio "
+           f"{wg / 1e12 / PAPER_WEIGHTS_GRADS_TB:.2f})" if cfg.model.preset == "k2" else ""),
+        f"largest per-rank total (states + activations with recomputation): "
+        f"{max(gb(s.states + s.activations_recompute) for s in plan.stages):.1f} GiB",
+    ]
+    return "\n".join(lines)
+
+
+def dry_run(cfg, world_size: int | None = None, file=None) -> int:
+    """Prints the plan; returns 0 (the ``--dry-run`` exit code). world_size: default the config's data-parallel
+    layout at 256 ranks for pipeline x expert layouts that need it, else WORLD_SIZE or TP x PP x EP."""
+    import os
+
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", 0)) or max(
+            cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.expert, 1)
+    plan = plan_memory(cfg, world_size)
+    print(format_plan(plan, cfg), file=file or sys.stdout, flush=True)
+    return 0
+
+
+__all__ = ["LayerParams", "Plan", "StagePlan", "dry_run", "format_plan", "layer_params", "plan_memory",
+           "split_layers"]
