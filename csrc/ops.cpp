@@ -38,6 +38,10 @@ TORCH_LIBRARY(k2_megatron, m) {
   m.def("mla_attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
         "float softmax_scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // FP8 activation storage; conventions in k2_megatron/ops/reference/fp8.py. x [..., n] bf16/fp16/fp32 ->
+  // (q float8_e4m3fn [..., n], scales f32 [..., ceil(n / 128)]), one scale per 1x128 tile; dequantize -> dtype.
+  m.def("fp8_tile_quantize(Tensor x) -> (Tensor q, Tensor scales)");
+  m.def("fp8_tile_dequantize(Tensor q, Tensor scales, ScalarType dtype) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

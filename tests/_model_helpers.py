@@ -100,3 +100,37 @@ def teardown_megatron() -> None:
     from k2_megatron.megatron import teardown_distributed_cpu
 
     teardown_distributed_cpu()
+
+
+def run_gloo_workers(target, world: int, args_for_rank, *, timeout: float = 300) -> list[dict]:
+    """Runs ``target(*args_for_rank(rank, result_path))`` in ``world`` spawned processes on the CPU (CUDA hidden:
+    gloo + cpu_compat even on a GPU machine), waits for them and returns each rank's result dict, which the
+    target saves to ``result_path``; fails the test on a missing result, a reported "error" or a bad exit code."""
+    import multiprocessing
+    import tempfile
+
+    ctx = multiprocessing.get_context("spawn")
+    tmp = tempfile.mkdtemp(prefix="k2_gloo_results_")
+    paths = [os.path.join(tmp, f"rank{r}.pt") for r in range(world)]
+    procs = [ctx.Process(target=target, args=args_for_rank(r, paths[r])) for r in range(world)]
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if hidden is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+    for p in procs:
+        p.join(timeout=timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    results = [torch.load(p, weights_only=False) if os.path.exists(p) else {"error": "no result file"} for p in paths]
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r}: {res['error']}"
+        assert procs[r].exitcode == 0, f"rank {r} exit code {procs[r].exitcode}"
+    return results

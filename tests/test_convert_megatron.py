@@ -197,28 +197,15 @@ def _layout_worker(rank, world, init_file, hf_path, out_root, result_path):
 
 
 def test_round_trip_through_sharded_layouts(hf_dir, tmp_path):
-    import multiprocessing
+    from _model_helpers import run_gloo_workers
 
     from k2_megatron.checkpoint.convert import convert_hf_to_hf, convert_megatron_to_hf
 
     bf16_dir = tmp_path / "bf16"
     convert_hf_to_hf(hf_dir, bf16_dir, dtype="bf16")  # BF16 tensors, bf16 megatron parameters
     world = 2
-    ctx = multiprocessing.get_context("spawn")
-    paths = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    procs = [ctx.Process(target=_layout_worker, args=(r, world, str(tmp_path / "init"), str(bf16_dir), str(tmp_path),
-                                                      paths[r])) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    results = [torch.load(p, weights_only=True) if os.path.exists(p) else {"error": "no result file"} for p in paths]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r}: {res['error']}"
+    results = run_gloo_workers(_layout_worker, world, lambda r, path: (r, world, str(tmp_path / "init"),
+                                                                       str(bf16_dir), str(tmp_path), path))
     src = _raw(bf16_dir)
     assert {t.dtype for k, t in src.items() if "correction_bias" not in k} == {torch.bfloat16}
     for name, (tp, pp, ep) in LAYOUTS.items():

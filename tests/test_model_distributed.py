@@ -13,8 +13,6 @@ import os
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-import multiprocessing
-
 import pytest
 import torch
 
@@ -98,37 +96,12 @@ def _worker(rank, world, init_file, state_path, result_path, ckpt_root):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from _model_helpers import full_megatron_state_dict, k2_like_tiny_config
+    from _model_helpers import full_megatron_state_dict, k2_like_tiny_config, run_gloo_workers
 
     tmp = tmp_path_factory.mktemp("k2_gloo")
     state_path = str(tmp / "full.pt")
     torch.save(full_megatron_state_dict(k2_like_tiny_config()), state_path)
-    world = 2
-    ctx = multiprocessing.get_context("spawn")
-    paths = [str(tmp / f"rank{r}.pt") for r in range(world)]
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp / "init"), state_path, paths[r], str(tmp)))
-             for r in range(world)]
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # workers run on the CPU (gloo + cpu_compat) even on a GPU machine
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if hidden is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
-    for p in procs:
-        p.join(timeout=300)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    out = [torch.load(p) if os.path.exists(p) else {"error": "no result file"} for p in paths]
-    for r, res in enumerate(out):
-        assert "error" not in res, f"rank {r}: {res['error']}"
-        assert procs[r].exitcode == 0, f"rank {r} exit code {procs[r].exitcode}"
-    return out
+    return run_gloo_workers(_worker, 2, lambda r, path: (r, 2, str(tmp / "init"), state_path, path, str(tmp)))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

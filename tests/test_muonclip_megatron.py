@@ -13,8 +13,6 @@ import os
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-import multiprocessing
-
 import pytest
 import torch
 
@@ -291,28 +289,11 @@ def _single_process(cfg, full, tmp, init_file):
 
 
 def _spawn(world, tmp, state_path):
-    ctx = multiprocessing.get_context("spawn")
+    from _model_helpers import run_gloo_workers
+
     init_file = str(tmp / f"init_{world}")
-    paths = [str(tmp / f"w{world}_rank{r}.pt") for r in range(world)]
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo + cpu_compat in the workers even on a GPU machine
-    try:
-        procs = [ctx.Process(target=_worker, args=(r, world, init_file, state_path, str(tmp), paths[r]))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=900)
-    finally:
-        if hidden is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
-    results = [torch.load(p) if os.path.exists(p) else {"error": f"rank {r} wrote nothing"}
-               for r, p in enumerate(paths)]
-    errors = [r["error"] for r in results if "error" in r]
-    assert not errors, errors[0]
-    return results
+    return run_gloo_workers(_worker, world, lambda r, path: (r, world, init_file, state_path, str(tmp), path),
+                            timeout=900)
 
 
 @pytest.fixture(scope="module")

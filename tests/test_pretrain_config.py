@@ -1,5 +1,5 @@
 """Pretraining config: YAML + dotted overrides, validation errors that name the key, the recipes in
-examples/configs, and the WSD schedule the run derives from the config. No megatron-core needed (fast)."""
+examples/configs, and the WSD schedule the run derives from the config. No model is built (fast)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def test_overrides_are_typed_and_nested():
     ("data.train_prefix=/a", "give both"),
     ("parallel.virtual_stages=2", "parallel.virtual_stages=2 needs parallel.pipeline >= 2"),
     ("checkpoint.keep=0", "checkpoint.keep: must be an int >= 1"),
+    ("parallel.pipeline_layout=auto", "parallel.pipeline_layout needs parallel.pipeline >= 2"),
 ])
 def test_validation_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -90,6 +91,9 @@ def test_yaml_file_errors(tmp_path):
     (2, ["parallel.expert=3"], "parallel.expert=3 must divide"),
     (2, ["train.global_batch_tokens=4000"], "not a multiple of seq_length=128"),
     (4, ["train.global_batch_tokens=3072"], "not a multiple of micro_batch_size \\* dp_size"),
+    (2, ["parallel.pipeline=2", "parallel.virtual_stages=2", "parallel.pipeline_layout=Et|tt|t|tL"],
+     r"has 5 decoder layers \('t'\), but num_hidden_layers=4"),
+    (2, ["parallel.pipeline=2", "parallel.pipeline_layout=Et|t|t|tL"], "4 chunks, but pipeline_parallel x virtual"),
 ])
 def test_layout_errors(world, overrides, message):
     cfg = load_config(None, overrides)
@@ -128,3 +132,38 @@ def test_config_round_trips_through_a_dict(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     assert dataclasses.asdict(load_config(path)) == cfg.to_dict()
+
+
+def test_pipeline_layout_option():
+    """parallel.pipeline_layout: an uneven split over pipeline x virtual stages (5 layers on PP2 x VPP2 here, 61 on
+    PP16 x VPP2 in the full recipe), planned by the dry run exactly as it is built."""
+    from k2_megatron.training.plan import plan_memory
+
+    base = ["model.overrides.num_hidden_layers=5", "parallel.pipeline=2", "parallel.virtual_stages=2"]
+    with pytest.raises(ConfigError, match="not divisible by pipeline_parallel x virtual_pipeline_stages"):
+        load_config(None, base).layout(2)
+    for layout, chunks in (("auto", [1, 2, 1, 1]), ("Ett|t|t|tL", [2, 1, 1, 1])):
+        cfg = load_config(None, base + [f"parallel.pipeline_layout={layout}"])
+        assert cfg.layout(2)[0] == 1
+        plan = plan_memory(cfg, 2)
+        assert [s.chunk_layers for s in plan.stages] == [[chunks[0], chunks[2]], [chunks[1], chunks[3]]]
+    with pytest.raises(ConfigError, match="parallel.pipeline_layout cannot be combined with"):
+        load_config(None, base + ["parallel.pipeline_layout=auto", "parallel.first_stage_layers=2"])
+    with pytest.raises(ConfigError, match=r"parallel.pipeline_layout: .*chunk 1 has no decoder layer"):
+        plan_memory(load_config(None, base + ["parallel.pipeline_layout=Ettt||t|tL"]), 2)
+
+
+def test_full_recipe_uses_virtual_stages_with_an_uneven_layout():
+    from k2_megatron.models.config import pipeline_layout_chunk_layers
+    from k2_megatron.training.plan import plan_memory
+
+    cfg = load_config(os.path.join(CONFIGS, "k2_full.yaml"))
+    p = cfg.parallel
+    assert (p.pipeline, p.virtual_stages, p.pipeline_layout) == (16, 2, "auto")
+    assert p.first_stage_layers is None and p.last_stage_layers is None
+    dp, _ = cfg.layout(256)
+    assert dp == 16
+    chunks = pipeline_layout_chunk_layers(61, 16, 2, "auto")
+    plan = plan_memory(cfg, 256)
+    assert [s.chunk_layers for s in plan.stages] == [[chunks[s], chunks[s + 16]] for s in range(16)]
+    assert sum(len(s.layers) for s in plan.stages) == 61

@@ -9,7 +9,9 @@ sizes as tensors unless they live on a GPU (gloo's all_to_all_single then gets t
 ``enable()`` installs the smallest fix for each, only when CUDA is unavailable, and only for the
 megatron-core versions in TESTED_MEGATRON_VERSIONS (it raises for others, since these are private
 internals). ``disable()`` removes every patch. ``cpu_mode()`` scopes enable/disable to a ``with`` block.
-Each patch is listed in PATCHES with the reason it exists.
+Each patch is listed in PATCHES with the reason it exists. One fix here is not CPU-specific and is applied by
+the code that needs it, on any device: ``fix_checkpoint_without_output_default`` (megatron-core 0.19.2's
+selective "layernorm" recompute calls Transformer Engine's FP8 state without TE installed).
 
 One setting is needed rather than a patch: ``config_overrides()`` gives the TransformerConfig fields a CPU
 run must use (k2_megatron.megatron.model.to_transformer_config applies them without CUDA).
@@ -34,6 +36,31 @@ TESTED_MEGATRON_VERSIONS = ("0.19.2",)
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state = {"enabled": False, "saved": [], "mode": None}
+
+
+# ----- fixes of megatron-core bugs that are not CPU-specific (applied by the code that needs them) -----
+
+def fix_checkpoint_without_output_default() -> None:
+    """megatron-core 0.19.2: ``CheckpointWithoutOutput(fp8=False)`` sets ``self.fp8 = fp8 is not None`` (True) and
+    then calls Transformer Engine's FP8GlobalStateManager, a NameError without TE. TransformerLayer's
+    "layernorm" recompute constructs it with the default; megatron passes ``config.fp8`` (None: no FP8)
+    elsewhere. Make the default None, which is what it means. Idempotent; a no-op on fixed versions."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    cls = mp_random.CheckpointWithoutOutput
+    if getattr(cls.__init__, "_k2_default_fixed", False):
+        return
+    probe = cls.__new__(cls)
+    cls.__init__(probe)
+    if not probe.fp8:
+        return  # this megatron-core gets it right
+    original = cls.__init__
+
+    def __init__(self, fp8=None):
+        original(self, fp8)
+
+    __init__._k2_default_fixed = True
+    cls.__init__ = __init__
 
 
 def megatron_version() -> str:

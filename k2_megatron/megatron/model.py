@@ -17,26 +17,34 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-from k2_megatron.models.config import K2Config, check_parallel_layout, get_preset
+from k2_megatron.models.config import K2Config, check_parallel_layout, get_preset, resolve_pipeline_layout
 from k2_megatron.megatron.spec import get_k2_decoder_block_spec
 
 
 def to_transformer_config(cfg: K2Config, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                           virtual_pipeline_stages: int | None = None, expert_parallel: int = 1,
                           first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-                          sequence_parallel: bool | None = None, params_dtype: torch.dtype = torch.float32,
+                          pipeline_layout: str | None = None, sequence_parallel: bool | None = None,
+                          params_dtype: torch.dtype = torch.float32,
                           bias_update_rate: float = 1e-3, token_dispatcher: str = "alltoall",
                           use_cpu_initialization: bool | None = None, **overrides) -> MLATransformerConfig:
     """megatron-core's MLATransformerConfig for ``cfg`` on a given layout (raises ValueError for a bad layout).
 
     first_stage_layers / last_stage_layers: uneven pipeline split (see check_parallel_layout).
+    pipeline_layout: "auto" (a balanced split over pipeline_parallel x virtual_pipeline_stages chunks) or a
+    megatron layout string (k2_megatron.models.config.resolve_pipeline_layout); it becomes megatron's
+    pipeline_model_parallel_layout, so any layer count works with virtual stages (61 layers on PP16 x VPP2).
     bias_update_rate: the aux-loss-free expert-bias step (expert_bias += rate * sign(mean load - load) per
     global batch, applied by megatron's finalize_model_grads); 0 freezes the bias.
     Any other MLATransformerConfig field can be passed through ``overrides``.
     """
     check_parallel_layout(cfg, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                           virtual_pipeline_stages=virtual_pipeline_stages, expert_parallel=expert_parallel,
-                          first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
+                          first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
+                          pipeline_layout=pipeline_layout)
+    if pipeline_layout is not None:
+        pipeline_layout = resolve_pipeline_layout(cfg.num_hidden_layers, pipeline_parallel,
+                                                  virtual_pipeline_stages, pipeline_layout)
     if cfg.q_lora_rank is None:
         raise ValueError("q_lora_rank=None (a single query projection) cannot be built with megatron-core 0.19's "
                          "MLA: with the latent norms on (qk_layernorm) it requires a Transformer-Engine fused "
@@ -107,6 +115,7 @@ def to_transformer_config(cfg: K2Config, *, tensor_parallel: int = 1, pipeline_p
         virtual_pipeline_model_parallel_size=virtual_pipeline_stages,
         num_layers_in_first_pipeline_stage=first_stage_layers,
         num_layers_in_last_pipeline_stage=last_stage_layers,
+        pipeline_model_parallel_layout=pipeline_layout,
         expert_model_parallel_size=expert_parallel,
         expert_tensor_parallel_size=1,
         sequence_parallel=sequence_parallel,
@@ -144,6 +153,9 @@ def build_k2_model(cfg: K2Config | str, transformer_config: MLATransformerConfig
             config_kwargs.setdefault("tensor_parallel", parallel_state.get_tensor_model_parallel_world_size())
             config_kwargs.setdefault("pipeline_parallel", parallel_state.get_pipeline_model_parallel_world_size())
             config_kwargs.setdefault("expert_parallel", parallel_state.get_expert_model_parallel_world_size())
+            if config_kwargs.get("pipeline_layout") is not None:  # the layout's chunks are PP x VPP
+                config_kwargs.setdefault("virtual_pipeline_stages",
+                                         parallel_state.get_virtual_pipeline_model_parallel_world_size())
         transformer_config = to_transformer_config(cfg, **config_kwargs)
     elif config_kwargs:
         raise ValueError(f"pass either transformer_config or config kwargs, not both (got {sorted(config_kwargs)})")

@@ -38,6 +38,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from k2_megatron import ops  # looked up per call: ops.<name> is whatever k2_megatron.ops exports then
+from k2_megatron.megatron import activation_memory
 
 
 class K2GroupedMLP(MegatronModule):
@@ -62,6 +63,7 @@ class K2GroupedMLP(MegatronModule):
         if config.moe_apply_probs_on_input:
             raise ValueError("K2GroupedMLP: moe_apply_probs_on_input is not supported")
         self.num_local_experts = num_local_experts
+        self.fp8_activation_storage = False  # FP8 copies of the saved fc1 / SwiGLU inputs (activation_memory)
         hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
         self.ffn_hidden_size = ffn
         dtype = config.params_dtype
@@ -96,6 +98,8 @@ class K2GroupedMLP(MegatronModule):
         if batch_sizes.numel() != self.num_local_experts:
             raise ValueError(f"K2GroupedMLP: tokens_per_expert has {batch_sizes.numel()} entries, expected "
                              f"{self.num_local_experts} (local experts)")
+        if activation_memory.uses_activation_memory(self):  # FP8-stored / recomputed SwiGLU (same outputs)
+            return activation_memory.grouped_mlp_forward(self, x, batch_sizes, permuted_probs), None
         h = ops.grouped_gemm(x, self.linear_fc1_weight, batch_sizes, trans_b=True)
         gate, up = torch.chunk(h, 2, dim=-1)
         h = F.silu(gate) * up

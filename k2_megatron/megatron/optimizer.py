@@ -370,7 +370,7 @@ def _q_up_weight(attn):
     return attn.linear_q_up_proj.weight if hasattr(attn, "linear_q_up_proj") else attn.linear_q_proj.weight
 
 
-def _check_config(config: OptimizerConfig, muonclip: MuonClipConfig, model_chunks) -> None:
+def _check_config(config: OptimizerConfig, model_chunks) -> None:
     if config.optimizer != "adam":
         raise ValueError(f"get_muonclip_optimizer: OptimizerConfig.optimizer must be 'adam' (the AdamW half of "
                          f"MuonClip), got {config.optimizer!r}")
@@ -390,7 +390,7 @@ def get_muonclip_optimizer(config: OptimizerConfig, model_chunks: list,
     as the inner optimizer: ZeRO-1 when ``config.use_distributed_optimizer``, mixed precision per ``config``."""
     muonclip = muonclip or MuonClipConfig()
     model_chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
-    _check_config(config, muonclip, model_chunks)
+    _check_config(config, model_chunks)
     from megatron.core.optimizer import get_standard_config_overrides
 
     names = _named_params(model_chunks)
@@ -435,7 +435,7 @@ def _install(sub, config: OptimizerConfig, muonclip: MuonClipConfig, is_muon, tp
     inner.init_state()
     sub.optimizer = inner
     sub.init_state_fn = lambda opt, config=None: opt.init_state()
-    sub.k2_main_to_model = main_to_model
+    sub.k2_model_to_shard = _model_to_shard(sub, main_to_model)  # for QK-Clip's registration
 
 
 class MuonClipChainedOptimizer(ChainedOptimizer):
@@ -459,7 +459,7 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
             inner = sub.optimizer
             if not isinstance(inner, MuonClip):
                 continue
-            shards = _model_to_shard(sub, sub.k2_main_to_model)
+            shards = sub.k2_model_to_shard
             if w_q not in shards and w_kv not in shards:
                 continue
 

@@ -200,13 +200,16 @@ def get_preset(name: str, **overrides) -> K2Config:
 def check_parallel_layout(cfg: K2Config, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                           virtual_pipeline_stages: int | None = None, expert_parallel: int = 1,
                           expert_tensor_parallel: int = 1, context_parallel: int = 1,
-                          first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> None:
+                          first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+                          pipeline_layout: str | None = None) -> None:
     """Raise ValueError, naming the sizes, for a parallel layout this model cannot be split into.
 
     Layers are split evenly over pipeline_parallel x virtual_pipeline_stages chunks, or, with
     first_stage_layers / last_stage_layers (megatron's num_layers_in_{first,last}_pipeline_stage), the first
     and/or last stage take that many and the middle stages split the rest evenly (each stage's count
-    divisible by virtual_pipeline_stages); 61 layers over 16 stages need this (e.g. first 3, last 2)."""
+    divisible by virtual_pipeline_stages); 61 layers over 16 stages need this (e.g. first 3, last 2).
+    pipeline_layout ("auto" or a megatron layout string, see resolve_pipeline_layout) gives each chunk its own
+    count instead: 61 layers over 16 stages x 2 virtual stages need it."""
     sizes = {"tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel,
              "expert_parallel": expert_parallel, "expert_tensor_parallel": expert_tensor_parallel,
              "context_parallel": context_parallel}
@@ -228,7 +231,12 @@ def check_parallel_layout(cfg: K2Config, *, tensor_parallel: int = 1, pipeline_p
                                                 or virtual_pipeline_stages < 1):
         raise ValueError(f"virtual_pipeline_stages must be None or an int >= 1, got {virtual_pipeline_stages!r}")
     vpp = virtual_pipeline_stages or 1
-    if first_stage_layers is None and last_stage_layers is None:
+    if pipeline_layout is not None:
+        if first_stage_layers is not None or last_stage_layers is not None:
+            raise ValueError(f"pipeline_layout={pipeline_layout!r} cannot be combined with first_stage_layers="
+                             f"{first_stage_layers} / last_stage_layers={last_stage_layers}")
+        resolve_pipeline_layout(cfg.num_hidden_layers, pipeline_parallel, virtual_pipeline_stages, pipeline_layout)
+    elif first_stage_layers is None and last_stage_layers is None:
         stages = pipeline_parallel * vpp
         if cfg.num_hidden_layers % stages:
             raise ValueError(f"num_hidden_layers={cfg.num_hidden_layers} is not divisible by pipeline_parallel x "
@@ -262,6 +270,92 @@ def check_parallel_layout(cfg: K2Config, *, tensor_parallel: int = 1, pipeline_p
     if (cfg.kv_lora_rank + cfg.qk_rope_head_dim) % tensor_parallel:
         raise ValueError(f"kv_lora_rank + qk_rope_head_dim = {cfg.kv_lora_rank + cfg.qk_rope_head_dim} is not "
                          f"divisible by tensor_parallel={tensor_parallel}")
+
+
+# ----- uneven pipeline layouts (megatron-core's pipeline_model_parallel_layout) -----
+
+def balanced_chunk_layers(num_layers: int, chunks: int) -> list[int]:
+    """Decoder layers per model chunk (chunk order: chunk c = virtual stage c // PP on pipeline stage c % PP)
+    for ``num_layers`` over ``chunks`` chunks: an even split, or, when the layers do not divide, chunks of
+    ceil / floor size with the short (floor) chunks at chunk 0 (which also holds the embedding) and at the
+    end (the last holds the final norm and output layer). 61 layers over 32 chunks: chunks 0, 30, 31 get 1
+    layer, the other 29 get 2. Raises ValueError when some chunk would get no layer."""
+    for name, value in (("num_layers", num_layers), ("chunks", chunks)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    base, extra = divmod(num_layers, chunks)
+    if base == 0:
+        raise ValueError(f"cannot balance {num_layers} layers over {chunks} pipeline chunks: every chunk needs at "
+                         f"least one layer")
+    if not extra:
+        return [base] * chunks
+    short = chunks - extra
+    short_chunks = {0} | set(range(chunks - short + 1, chunks))
+    return [base if c in short_chunks else base + 1 for c in range(chunks)]
+
+
+def resolve_pipeline_layout(num_layers: int, pipeline_parallel: int, virtual_pipeline_stages: int | None,
+                            layout: str) -> str:
+    """The megatron-core layout string (TransformerConfig.pipeline_model_parallel_layout) of ``layout``,
+    validated for ``num_layers`` decoder layers over pipeline_parallel x virtual_pipeline_stages chunks.
+
+    layout: "auto" for balanced_chunk_layers' split (embedding "E" in chunk 0, loss "L" in the last chunk), or
+    megatron's string: chunks separated by "|" in chunk order (all stages' virtual stage 0, then virtual
+    stage 1, ...), "t" a decoder layer, "E" the embedding, "L" the loss (final norm + output layer), "x*n" and
+    "(...)*n" repeat, commas are cosmetic; e.g. "Et|(tt|)*29,t|tL" for 61 layers on PP16 x VPP2. Raises
+    ValueError naming pipeline_layout for a bad string, a chunk count other than PP x VPP, a decoder count
+    other than num_layers, a chunk without decoder layers, or "E" / "L" not alone at the start of chunk 0 /
+    end of the last chunk. Multi-token-prediction layers ("m") are not supported."""
+    if not isinstance(layout, str) or not layout.strip():
+        raise ValueError(f"pipeline_layout must be 'auto' or a megatron layout string, got {layout!r}")
+    if not isinstance(pipeline_parallel, int) or pipeline_parallel < 2:
+        raise ValueError(f"pipeline_layout needs pipeline_parallel >= 2, got {pipeline_parallel!r}")
+    vpp = virtual_pipeline_stages or 1
+    chunks = pipeline_parallel * vpp
+    if layout.strip().lower() == "auto":
+        counts = balanced_chunk_layers(num_layers, chunks)
+        return "|".join(("E" if c == 0 else "") + "t" * n + ("L" if c == chunks - 1 else "")
+                        for c, n in enumerate(counts))
+    parsed = parse_pipeline_layout(layout)
+    if len(parsed) != chunks:
+        raise ValueError(f"pipeline_layout {layout!r} has {len(parsed)} chunks, but pipeline_parallel x "
+                         f"virtual_pipeline_stages = {pipeline_parallel} x {vpp} = {chunks}")
+    decoders = sum(chunk.count("t") for chunk in parsed)
+    if decoders != num_layers:
+        raise ValueError(f"pipeline_layout {layout!r} has {decoders} decoder layers ('t'), but "
+                         f"num_hidden_layers={num_layers}")
+    for c, chunk in enumerate(parsed):
+        if "m" in chunk:
+            raise ValueError(f"pipeline_layout {layout!r}: multi-token-prediction layers ('m') are not supported")
+        if "t" not in chunk:
+            raise ValueError(f"pipeline_layout {layout!r}: chunk {c} has no decoder layer ('t'); every chunk "
+                             f"needs at least one")
+        allowed = (["E"] if c == 0 else []) + ["t"] * chunk.count("t") + (["L"] if c == chunks - 1 else [])
+        if chunk != allowed:
+            raise ValueError(f"pipeline_layout {layout!r}: chunk {c} is {''.join(chunk)!r}; the embedding 'E' "
+                             f"must open chunk 0 and the loss 'L' close the last chunk, each exactly once")
+    return layout
+
+
+def parse_pipeline_layout(layout: str) -> list[list[str]]:
+    """Chunks of a megatron layout string as lists of layer letters ("E", "t", "L", "m"), with megatron-core's
+    own parser (repeats unrolled); ValueError naming pipeline_layout for characters it does not know."""
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    letters = {LayerType.embedding: "E", LayerType.decoder: "t", LayerType.loss: "L", LayerType.mtp: "m"}
+    try:
+        chunks = PipelineParallelLayerLayout.parse_str_to_list(layout)
+    except AssertionError as exc:
+        raise ValueError(f"pipeline_layout {layout!r} is not a valid megatron layout string: {exc}") from None
+    return [[letters[t] for t in chunk] for chunk in chunks]
+
+
+def pipeline_layout_chunk_layers(num_layers: int, pipeline_parallel: int, virtual_pipeline_stages: int | None,
+                                 layout: str) -> list[int]:
+    """Decoder layers per chunk (chunk order) of ``layout`` (validated as in resolve_pipeline_layout)."""
+    resolved = resolve_pipeline_layout(num_layers, pipeline_parallel, virtual_pipeline_stages, layout)
+    return [chunk.count("t") for chunk in parse_pipeline_layout(resolved)]
 
 
 # ----- Hugging Face config.json -----

@@ -42,6 +42,10 @@ class ParallelSection:
     expert: int = 1
     first_stage_layers: int | None = None   # uneven pipeline split (61 layers over 16 stages)
     last_stage_layers: int | None = None
+    # uneven split over pipeline x virtual_stages chunks (megatron's pipeline_model_parallel_layout): "auto"
+    # (balanced; embedding in the first chunk, output layer in the last) or a megatron layout string such as
+    # "Et|(tt|)*29,t|tL" (61 layers on PP16 x 2 virtual stages); see k2_megatron.models.config.resolve_pipeline_layout
+    pipeline_layout: str | None = None
 
 
 @dataclass
@@ -109,6 +113,23 @@ class OutputSection:
 
 
 @dataclass
+class MemorySection:
+    # Activation memory as in K2 (k2_megatron/training/memory.py; all off by default):
+    fp8_activations: bool = False           # MoE fc1 and SwiGLU inputs saved for backward as FP8 1x128 tiles
+    recompute: list = field(default_factory=list)    # any of layernorm, mla_up_proj, swiglu (K2: these three),
+                                                     # dense_mlp, shared_expert (whole-MLP recompute)
+    cpu_offload: list = field(default_factory=list)  # megatron offload_modules (CUDA only): attn_norm, qkv_linear,
+                                                     # core_attn, attn_proj, mlp_norm
+
+    def options(self):
+        """The k2_megatron.training.memory.MemoryOptions of this section."""
+        from k2_megatron.training.memory import MemoryOptions
+
+        return MemoryOptions(fp8_activations=self.fp8_activations, recompute=tuple(self.recompute),
+                             cpu_offload=tuple(self.cpu_offload))
+
+
+@dataclass
 class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -117,6 +138,7 @@ class PretrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     output: OutputSection = field(default_factory=OutputSection)
+    memory: MemorySection = field(default_factory=MemorySection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,6 +164,15 @@ class PretrainConfig:
             if p.virtual_stages > 1 and p.pipeline < 2:
                 raise ConfigError(f"parallel.virtual_stages={p.virtual_stages} needs parallel.pipeline >= 2, "
                                   f"got {p.pipeline}")
+        if p.pipeline_layout is not None:
+            if not isinstance(p.pipeline_layout, str) or not p.pipeline_layout.strip():
+                raise ConfigError(f"parallel.pipeline_layout: must be 'auto', a megatron layout string or null, "
+                                  f"got {p.pipeline_layout!r}")
+            if p.pipeline < 2:
+                raise ConfigError(f"parallel.pipeline_layout needs parallel.pipeline >= 2, got {p.pipeline}")
+            if p.first_stage_layers is not None or p.last_stage_layers is not None:
+                raise ConfigError("parallel.pipeline_layout cannot be combined with parallel.first_stage_layers / "
+                                  "parallel.last_stage_layers (the layout gives every chunk its layers)")
         for name in ("iters", "global_batch_tokens", "micro_batch_size", "log_interval", "eval_micro_batches"):
             _positive_int(f"train.{name}", getattr(t, name))
         _nonneg_int("train.eval_interval", t.eval_interval)
@@ -185,6 +216,10 @@ class PretrainConfig:
             self.k2_config(vocab_size=None)
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
+        try:
+            self.memory.options()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
         return self
 
     def k2_config(self, vocab_size: int | None):
@@ -227,7 +262,8 @@ class PretrainConfig:
         try:
             check_parallel_layout(self.k2_config(None), tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
                                   virtual_pipeline_stages=p.virtual_stages, expert_parallel=p.expert,
-                                  first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
+                                  first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers,
+                                  pipeline_layout=p.pipeline_layout)
             bl = batch_layout(self.train.global_batch_tokens, self.data.seq_length, self.train.micro_batch_size, dp)
         except ConfigError:
             raise

@@ -21,7 +21,8 @@ Memory per rank (bytes per parameter):
   layer, router, norms);
 - activations of the in-flight micro-batches of the rank's stage (1F1B: PP - stage micro-batches; interleaved:
   megatron's warm-up count), bf16, without and with K2's selective recomputation (norms, SwiGLU, MLA
-  up-projections recomputed). K2's FP8 activation storage and CPU offload are not modelled.
+  up-projections recomputed); and with the config's ``memory`` section (recompute, FP8 storage, CPU offload:
+  k2_megatron.training.memory.activation_bytes_per_token).
 K2 report (section 4): bf16 weights + fp32 gradient buffers ~6 TB over a 256-GPU model-parallel group (~30 GB
 per GPU).
 """
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+
+from k2_megatron.training.memory import activation_bytes_per_token
 
 GIB = 1024**3
 PAPER_WEIGHTS_GRADS_TB = 6.0
@@ -70,7 +73,8 @@ def layer_params(cfg, layer: int) -> LayerParams:
 def split_layers(num_layers: int, pp: int, vpp: int, first: int | None = None, last: int | None = None) -> list[int]:
     """Layers per model chunk (PP x V chunks, in chunk order). Uneven first/last stages as in
     check_parallel_layout; otherwise an even split, or, when the layers do not divide, chunks of
-    ceil/floor size with the short chunks at the first chunk (embedding) and at the end (output layer)."""
+    ceil/floor size with the short chunks at the first chunk (embedding) and at the end (output layer): the
+    split of parallel.pipeline_layout="auto" (k2_megatron.models.config.balanced_chunk_layers), which builds it."""
     chunks = pp * vpp
     if first is not None or last is not None:
         stage = [None] * pp
@@ -126,6 +130,7 @@ class StagePlan:
     activations: float           # no recomputation
     activations_recompute: float
     in_flight: int               # micro-batch x chunk passes alive at the peak
+    activations_configured: float = 0.0  # with the config's memory section (k2_megatron.training.memory)
 
     @property
     def states(self) -> float:
@@ -172,7 +177,15 @@ def plan_memory(cfg, world_size: int) -> Plan:
     k2 = cfg.k2_config(vocab)
     if k2.n_routed_experts % ep:
         raise ConfigError(f"parallel.expert={ep} must divide n_routed_experts={k2.n_routed_experts}")
-    chunk_layers = split_layers(k2.num_hidden_layers, pp, vpp, p.first_stage_layers, p.last_stage_layers)
+    if getattr(p, "pipeline_layout", None) is not None:
+        from k2_megatron.models.config import pipeline_layout_chunk_layers
+
+        try:
+            chunk_layers = pipeline_layout_chunk_layers(k2.num_hidden_layers, pp, p.virtual_stages, p.pipeline_layout)
+        except ValueError as e:
+            raise ConfigError(f"parallel.pipeline_layout: {e}") from None
+    else:
+        chunk_layers = split_layers(k2.num_hidden_layers, pp, vpp, p.first_stage_layers, p.last_stage_layers)
     if sum(chunk_layers) != k2.num_hidden_layers or min(chunk_layers) < 0:
         raise ConfigError(f"parallel: cannot split {k2.num_hidden_layers} layers over {pp} x {vpp} chunks with "
                           f"first_stage_layers={p.first_stage_layers}, last_stage_layers={p.last_stage_layers}")
@@ -219,8 +232,13 @@ def plan_memory(cfg, world_size: int) -> Plan:
         dense_muon_local = dense_muon // tp
         opt = ((dense_local * master + dense_muon_local * 4 + (dense_local - dense_muon_local) * 8) / dp
                + local_experts * (master + 4) / expert_dp)
+        memory = cfg.memory.options() if hasattr(cfg, "memory") else None
+        act_cfg = (passes * sum(activation_bytes_per_token(k2, layer, memory) for c in chunks
+                                for layer in range(starts[c], starts[c] + chunk_layers[c])) / len(chunks)
+                   * tokens / tp) if memory is not None else act
         plan.stages.append(StagePlan(s, layers, [chunk_layers[c] for c in chunks], params, local_experts, muon, adamw,
                                      params * wbytes, params * 4.0, opt, act, act_rc, passes))
+        plan.stages[-1].activations_configured = act_cfg
         total += dense + router + experts
         frac = k2.num_experts_per_tok / max(k2.n_routed_experts, 1)
         active += dense + router + experts * frac
@@ -288,7 +306,19 @@ def format_plan(plan: Plan, cfg) -> str:
         f"largest per-rank total (states + activations with recomputation): "
         f"{max(gb(s.states + s.activations_recompute) for s in plan.stages):.1f} GiB",
     ]
+    if hasattr(cfg, "memory"):
+        lines.append(f"with the config's memory section ({_memory_summary(cfg)}): activations per rank "
+                     f"{', '.join(f'{gb(s.activations_configured):.1f}' for s in plan.stages)} GiB by stage; "
+                     f"largest per-rank total {max(gb(s.states + s.activations_configured) for s in plan.stages):.1f}"
+                     f" GiB (CPU-offloaded activations excluded)")
     return "\n".join(lines)
+
+
+def _memory_summary(cfg) -> str:
+    m = cfg.memory
+    parts = [f"fp8_activations={m.fp8_activations}", f"recompute={list(m.recompute)}",
+             f"cpu_offload={list(m.cpu_offload)}"]
+    return ", ".join(parts)
 
 
 def dry_run(cfg, world_size: int | None = None, file=None) -> int:

@@ -114,23 +114,29 @@ def _loss_func(loss_mask, output_tensor):
 def _build_model(cfg: PretrainConfig, k2cfg):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from k2_megatron.megatron import build_k2_model, to_transformer_config
+    from k2_megatron.megatron import activation_memory, build_k2_model, to_transformer_config
 
     p = cfg.parallel
     dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
+    memory = cfg.memory.options()
+    try:
+        activation_memory.check_supported(memory)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     tc = to_transformer_config(k2cfg, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
                                virtual_pipeline_stages=p.virtual_stages, expert_parallel=p.expert,
                                first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers,
-                               params_dtype=dtype, bias_update_rate=cfg.model.bias_update_rate)
-    # Always megatron's DistributedOptimizer (ZeRO-1; at DP=1 nothing is sharded): its checkpoint loader keeps
-    # MuonClip's Muon and AdamW groups apart, while the FP32/Float16 optimizers' loader of megatron-core 0.19.2
-    # (_filter_and_reorder_param_groups) merges groups with equal lr/wd multipliers and cannot resume them.
+                               pipeline_layout=p.pipeline_layout, params_dtype=dtype, bias_update_rate=cfg.model.bias_update_rate,
+                               **activation_memory.transformer_config_overrides(memory))
+    # Always megatron's DistributedOptimizer (ZeRO-1; at DP=1 nothing is sharded): one code path for every
+    # data-parallel size, and each matrix's Newton-Schulz done once per data-parallel group.
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
                                                overlap_grad_reduce=False, bucket_size=None)
     chunks = []
     vpp = p.virtual_stages if p.virtual_stages and p.virtual_stages > 1 else None
     for vp in range(vpp or 1):
         model = build_k2_model(k2cfg, tc, vp_stage=vp if vpp else None)
+        activation_memory.apply_activation_memory(model, memory)
         if dtype == torch.bfloat16:
             from megatron.core.transformer.module import Float16Module
 
@@ -454,7 +460,7 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
             final_train = losses[-1] if losses else previous[-1]["loss"] if previous else float("nan")
             logger.print(f"done: {step} steps in {seconds:.0f} s | final train loss {final_train:.4f}"
                          f" | validation loss {final_valid:.4f} | unigram baseline {baseline:.4f} "
-                         f"({baseline - final_valid:+.3f} nats better)")
+                         f"({abs(baseline - final_valid):.3f} nats {'better' if final_valid < baseline else 'worse'})")
             if plot:
                 logger.print(f"plot: {os.path.abspath(plot)}")
             tb_dir = os.path.abspath(os.path.join(cfg.output.dir, "tensorboard"))
