@@ -424,16 +424,21 @@ def convert_hf_to_megatron(src, dst, *, params_dtype=None, overwrite: bool = Fal
     return stats
 
 
-def load_megatron_checkpoint(src, *, params_dtype=torch.float32):
-    """(K2Config, hf config dict, TP = PP = EP = 1 model) loaded from a directory of convert_hf_to_megatron."""
-    from megatron.core import dist_checkpointing
-
+def _read_megatron_hf_config(src) -> tuple[str, dict]:
+    """(absolute path, the hf_config.json written next to it) of a convert_hf_to_megatron directory."""
     src = os.path.abspath(os.fspath(src))
     cfg_path = os.path.join(src, MEGATRON_HF_CONFIG)
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{src}: not a converted megatron checkpoint (no {MEGATRON_HF_CONFIG})")
     with open(cfg_path, encoding="utf-8") as f:
-        hf_config = json.load(f)
+        return src, json.load(f)
+
+
+def load_megatron_checkpoint(src, *, params_dtype=torch.float32):
+    """(K2Config, hf config dict, TP = PP = EP = 1 model) loaded from a directory of convert_hf_to_megatron."""
+    from megatron.core import dist_checkpointing
+
+    src, hf_config = _read_megatron_hf_config(src)
     cfg = config_from_hf(hf_config)
     model = _megatron_ready(cfg, resolve_dtype(params_dtype))
     state = dist_checkpointing.load(model.sharded_state_dict(), src)
@@ -466,16 +471,11 @@ def read_megatron_index(src) -> tuple[dict, K2Config, dict]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    src = os.path.abspath(os.fspath(src))
-    cfg_path = os.path.join(src, MEGATRON_HF_CONFIG)
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{src}: not a converted megatron checkpoint (no {MEGATRON_HF_CONFIG})")
-    with open(cfg_path, encoding="utf-8") as f:
-        hf_config = json.load(f)
+    src, hf_config = _read_megatron_hf_config(src)
     try:
         cfg = config_from_hf(hf_config)
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{cfg_path}: {exc}") from exc
+        raise CheckpointError(f"{os.path.join(src, MEGATRON_HF_CONFIG)}: {exc}") from exc
     try:
         metadata = FileSystemReader(src).read_metadata()  # torch DCP's .metadata (a pickle: trusted input only)
     except Exception as exc:
