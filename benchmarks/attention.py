@@ -8,7 +8,9 @@ forward + backward, the median time over --iters runs (CUDA events) and TFLOP/s 
                        reference ran;
   sdpa                 torch.nn.functional.scaled_dot_product_attention with its fastest backend among
                        cuDNN, flash and memory-efficient (math if none of them runs); no max logit;
-  sdpa+max_logit_pass  that SDPA plus a separate pass computing the max logits (blocked q k^T, masked max).
+  sdpa+max_logit_pass  that SDPA plus a separate pass computing the max logits (blocked q k^T, masked max);
+  mla_attention_no_max_logits  (forward, CUDA kernel only) the same kernel with the max-logit tracking off:
+                       the overhead of the fused max is mla_attention / this - 1.
 FLOPs count the matmuls only: forward 2 s^2 (d_qk + d_v), backward 2 s^2 (3 d_qk + 2 d_v) per (batch, head),
 halved for causal. On a machine without CUDA it prints that it needs a GPU and exits with status 0.
 """
@@ -97,7 +99,8 @@ def run_config(b, s, h, d_qk, d_v, dtype, causal, warmup, iters):
 
     best, sdpa_times = _pick_sdpa_backend(q, k, v, causal, scale, 1, 3)
     best_name = best.name
-    implementation = "cuda kernel" if attention_op._use_registered_op(q) and q.is_cuda else "reference"
+    kernel = attention_op._use_registered_op(q, v) and q.is_cuda
+    implementation = "cuda kernel" if kernel else "reference"
 
     def clear():
         q.grad = k.grad = v.grad = None
@@ -108,6 +111,11 @@ def run_config(b, s, h, d_qk, d_v, dtype, causal, warmup, iters):
         "sdpa+max_logit_pass": lambda: (_sdpa(best, q, k, v, causal, scale),
                                         max_logit_pass(q.detach(), k.detach(), causal, scale))[0],
     }
+    if kernel:  # the same kernel with the max-logit tracking off: the cost of the fused max (forward only)
+        from k2_megatron import _extension
+
+        methods["mla_attention_no_max_logits"] = lambda: _extension._C._attention_forward_without_max_logits(
+            q, k, v, causal, scale)[0]
     # Correctness sanity check before timing: our out against SDPA's, our max logits against the pass.
     with torch.no_grad():
         out, ml = mla_attention(q, k, v, causal=causal)
@@ -119,7 +127,7 @@ def run_config(b, s, h, d_qk, d_v, dtype, causal, warmup, iters):
 
     rows = []
     for name, fn in methods.items():
-        for backward in (False, True):
+        for backward in (False, True) if name != "mla_attention_no_max_logits" else (False,):
             if backward:
                 def step(fn=fn):
                     clear()
@@ -168,10 +176,13 @@ def main(argv=None):
             checks.append({"b": b, "s": s, "h": h, **check})
             sdpa_ms = {r["pass"]: r["median_ms"] for r in rows if r["method"] == "sdpa"}
             for r in rows:
-                method = r["method"] + (f" ({r['mla_implementation']})" if r["method"] == "mla_attention" else
+                method = r["method"] + (f" ({r['mla_implementation']})" if r["method"].startswith("mla_attention") else
                                         f" ({r['sdpa_backend']})")
                 print(f"| {s} | {b} | {h} | {r['pass']} | {method} | {r['median_ms']:.3f} | {r['tflops']:.1f} | "
                       f"{sdpa_ms[r['pass']] / r['median_ms']:.2f}x |", flush=True)
+            fwd_ms = {r["method"]: r["median_ms"] for r in rows if r["pass"] == "fwd"}
+            if "mla_attention_no_max_logits" in fwd_ms:
+                check["max_logit_overhead_fwd"] = fwd_ms["mla_attention"] / fwd_ms["mla_attention_no_max_logits"] - 1
             print(f"<!-- check b={b} s={s} h={h}: {json.dumps(check)} -->", flush=True)
             results.extend(rows)
             torch.cuda.empty_cache()

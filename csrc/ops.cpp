@@ -4,9 +4,14 @@
 // next to their host code. The CPU implementations are the pure-PyTorch references, registered from
 // Python (k2_megatron/ops/), together with the fake (meta) implementations used by torch.compile.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include <string>
+
+#include "attention/attention.h"
+#include "attention/host.h"
 
 #define K2_STRINGIFY_IMPL(x) #x
 #define K2_STRINGIFY(x) K2_STRINGIFY_IMPL(x)
@@ -48,4 +53,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "k2_megatron CUDA kernels; the operators are under torch.ops.k2_megatron";
   // SM architectures this library was compiled for, as "80_90a" (K2_CUDA_ARCHS at build time).
   m.def("cuda_archs", []() { return std::string(K2_STRINGIFY(K2_CUDA_ARCHS)); });
+  // (d_qk, d_v) pairs the CUDA attention kernels are compiled for; other head dims run the reference.
+  m.def("attention_head_dims", &k2::attention::supported_head_dims);
+  // benchmarks/attention.py: the dense attention forward with the max-logit tracking off (CUDA only).
+  m.def("_attention_forward_without_max_logits", &k2::attention::forward_without_max_logits);
 }

@@ -16,61 +16,13 @@ from k2_megatron.ops import attention as attention_op
 from k2_megatron.ops import mla_attention, mla_attention_varlen
 from k2_megatron.ops.reference import attention as ref
 
+from _attention_helpers import (TOL, assert_close_to, check_within_2x_sdpa, make_qkv, naive_attention, naive_grads,
+                                planted_logits)
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 requires_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason="k2_megatron._C is not built")
 
 HEAD_DIMS = [(192, 128), (64, 64)]  # K2's (d_qk, d_v) and an equal pair
-
-# Tolerances against float64, relative to the largest magnitude of the float64 result (atol = tol * max|ref|,
-# rtol = tol). The reference computes in float32 for fp32/bf16/fp16 inputs, so bf16's error is the rounding
-# of its outputs (2^-9 relative) plus, for the gradients, that of the saved bf16 out in D = rowsum(dO * O).
-TOL = {
-    torch.float32: {"out": 2e-5, "lse": 1e-5, "max_logits": 1e-5, "grad": 1e-4},
-    torch.bfloat16: {"out": 8e-3, "lse": 1e-5, "max_logits": 1e-5, "grad": 2e-2},
-    torch.float16: {"out": 1e-3, "lse": 1e-5, "max_logits": 1e-5, "grad": 4e-3},
-}
-
-
-# ------------------------------------------------------------------------------------------------- oracles
-
-def naive_attention(q, k, v, causal, scale):
-    """float64 attention on [b, s, h, d]: (out [b, s_q, h, d_v], lse [b, h, s_q], max_logits [h]).
-    Causal masks are bottom-right aligned; a row with no visible key gives out 0 and lse -inf."""
-    q, k, v = (t.to(torch.float64).permute(0, 2, 1, 3) for t in (q, k, v))
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-    s_q, s_k = logits.shape[-2:]
-    if causal:
-        visible = torch.ones(s_q, s_k, dtype=torch.bool).tril(diagonal=s_k - s_q)
-        logits = logits.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
-    out = torch.matmul(probs, v).permute(0, 2, 1, 3)
-    max_logits = logits.amax(dim=(0, 2, 3)) if logits.numel() else torch.full((q.shape[1],), float("-inf"))
-    return out, lse, max_logits
-
-
-def make_qkv(b, s, h, d_qk, d_v, dtype, seed=0, s_k=None, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    s_k = s if s_k is None else s_k
-    ts = (torch.randn(b, s, h, d_qk, generator=g), torch.randn(b, s_k, h, d_qk, generator=g),
-          torch.randn(b, s_k, h, d_v, generator=g))
-    return tuple(t.to(dtype).requires_grad_(requires_grad) for t in ts)
-
-
-def assert_close_to(actual, expected, tol, what, floor=1e-30):
-    """|actual - expected| <= tol * (|expected| + max(max|expected|, floor)). `floor` is the magnitude of the
-    terms that cancel where the exact result is 0 (dq with a single key)."""
-    expected = expected.to(torch.float64)
-    scale = expected[torch.isfinite(expected)].abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=tol, atol=tol * max(scale, floor),
-                               msg=lambda m: f"{what}: {m}")
-
-
-def naive_grads(q, k, v, causal, scale, grad_out):
-    q64, k64, v64 = (t.detach().to(torch.float64).requires_grad_() for t in (q, k, v))
-    out, _, _ = naive_attention(q64, k64, v64, causal, scale)
-    return torch.autograd.grad(out, (q64, k64, v64), grad_out.to(torch.float64))
-
 
 # ------------------------------------------------------------------------------------------------- forward
 
@@ -199,29 +151,12 @@ def test_no_quadratic_tensor_saved():
 
 # ----------------------------------------------------------------------------------------------- max_logits
 
-def _planted_logits(s, h, b, d, head, row, col, masked_row, masked_col, dtype):
-    """Integer q, k (exact in bf16, exact logit sums in fp32): background logits in [-(d-2), d-2], a planted
-    logit of 256 + background at (row, col) of head `head` in the last batch element, and a planted 1024 +
-    background at (masked_row, masked_col) of the same head."""
-    g = torch.Generator().manual_seed(row * 131 + col)
-    q = torch.randint(-1, 2, (b, s, h, d), generator=g).to(torch.float64)
-    k = torch.randint(-1, 2, (b, s, h, d), generator=g).to(torch.float64)
-    q[..., d - 2:] = 0
-    k[..., d - 2:] = 0
-    q[b - 1, row, head, d - 2] = 16
-    k[b - 1, col, head, d - 2] = 16
-    q[b - 1, masked_row, head, d - 1] = 32
-    k[b - 1, masked_col, head, d - 1] = 32
-    v = torch.randn(b, s, h, d, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("where", ["diagonal", "last_row", "last_row_diagonal"])
 def test_max_logits_exact(where, dtype):
     s, h, b, d, head = 300, 3, 2, 64, 1
     row, col = {"diagonal": (150, 150), "last_row": (s - 1, 7), "last_row_diagonal": (s - 1, s - 1)}[where]
-    q, k, v = _planted_logits(s, h, b, d, head, row, col, masked_row=row - 1, masked_col=row, dtype=dtype)
+    q, k, v = planted_logits(s, h, b, d, head, row, col, masked_row=row - 1, masked_col=row, dtype=dtype)
     scale = 0.125  # a power of two keeps the scaled logits exact
     _, _, expected = naive_attention(q, k, v, True, scale)
     background = (d - 2) * scale
@@ -242,7 +177,7 @@ def test_max_logits_over_batch_and_varlen_sequences():
     """The max is over the whole batch; in varlen, over every sequence, and a key of the next sequence
     (another document) is never seen."""
     s, h, d = 40, 2, 16
-    q, k, v = _planted_logits(s, h, 3, d, head=0, row=5, col=5, masked_row=20, masked_col=21,
+    q, k, v = planted_logits(s, h, 3, d, head=0, row=5, col=5, masked_row=20, masked_col=21,
                               dtype=torch.float32)
     _, ml = mla_attention(q, k, v, softmax_scale=0.5)
     _, _, expected = naive_attention(q, k, v, True, 0.5)
@@ -374,7 +309,7 @@ def test_reference_path_without_extension(monkeypatch):
     for registered in (True, False):
         if registered and not _extension.extension_loaded():
             continue
-        monkeypatch.setattr(attention_op, "_use_registered_op", lambda t, r=registered: r)
+        monkeypatch.setattr(attention_op, "_use_registered_op", lambda q, v, r=registered: r)
         out, ml = mla_attention(q, k, v)
         out_v, ml_v = mla_attention_varlen(q[0], k[0], v[0], cu, cu, 19, 19)
         grads = torch.autograd.grad(out.sum() + out_v.square().sum(), (q, k, v))
@@ -507,38 +442,10 @@ def test_cuda_matches_float64_within_2x_sdpa(b, s, h, causal, d_qk, d_v, dtype):
     """On CUDA (kernel where registered, else the reference): error at most 2x that of SDPA in the same
     precision, forward and backward; max_logits as exact as float32 allows."""
     q, k, v = (t.cuda().requires_grad_() for t in make_qkv(b, s, h, d_qk, d_v, dtype, seed=s + h))
-    scale = 1.0 / math.sqrt(d_qk)
     grad_out = torch.randn(b, s, h, d_v, device="cuda").to(dtype)
     out, ml = mla_attention(q, k, v, causal=causal)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out64, _, ml64 = _naive_on(q64, k64, v64, causal, scale)
-    grads64 = torch.autograd.grad(out64, (q64, k64, v64), grad_out.double())
-    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
-    qt, kt, vt = (t.transpose(1, 2) for t in (qs, ks, vs))
-    out_sdpa = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
-                                                                scale=scale).transpose(1, 2)
-    grads_sdpa = torch.autograd.grad(out_sdpa, (qs, ks, vs), grad_out)
-    floor = {torch.bfloat16: 2 ** -9, torch.float16: 2 ** -12}[dtype]  # 1 ulp-ish at magnitude 1: SDPA may be exact
-    for name, got, base, want in [("out", out, out_sdpa, out64)] + list(zip(("dq", "dk", "dv"), grads, grads_sdpa,
-                                                                             grads64)):
-        scale_ = max(want.abs().max().item(), 1.0)  # dq is exactly 0 for s = 1 (terms of size ~1 cancel)
-        err = (got.double() - want).abs().max().item()
-        err_sdpa = (base.double() - want).abs().max().item()
-        assert err <= 2 * err_sdpa + floor * scale_, f"{name}: error {err:.3g} vs SDPA {err_sdpa:.3g}"
-    torch.testing.assert_close(ml.double(), ml64, rtol=1e-5, atol=1e-5 * ml64.abs().max().item())
-
-
-def _naive_on(q, k, v, causal, scale):
-    """naive_attention on q's device (float64)."""
-    qh, kh, vh = (t.permute(0, 2, 1, 3) for t in (q, k, v))
-    logits = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    s_q, s_k = logits.shape[-2:]
-    if causal:
-        visible = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
-        logits = logits.masked_fill(~visible, float("-inf"))
-    out = torch.matmul(torch.softmax(logits, dim=-1), vh).permute(0, 2, 1, 3)
-    return out, None, logits.amax(dim=(0, 2, 3))
+    check_within_2x_sdpa(out, ml, grads, q, k, v, grad_out, causal, 1.0 / math.sqrt(d_qk))
 
 
 @requires_cuda
@@ -562,7 +469,7 @@ def test_cuda_varlen_and_strided_match_reference(causal):
 
 @requires_cuda
 def test_cuda_max_logits_exact():
-    q, k, v = _planted_logits(300, 3, 2, 64, 1, 150, 150, 149, 150, torch.bfloat16)
+    q, k, v = planted_logits(300, 3, 2, 64, 1, 150, 150, 149, 150, torch.bfloat16)
     _, _, expected = naive_attention(q, k, v, True, 0.125)
     _, ml = mla_attention(q.cuda(), k.cuda(), v.cuda(), causal=True, softmax_scale=0.125)
     assert torch.equal(ml.cpu(), expected.float())

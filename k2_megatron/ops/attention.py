@@ -11,8 +11,10 @@ queries and unmasked keys, and is not differentiable. ``out`` is differentiable 
 recomputes the probabilities from the forward's log-sum-exp, so no s x s tensor is kept.
 
 The operators k2_megatron::mla_attention_{fwd,bwd} and k2_megatron::mla_attention_varlen_{fwd,bwd} (schemas
-in csrc/ops.cpp) have the reference as their CPU kernel, fake implementations for torch.compile, and
-autograd formulas. Without the extension the same functions run the reference directly.
+in csrc/ops.cpp) have the reference as their CPU kernel, the kernels of csrc/attention/ as their CUDA kernel
+(bf16 / fp16 and the head dims of ``kernel_head_dims()``; other CUDA inputs run the reference), fake
+implementations for torch.compile, and autograd formulas. Without the extension the same functions run the
+reference directly.
 """
 
 import math
@@ -97,9 +99,19 @@ def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 # ------------------------------------------------------------------------------------------------- routing
 
-def _use_registered_op(q: torch.Tensor) -> bool:
-    # Until csrc/attention/ registers CUDA kernels, CUDA tensors run the reference (autograd.Function below).
-    return _extension.dispatch_to_op("mla_attention_fwd", q) and (q.device.type != "cuda" or q.dtype in _KERNEL_DTYPES)
+def kernel_head_dims() -> tuple[tuple[int, int], ...]:
+    """(d_qk, d_v) pairs the CUDA kernels are compiled for (csrc/attention/attention.h); () without _C."""
+    if not _extension.extension_loaded():
+        return ()
+    return tuple(tuple(d) for d in _extension._C.attention_head_dims())
+
+
+def _use_registered_op(q: torch.Tensor, v: torch.Tensor) -> bool:
+    # CPU and meta: the registered op (reference kernel, fake). CUDA: the kernel for bf16 / fp16 and the
+    # compiled head dims; other CUDA inputs run the reference (autograd.Function below).
+    if not _extension.dispatch_to_op("mla_attention_fwd", q):
+        return False
+    return q.device.type != "cuda" or (q.dtype in _KERNEL_DTYPES and (q.shape[-1], v.shape[-1]) in kernel_head_dims())
 
 
 def _backward(bwd, ctx, grad_out, *extra):
@@ -157,7 +169,7 @@ def mla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     _check_qkv(_OP, q, k, v, ndim=4)
     causal = _check_causal(_OP, causal)
     scale = _resolve_scale(_OP, softmax_scale, q.shape[-1])
-    if _use_registered_op(q):
+    if _use_registered_op(q, v):
         out, _, max_logits = torch.ops.k2_megatron.mla_attention_fwd(q, k, v, causal, scale)
     else:
         out, _, max_logits = _DenseReference.apply(q, k, v, causal, scale)
@@ -179,7 +191,7 @@ def mla_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     causal = _check_causal(_OP_VARLEN, causal)
     scale = _resolve_scale(_OP_VARLEN, softmax_scale, q.shape[-1])
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
-    if _use_registered_op(q):
+    if _use_registered_op(q, v):
         out, _, max_logits = torch.ops.k2_megatron.mla_attention_varlen_fwd(*args)
     else:
         out, _, max_logits = _VarlenReference.apply(*args)

@@ -1,0 +1,293 @@
+// A CPU emulator of the CUDA execution model, just enough to run the sm_80 attention kernels
+// (csrc/attention/kernels_sm80.cuh) unchanged: every CUDA thread of a block is a fiber (ucontext) and the
+// hardware primitives of csrc/attention/ptx_sm80.cuh are re-implemented here with their documented
+// semantics (PTX ISA: ldmatrix, mma.m16n8k16 fragment layouts, cp.async groups).
+//
+// It exists to test the kernels' indexing, masking, pipelining and synchronisation on a machine without a
+// GPU, and it is strict where the hardware is silent:
+// - cp.async copies land only when the issuing thread waits for their group, so a read before the wait
+//   (or before the barrier after it) sees stale shared memory;
+// - shared memory starts filled with 0x7f bytes (bf16/fp16: huge values), so reading a location nobody
+//   wrote shows up in the results;
+// - ldmatrix row addresses must be 16-byte aligned and inside the block's shared memory.
+// It says nothing about speed, occupancy or register spills: those need a GPU.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#define K2_ATTENTION_EMULATED_PRIMITIVES
+#define __launch_bounds__(...)
+#define K2_DYNAMIC_SMEM(name) unsigned char* name = ::k2emu::block().smem.data()
+
+namespace k2emu {
+
+struct Index {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+struct Block;
+Block& block();
+void yield();
+
+// Threads arriving here yield until `count` of them have arrived (a barrier among fibers).
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void wait() {
+    const unsigned generation = generation_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++generation_;
+      return;
+    }
+    while (generation_ == generation) yield();
+  }
+
+ private:
+  int count_;
+  int arrived_ = 0;
+  unsigned generation_ = 0;
+};
+
+// What the lanes of a warp exchange in a collective operation.
+struct Warp {
+  Barrier barrier{32};
+  const void* address[32];
+  uint32_t a[32][4];
+  uint32_t b[32][2];
+  float value[32];
+};
+
+struct Copy {
+  void* dst;
+  const void* src;  // nullptr: zero-fill
+};
+
+struct Thread {
+  ucontext_t context;
+  Index index;
+  bool done = false;
+  std::vector<Copy> open_group;             // cp.async issued since the last commit
+  std::vector<std::vector<Copy>> committed;  // oldest first
+};
+
+struct Block {
+  Index index;
+  std::vector<Thread> threads;
+  std::vector<Warp> warps;
+  Barrier barrier;
+  std::vector<unsigned char> smem;
+  ucontext_t scheduler;
+  int current = 0;
+  std::function<void()> body;
+
+  explicit Block(int n) : threads(n), warps(n / 32), barrier(n) {}
+};
+
+inline Block*& current_block() {
+  static Block* b = nullptr;
+  return b;
+}
+
+inline Block& block() { return *current_block(); }
+inline Thread& self() { return block().threads[block().current]; }
+inline int lane_id() { return static_cast<int>(self().index.x % 32); }
+inline Warp& warp() { return block().warps[self().index.x / 32]; }
+
+inline void yield() {
+  Block& b = block();
+  swapcontext(&b.threads[b.current].context, &b.scheduler);
+}
+
+inline void thread_entry(int i) {
+  block().body();
+  block().threads[i].done = true;
+}
+
+// Runs body() as every thread of every block of the grid (blocks one after the other, threads interleaved
+// at their synchronisation points).
+inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<void()>& body) {
+  constexpr size_t kStack = 256 * 1024;
+  std::vector<char> stacks(kStack * threads);
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Block b(threads);
+        b.index = {x, y, z};
+        b.smem.assign(static_cast<size_t>(smem_bytes) + 16, 0x7f);
+        b.body = body;
+        current_block() = &b;
+        for (int i = 0; i < threads; ++i) {
+          Thread& t = b.threads[i];
+          t.index = {static_cast<unsigned>(i), 0, 0};
+          getcontext(&t.context);
+          t.context.uc_stack.ss_sp = stacks.data() + kStack * i;
+          t.context.uc_stack.ss_size = kStack;
+          t.context.uc_link = &b.scheduler;
+          makecontext(&t.context, reinterpret_cast<void (*)()>(thread_entry), 1, i);
+        }
+        int remaining = threads;
+        while (remaining > 0) {
+          for (int i = 0; i < threads; ++i) {
+            if (b.threads[i].done) continue;
+            b.current = i;
+            swapcontext(&b.scheduler, &b.threads[i].context);
+            if (b.threads[i].done) --remaining;
+          }
+        }
+        current_block() = nullptr;
+      }
+    }
+  }
+}
+
+inline void check_shared(const void* p, size_t bytes, const char* what) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  const Block& b = block();
+  if (c < b.smem.data() || c + bytes > b.smem.data() + b.smem.size() - 16) {
+    throw std::runtime_error(std::string(what) + ": address outside the block's shared memory");
+  }
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw std::runtime_error(std::string(what) + ": misaligned address");
+}
+
+template <typename T>
+float to_float(uint16_t bits);
+
+template <>
+inline float to_float<__nv_bfloat16>(uint16_t bits) {
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &word, 4);
+  return f;
+}
+
+template <>
+inline float to_float<__half>(uint16_t bits) {
+  __half_raw raw;
+  raw.x = bits;
+  return __half2float(__half(raw));
+}
+
+inline uint16_t element(const void* row, int col) { return static_cast<const uint16_t*>(row)[col]; }
+
+}  // namespace k2emu
+
+// The CUDA built-ins the kernels read.
+#define threadIdx (::k2emu::self().index)
+#define blockIdx (::k2emu::block().index)
+
+namespace k2 {
+namespace attention {
+
+using std::max;
+using std::min;
+
+inline void block_sync() { k2emu::block().barrier.wait(); }
+
+inline float shfl_xor(float x, int lane_mask) {
+  k2emu::Warp& w = k2emu::warp();
+  const int lane = k2emu::lane_id();
+  w.value[lane] = x;
+  w.barrier.wait();
+  const float y = w.value[lane ^ lane_mask];
+  w.barrier.wait();
+  return y;
+}
+
+inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+  k2emu::check_shared(smem, 16, "cp.async");
+  k2emu::self().open_group.push_back({smem, valid ? gmem : nullptr});
+}
+
+inline void cp_async_commit() {
+  k2emu::Thread& t = k2emu::self();
+  t.committed.push_back(std::move(t.open_group));
+  t.open_group.clear();
+}
+
+template <int N>
+inline void cp_async_wait() {
+  k2emu::Thread& t = k2emu::self();
+  while (t.committed.size() > static_cast<size_t>(N)) {
+    for (const k2emu::Copy& c : t.committed.front()) {
+      if (c.src != nullptr) {
+        std::memcpy(c.dst, c.src, 16);
+      } else {
+        std::memset(c.dst, 0, 16);
+      }
+    }
+    t.committed.erase(t.committed.begin());
+  }
+}
+
+inline void ldmatrix_common(uint32_t (&r)[4], const void* smem, bool trans) {
+  k2emu::check_shared(smem, 16, "ldmatrix");
+  k2emu::Warp& w = k2emu::warp();
+  const int lane = k2emu::lane_id();
+  w.address[lane] = smem;
+  w.barrier.wait();
+  const int g = lane / 4, t = lane % 4;
+  for (int j = 0; j < 4; ++j) {
+    uint16_t lo, hi;
+    if (trans) {  // transposed: (row 2t, col g), (row 2t + 1, col g)
+      lo = k2emu::element(w.address[8 * j + 2 * t], g);
+      hi = k2emu::element(w.address[8 * j + 2 * t + 1], g);
+    } else {  // (row g, cols 2t, 2t + 1)
+      lo = k2emu::element(w.address[8 * j + g], 2 * t);
+      hi = k2emu::element(w.address[8 * j + g], 2 * t + 1);
+    }
+    r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  w.barrier.wait();
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ldmatrix_common(r, smem, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { ldmatrix_common(r, smem, true); }
+
+template <typename T>
+inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  k2emu::Warp& w = k2emu::warp();
+  const int lane = k2emu::lane_id();
+  std::copy(a, a + 4, w.a[lane]);
+  w.b[lane][0] = b0;
+  w.b[lane][1] = b1;
+  w.barrier.wait();
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+    for (int i = 0; i < 4; ++i) {
+      A[rows[i]][cols[i]] = k2emu::to_float<T>(w.a[l][i] & 0xffff);
+      A[rows[i]][cols[i] + 1] = k2emu::to_float<T>(w.a[l][i] >> 16);
+    }
+    for (int i = 0; i < 2; ++i) {
+      B[2 * t + 8 * i][g] = k2emu::to_float<T>(w.b[l][i] & 0xffff);
+      B[2 * t + 8 * i + 1][g] = k2emu::to_float<T>(w.b[l][i] >> 16);
+    }
+  }
+  w.barrier.wait();
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
+    float sum = 0.f;
+    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+    c[i] += sum;
+  }
+}
+
+inline void atomic_max_float(float* addr, float value) { *addr = std::fmax(*addr, value); }
+
+}  // namespace attention
+}  // namespace k2
