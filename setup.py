@@ -9,6 +9,9 @@ Environment variables (also in the README):
   K2_SKIP_CUDA_BUILD=1 install the pure-PyTorch package only
   MAX_JOBS             parallel compile jobs (ninja)
   CUDA_HOME            CUDA toolkit root (default: /usr/local/cuda, else the nvcc on PATH)
+  CUTLASS_INCLUDE_DIR  CUTLASS/CuTe headers (the directory holding cutlass/ and cute/); default: those of the
+                       nvidia-cutlass wheel (`pip install --no-deps nvidia-cutlass==4.2.0.0`), found without
+                       importing it
 
 The build never queries a GPU: the architectures come from K2_CUDA_ARCHS alone.
 """
@@ -56,6 +59,27 @@ def parse_cuda_archs(spec):
     return archs
 
 
+def find_cutlass_include():
+    """The CUTLASS include directory: $CUTLASS_INCLUDE_DIR, else cutlass_library/source/include of the
+    nvidia-cutlass wheel (located with find_spec: importing cutlass_library would pull in its dependencies)."""
+    import importlib.util
+
+    env = os.environ.get("CUTLASS_INCLUDE_DIR")
+    if env:
+        candidates = [env]
+    else:
+        spec = importlib.util.find_spec("cutlass_library")
+        roots = list(spec.submodule_search_locations or []) if spec is not None else []
+        candidates = [os.path.join(root, "source", "include") for root in roots]
+    for cand in candidates:
+        if os.path.isfile(os.path.join(cand, "cutlass", "cutlass.h")) and os.path.isdir(os.path.join(cand, "cute")):
+            return os.path.abspath(cand)
+    where = f"CUTLASS_INCLUDE_DIR={env!r}" if env else "the nvidia-cutlass wheel"
+    raise RuntimeError(f"k2_megatron's grouped GEMM kernels need the CUTLASS headers, not found in {where}: "
+                       "`pip install --no-deps nvidia-cutlass==4.2.0.0`, or set CUTLASS_INCLUDE_DIR to a "
+                       "directory holding cutlass/cutlass.h and cute/ (or K2_SKIP_CUDA_BUILD=1)")
+
+
 def _extensions():
     """Returns (ext_modules, cmdclass); an empty list when the CUDA build is skipped, with the reason logged."""
     if os.environ.get("K2_SKIP_CUDA_BUILD", "0") == "1":
@@ -82,17 +106,18 @@ def _extensions():
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    cutlass_include = find_cutlass_include()
     archs = parse_cuda_archs(os.environ.get("K2_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
     # Explicit -gencode flags: torch then adds none of its own and never asks a GPU what it is.
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     defines = [f"-DK2_CUDA_ARCHS={'_'.join(archs)}"]
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True))
     _log(f"building k2_megatron._C with nvcc {nvcc_major}.{nvcc_minor} ({cuda_home}) for sm_{', sm_'.join(archs)}; "
-         f"{len(sources)} sources, MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}")
+         f"{len(sources)} sources, MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, CUTLASS {cutlass_include}")
     ext = CUDAExtension(
         name="k2_megatron._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc"), cutlass_include],
         extra_compile_args={
             "cxx": ["-O3"] + defines,
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + gencode + defines,

@@ -1,6 +1,7 @@
 """Timing and reporting shared by the benchmark scripts: CUDA-event medians, device/commit metadata, JSON."""
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,11 +43,14 @@ def cuda_median_ms(fn, *, warmup: int = 3, iters: int = 10) -> float:
 
 def run_metadata() -> dict:
     """Device, versions and commit to record with every figure."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    # tools/gpu_check.sh exports the commit (with "+dirty" for a modified tree); the GPU machine's copy has no .git
+    commit = os.environ.get("K2_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     import k2_megatron
 
     return {

@@ -5,10 +5,10 @@ Shapes (K2 report section 1): 384 experts / EP16 = 24 local experts, hidden 7168
   fc2  x [T, 2048] @ w [E, 2048, 7168]
 Loads: balanced (512, 2048, 4096 tokens per expert) and Zipf-skewed (same total as 2048 per expert).
 Implementations, same process, same inputs: k2_megatron's grouped_gemm (its CUDA kernel when one runs on
-this GPU, else the reference; the table says which), a per-expert loop of matmuls (megatron-core's
-SequentialMLP way; sizes on the host) and torch._grouped_mm. Forward, and backward (dx and dw).
-Times are medians over CUDA-event-timed iterations; TFLOP/s count 2*T*K*N per forward, twice that for
-the backward.
+this GPU, else the reference; the table names the path: sm90 CUTLASS 3, sm80 CUTLASS 2 or reference), a
+per-expert loop of matmuls (megatron-core's SequentialMLP way; sizes on the host) and torch._grouped_mm.
+Forward, and backward (dx and dw). Times are medians over CUDA-event-timed iterations; TFLOP/s count
+2*T*K*N per forward, twice that for the backward.
 
     python -m benchmarks.grouped_gemm [--json results.json] [--iters 20] [--warmup 5]
 
@@ -16,6 +16,7 @@ Without a CUDA device it prints that it needs one and exits 0.
 """
 
 import argparse
+import importlib
 import math
 import sys
 
@@ -78,6 +79,8 @@ def bench_case(name, k, n, sizes, iters, warmup):
     want = None
     for impl, fn in make_impls(sizes).items():
         row = {"case": name, "K": k, "N": n, "tokens": total, "max_tokens_per_expert": max(sizes), "impl": impl}
+        if impl == "k2 grouped_gemm":
+            row["path"] = importlib.import_module("k2_megatron.ops.grouped_gemm").grouped_gemm_path(x, w)
         try:
             with torch.no_grad():
                 out = fn(x, w)
@@ -117,13 +120,16 @@ def main(argv=None) -> int:
             rows += bench_case(f"{proj} {load}", k, n, sizes, args.iters, args.warmup)
             torch.cuda.empty_cache()
 
+    paths = sorted({r["path"] for r in rows if "path" in r})
+    print(f"# k2 grouped_gemm path: {', '.join(paths)}")
     print("| case | impl | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | rel err |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        impl = f"{r['impl']} [{r['path']}]" if "path" in r else r["impl"]
         if "error" in r:
-            print(f"| {r['case']} | {r['impl']} | {r['error']} | | | | |")
+            print(f"| {r['case']} | {impl} | {r['error']} | | | | |")
             continue
-        print(f"| {r['case']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['bwd_ms']:.3f} | "
+        print(f"| {r['case']} | {impl} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['bwd_ms']:.3f} | "
               f"{r['bwd_tflops']:.0f} | {r['rel_err_vs_first']:.1e} |")
     by_case = {}
     for r in rows:

@@ -552,77 +552,261 @@ def _cuda_kernel_registered(name: str) -> bool:
             and torch._C._dispatch_has_kernel_for_dispatch_key(f"k2_megatron::{name}", "CUDA"))
 
 
+def _require_kernel(name: str, t: torch.Tensor) -> None:
+    """Skips unless the CUDA kernel of `name` runs on t's device (checked at test time, not at import)."""
+    if not (_cuda_kernel_registered(name) and _extension.use_kernels(t)):
+        pytest.skip(f"no CUDA kernel of k2_megatron::{name} runs on {t.device}")
+
+
+# The two grouped-GEMM kernels: the device's default (sm90 on H100/H200, sm80 elsewhere) and the sm80 one
+# forced by K2_GROUPED_GEMM_KERNEL=sm80 (the same as the default on an sm_8x GPU).
+KERNELS = ["default", "sm80"]
+
+
+@pytest.fixture(params=KERNELS)
+def gemm_kernel(request, monkeypatch):
+    if request.param == "sm80":
+        monkeypatch.setenv("K2_GROUPED_GEMM_KERNEL", "sm80")
+    else:
+        monkeypatch.delenv("K2_GROUPED_GEMM_KERNEL", raising=False)
+    return request.param
+
+
+# Kernel tolerance, relative to the largest reference entry: the inputs are the same bf16 values, so the only
+# errors are fp32 accumulation (<= ~1e-5 here) and one bf16 rounding of each result (<= 2^-9 of the entry).
+KERNEL_TOL = 4e-3
+
+# E, K, N, T, load: the issue's grid on the kernels (E in {1, 8, 24, 384}; K, N in {128, 2048, 7168}),
+# experts without tokens, all tokens on one expert, no tokens at all.
 CUDA_CASES = [
     (1, 128, 128, 37, "random"),
     (8, 2048, 2048, 4000, "random"),
-    (8, 2048, 7168, 1000, "zeros"),
+    (8, 128, 7168, 1000, "zeros"),
+    (8, 7168, 128, 1000, "one"),
     (24, 7168, 4096, 3000, "random"),
     (24, 2048, 7168, 2000, "one"),
+    (24, 2048, 2048, 0, "random"),
     (384, 128, 2048, 5000, "random"),
-    (5, 7, 13, 29, "random"),
-    (3, 129, 65, 300, "zeros"),
+    (384, 2048, 128, 3000, "zeros"),
 ]
+
+
+def _cuda_inputs(e, k, n, t, load, trans_b, seed=0):
+    sizes = make_sizes(load, e, t, torch.Generator().manual_seed(e + t))
+    x, w = make_inputs(e, k, n, sizes, torch.bfloat16, trans_b, device="cuda", seed=seed)
+    return sizes, x, w
 
 
 @requires_cuda
 @pytest.mark.parametrize("trans_b", [False, True], ids=["w_KN", "w_NK"])
 @pytest.mark.parametrize("e,k,n,t,load", CUDA_CASES, ids=lambda v: str(v))
-def test_cuda_bf16_vs_float64(e, k, n, t, load, trans_b):
-    """bf16 on the GPU (kernel or reference): error at most ~2x the per-expert torch loop's, forward and
-    backward, with batch_sizes on the device."""
-    sizes = make_sizes(load, e, t, torch.Generator().manual_seed(e + t))
-    x, w = make_inputs(e, k, n, sizes, torch.bfloat16, trans_b, device="cuda")
+def test_cuda_kernel_forward_vs_float64(e, k, n, t, load, trans_b, gemm_kernel):
+    sizes, x, w = _cuda_inputs(e, k, n, t, load, trans_b)
+    _require_kernel("grouped_gemm", x)
+    assert gg_mod.grouped_gemm_path(x, w) != "reference"
+    out = grouped_gemm(x, w, torch.tensor(sizes, device="cuda"), trans_b=trans_b)
+    assert out.shape == (t, n) and out.dtype == torch.bfloat16
+    assert rel_err(out, loop_float64(x, w, sizes, trans_b)) < KERNEL_TOL
+
+
+@requires_cuda
+@pytest.mark.parametrize("trans_b", [False, True], ids=["w_KN", "w_NK"])
+@pytest.mark.parametrize("e,k,n,t,load", CUDA_CASES, ids=lambda v: str(v))
+def test_cuda_kernel_gradients_vs_float64(e, k, n, t, load, trans_b, gemm_kernel):
+    """dx (a forward with the other w layout) and dw (the wgrad kernel), experts without tokens exactly 0."""
+    sizes, x, w = _cuda_inputs(e, k, n, t, load, trans_b, seed=1)
+    _require_kernel("grouped_gemm_wgrad", x)
+    # Leave NaNs in the memory the caching allocator hands out next: dw of an empty expert must be written.
+    torch.full((2 * e * k * n,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    x.requires_grad_()
+    w.requires_grad_()
+    dy = torch.randn(t, n, generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16)
+    grouped_gemm(x, w, torch.tensor(sizes, device="cuda"), trans_b=trans_b).backward(dy)
+    dx64, dw64 = _grads_float64(x, w, sizes, trans_b, dy)
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    assert rel_err(x.grad, dx64) < KERNEL_TOL
+    assert rel_err(w.grad, dw64) < KERNEL_TOL
+    for ex, size in enumerate(sizes):
+        if size == 0:
+            assert (w.grad[ex] == 0).all(), f"expert {ex} has no tokens but a nonzero dw"
+
+
+@requires_cuda
+@pytest.mark.parametrize("trans_b", [False, True], ids=["w_KN", "w_NK"])
+def test_cuda_host_and_device_batch_sizes_agree(trans_b, gemm_kernel):
+    sizes, x, w = _cuda_inputs(8, 256, 128, 700, "zeros", trans_b)
+    _require_kernel("grouped_gemm", x)
+    dy = torch.randn(700, 128, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for bs in (torch.tensor(sizes), torch.tensor(sizes, device="cuda")):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = grouped_gemm(xs, ws, bs, trans_b=trans_b)
+        out.backward(dy)
+        results.append((out, xs.grad, ws.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+def test_cuda_empty_experts_never_read(gemm_kernel):
+    """Forward: the weights of experts without rows are never read (NaN there changes nothing)."""
+    sizes = [0, 300, 0, 0, 129, 0, 1, 0]
+    x, w = make_inputs(8, 256, 512, sizes, torch.bfloat16, trans_b=False, device="cuda")
+    _require_kernel("grouped_gemm", x)
+    bs = torch.tensor(sizes, device="cuda")
+    out = grouped_gemm(x, w, bs)
+    w2 = w.clone()
+    w2[[0, 2, 3, 5, 7]] = float("nan")
+    assert torch.equal(grouped_gemm(x, w2, bs), out)
+    assert rel_err(out, loop_float64(x, w, sizes, False)) < KERNEL_TOL
+
+
+@requires_cuda
+def test_cuda_kernels_are_the_path_taken(monkeypatch):
+    """With a kernel on this device, supported calls never reach the references (forward and backward)."""
+    sizes = [5, 0, 70, 33]
+    x, w = make_inputs(4, 64, 128, sizes, torch.bfloat16, trans_b=True, device="cuda")
+    for op in ("grouped_gemm", "grouped_gemm_wgrad", "moe_permute", "moe_unpermute"):
+        _require_kernel(op, x)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the reference ran although a CUDA kernel supports the call")
+
+    for name in ("grouped_gemm", "grouped_gemm_wgrad", "permute", "unpermute"):
+        monkeypatch.setattr(ref, name, forbidden)
+    x.requires_grad_()
+    w.requires_grad_()
+    grouped_gemm(x, w, torch.tensor(sizes, device="cuda"), trans_b=True).square().sum().backward()
+    tokens = torch.randn(40, 64, device="cuda", requires_grad=True)
+    probs = torch.rand(40, 8, device="cuda", requires_grad=True)
+    permuted, row_map, _ = permute(tokens, routing(40, 8, 24, seed=19).cuda(), 24)
+    unpermute(permuted * 2.0, row_map, probs).square().sum().backward()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,k,n", [(torch.float32, 128, 128), (torch.float16, 128, 128),
+                                       (torch.float64, 64, 32), (torch.bfloat16, 129, 64),
+                                       (torch.bfloat16, 128, 65), (torch.bfloat16, 7, 13)])
+def test_cuda_unsupported_cases_run_the_reference(dtype, k, n):
+    """Other dtypes and sizes that are not multiples of 8 take the reference loop: correct results, with
+    gradients; a direct call of the registered op with them fails with the argument named."""
+    sizes = [3, 0, 40, 21]
+    x, w = make_inputs(4, k, n, sizes, dtype, trans_b=False, device="cuda")
+    assert gg_mod.grouped_gemm_path(x, w) == "reference"
+    x.requires_grad_()
+    w.requires_grad_()
+    out = grouped_gemm(x, w, torch.tensor(sizes, device="cuda"))
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    dx64, dw64 = _grads_float64(x, w, sizes, False, dy)
+    # cuBLAS may reduce fp16 products in fp16 (allow_fp16_reduced_precision_reduction): bf16's bounds then.
+    tol, grad_tol = ((TOL, GRAD_TOL) if dtype != torch.float16 else
+                     ({dtype: TOL[torch.bfloat16]}, {dtype: GRAD_TOL[torch.bfloat16]}))
+    assert rel_err(out, loop_float64(x, w, sizes, False)) < tol[dtype]
+    assert rel_err(x.grad, dx64) < grad_tol[dtype] and rel_err(w.grad, dw64) < grad_tol[dtype]
+    if _cuda_kernel_registered("grouped_gemm"):
+        match = "must be bfloat16" if dtype != torch.bfloat16 else "positive multiples of 8"
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.k2_megatron.grouped_gemm(x.detach(), w.detach(), torch.tensor(sizes), False)
+
+
+@requires_cuda
+def test_cuda_non_contiguous_operands(gemm_kernel):
+    """Transposed views and a dy with zero strides (as .sum().backward() gives) are made contiguous."""
+    sizes = [50, 0, 14, 64]
+    x, w = make_inputs(4, 64, 96, sizes, torch.bfloat16, trans_b=False, device="cuda")
+    w_view = w.mT.contiguous().mT  # [E, K, N], non-contiguous
+    xs, ws = x.clone().requires_grad_(), w_view.clone().requires_grad_()
+    out = grouped_gemm(xs, w_view, torch.tensor(sizes, device="cuda"))
+    assert rel_err(out, loop_float64(x, w, sizes, False)) < KERNEL_TOL
+    grouped_gemm(xs, ws, torch.tensor(sizes, device="cuda")).sum().backward()
+    dx64, dw64 = _grads_float64(x, w, sizes, False, torch.ones(128, 96, device="cuda"))
+    assert rel_err(xs.grad, dx64) < KERNEL_TOL and rel_err(ws.grad, dw64) < KERNEL_TOL
+
+
+@requires_cuda
+def test_cuda_no_host_sync_with_device_batch_sizes(gemm_kernel):
+    """batch_sizes and the router on the device: forward, backward, permute and unpermute never synchronise."""
+    sizes = [100, 0, 37, 300]
+    x, w = make_inputs(4, 256, 128, sizes, torch.bfloat16, trans_b=False, device="cuda")
+    for op in ("grouped_gemm", "grouped_gemm_wgrad", "moe_permute", "moe_unpermute"):
+        _require_kernel(op, x)
     bs = torch.tensor(sizes, device="cuda")
     x.requires_grad_()
     w.requires_grad_()
-    out = grouped_gemm(x, w, bs, trans_b=trans_b)
-    dy = torch.randn_like(out)
-    out.backward(dy)
-    want = loop_float64(x.detach(), w.detach(), sizes, trans_b)
-    dx64, dw64 = _grads_float64(x, w, sizes, trans_b, dy)
-    xb, wb = x.detach().requires_grad_(), w.detach().requires_grad_()
-    base = torch.cat([xb[s:s + c] @ (wb[i].T if trans_b else wb[i])
-                      for i, (s, c) in enumerate(zip([0] + list(torch.tensor(sizes).cumsum(0)[:-1].tolist()), sizes))])
-    base.backward(dy)
-    for got, baseline, want_ in ((out, base, want), (x.grad, xb.grad, dx64), (w.grad, wb.grad, dw64)):
-        assert rel_err(got, want_) <= 2 * rel_err(baseline, want_) + 1e-3
+    dy = torch.randn(437, 128, device="cuda", dtype=torch.bfloat16)
+    idx = routing(64, 8, 24, seed=20).cuda()
+    tokens = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    probs = torch.rand(64, 8, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grouped_gemm(x, w, bs).backward(dy)
+        grouped_gemm(x.detach(), w.detach(), bs, trans_b=False)
+        permuted, row_map, counts = permute(tokens, idx, 24, check_indices=False)
+        unpermute(permuted, row_map, probs).float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(counts.sum()) == 64 * 8
 
 
 @requires_cuda
-def test_cuda_device_batch_sizes_and_no_host_sync():
-    sizes = [100, 0, 37, 300]
-    x, w = make_inputs(4, 256, 128, sizes, torch.bfloat16, trans_b=False, device="cuda")
-    on_host = grouped_gemm(x, w, torch.tensor(sizes))
-    on_device = grouped_gemm(x, w, torch.tensor(sizes, device="cuda"))
-    torch.testing.assert_close(on_host, on_device, rtol=0, atol=0)
-    if _cuda_kernel_registered("grouped_gemm") and _extension.use_kernels(x):
-        bs = torch.tensor(sizes, device="cuda")
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            grouped_gemm(x, w, bs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+@pytest.mark.parametrize("t,k,e,h,dtype,index_dtype", [
+    (512, 8, 384, 256, torch.float32, torch.int64),
+    (512, 8, 384, 7168, torch.bfloat16, torch.int32),
+    (300, 8, 24, 9, torch.float16, torch.int64),      # 18-byte rows: 2-byte copies
+    (100, 4, 3, 5, torch.float64, torch.int32),       # duplicates within a row (random, not top-k)
+    (3000, 2, 5, 64, torch.bfloat16, torch.int64),    # several chunks of 1024 pairs
+    (0, 8, 16, 32, torch.bfloat16, torch.int64),
+])
+def test_cuda_permute_matches_cpu(t, k, e, h, dtype, index_dtype):
+    """The counting sort gives exactly the reference's stable order, counts and rows."""
+    idx = routing(t, k, e, seed=t + e, distinct=k <= e and dtype != torch.float64).to(index_dtype)
+    tokens = torch.randn(t, h).to(dtype)
+    cpu = permute(tokens, idx, e)
+    gpu = permute(tokens.cuda(), idx.cuda(), e)
+    for a, b in zip(cpu, gpu):
+        assert b.device.type == "cuda" and a.dtype == b.dtype
+        assert torch.equal(a, b.cpu())
 
 
 @requires_cuda
-def test_cuda_permute_unpermute_match_cpu():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("probs_dtype", [torch.float32, torch.bfloat16, None])
+def test_cuda_unpermute_matches_cpu(dtype, probs_dtype):
+    """Same fp32 products and sums in the same order as the reference: bitwise equal (float64 runs the
+    reference on the GPU: equal up to rounding)."""
+    t, k, h = 200, 8, 7168 if dtype == torch.bfloat16 else 33
+    permuted = torch.randn(t * k, h).to(dtype)
+    row_map = torch.randperm(t * k, generator=torch.Generator().manual_seed(21)).view(t, k)
+    probs = None if probs_dtype is None else torch.rand(t, k).to(probs_dtype)
+    want = unpermute(permuted, row_map, probs)
+    got = unpermute(permuted.cuda(), row_map.cuda(), None if probs is None else probs.cuda())
+    assert got.dtype == dtype and got.shape == (t, h)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
+    else:
+        assert torch.equal(got.cpu(), want)
+
+
+@requires_cuda
+def test_cuda_permute_unpermute_gradients_and_determinism():
     t, k, e = 512, 8, 384
     idx = routing(t, k, e, seed=17)
     tokens = torch.randn(t, 256)
     probs = torch.rand(t, k)
-    cpu = permute(tokens, idx, e)
-    gpu = permute(tokens.cuda(), idx.cuda(), e)
-    for a, b in zip(cpu, gpu):
-        assert torch.equal(a, b.cpu())
-    out_cpu = unpermute(cpu[0], cpu[1], probs)
-    out_gpu = unpermute(gpu[0], gpu[1], probs.cuda())
-    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-6, atol=1e-6)
-    # Deterministic on the GPU: forward and backward bitwise equal across runs.
-    runs = []
-    for _ in range(2):
-        tk, pr = tokens.cuda().requires_grad_(), probs.cuda().requires_grad_()
-        permuted, row_map, _ = permute(tk, idx.cuda(), e)
-        unpermute(permuted * 2.0, row_map, pr).square().sum().backward()
-        runs.append((tk.grad, pr.grad))
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    scale = torch.randn(t * k, 256)
+
+    def run(device):
+        tk = tokens.to(device).requires_grad_()
+        pr = probs.to(device).requires_grad_()
+        permuted, row_map, _ = permute(tk, idx.to(device), e)
+        out = unpermute(permuted * scale.to(device), row_map, pr)
+        out.square().sum().backward()
+        return out, tk.grad, pr.grad
+
+    cpu = run("cpu")
+    gpu = [run("cuda") for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*gpu))  # bitwise deterministic on the GPU
+    for a, b in zip(cpu, gpu[0]):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)

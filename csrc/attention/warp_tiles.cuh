@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "common/float_convert.cuh"
+
 namespace k2 {
 namespace attention {
 
@@ -34,10 +36,6 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   const __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
-
-// (Explicit conversions: torch builds with __CUDA_NO_BFLOAT16_CONVERSIONS__ / __CUDA_NO_HALF_CONVERSIONS__.)
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
 // Element offset of (row, col) in a [rows x D] tile whose 16-byte chunks are XOR-swizzled by row: the 8
 // rows an ldmatrix phase reads then fall into 8 different bank groups (D * 2 bytes is a multiple of 128,

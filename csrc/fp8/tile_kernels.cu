@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include "common/float_convert.cuh"
+
 namespace k2 {
 namespace {
 
@@ -14,19 +16,6 @@ constexpr int kWarpsPerBlock = 8;
 constexpr int kPerLane = kFp8Tile / 32;
 constexpr float kE4M3Max = 448.0f;
 constexpr float kFp32Tiny = 1.17549435e-38f;  // 2^-126, smallest normal float
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // max that propagates NaN (fmaxf would drop it): a tile holding NaN must get a NaN scale.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }

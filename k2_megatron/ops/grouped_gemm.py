@@ -7,12 +7,25 @@ the per-expert counts, ``grouped_gemm`` runs every expert's matmul on its rows i
 
 Routing: the C++ schemas live in k2_megatron._C (csrc/ops.cpp). With the extension loaded, CPU (and
 meta/fake) tensors go through ``torch.ops.k2_megatron.*``, whose CPU kernels are the references; CUDA
-tensors go there too when a CUDA kernel is registered for the op and runs on the device. Everything else
-(no extension, or a CUDA device without a kernel) calls the references directly, with the same
-autograd formulas. Host synchronisations: see k2_megatron.ops.reference.grouped_gemm.
+tensors go there too when a CUDA kernel is registered for the op, runs on the device and supports the
+case (below). Everything else (no extension, a CUDA device without a kernel, an unsupported case) calls
+the references directly, with the same autograd formulas. Host synchronisations: see
+k2_megatron.ops.reference.grouped_gemm.
+
+Cases the CUDA kernels (csrc/grouped_gemm/) take:
+
+* grouped GEMM (forward, dgrad, wgrad): bfloat16 x, w (and dy), with K and N positive multiples of 8
+  (16-byte rows; TMA and cp.async need them) and 16-byte aligned starts; non-contiguous operands are
+  made contiguous first. sm_90 with the sm_90a build runs a CUTLASS 3 TMA/wgmma kernel, other GPUs of
+  compute capability >= 8.0 a CUTLASS 2 mma.sync kernel (``K2_GROUPED_GEMM_KERNEL=sm80`` selects it on
+  sm_90 too); both accumulate in fp32. Other dtypes and sizes (fp16, fp32, fp64, odd K or N) run the
+  reference loop. ``grouped_gemm_path`` says which one a call takes.
+* permute: any dtype, num_experts <= 4096. unpermute: permuted and topk_probs float32, float16 or
+  bfloat16 (fp32 accumulation, as the reference); float64 runs the reference.
 """
 
 import importlib
+import os
 
 import torch
 
@@ -23,23 +36,69 @@ from k2_megatron.ops._checks import FLOAT_DTYPES, check_tensor
 ref = importlib.import_module("k2_megatron.ops.reference.grouped_gemm")
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+# What the CUDA kernels take (module docstring); the C++ entry points reject anything else.
+_GEMM_KERNEL_ALIGN = 8  # bf16 elements per 16 bytes
+_UNPERMUTE_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PERMUTE_KERNEL_MAX_EXPERTS = 4096
+
+
+def _gemm_operands(op: str, *operands: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The operands for torch.ops.k2_megatron.<op>, or None when the reference must run instead.
+
+    CPU/meta: the registered op (its CPU kernel is the reference) whenever the schema exists. CUDA: only the
+    kernels' cases: bf16, every dimension after the first a positive multiple of 8, contiguous (made so
+    here) and starting 16 bytes into an allocation (checked on the storage offset, which fake tensors have).
+    """
+    if not _extension.dispatch_to_op(op, operands[0]):
+        return None
+    if operands[0].device.type != "cuda":
+        return operands
+    for t in operands:
+        if t.dtype != torch.bfloat16 or any(d <= 0 or d % _GEMM_KERNEL_ALIGN for d in t.shape[1:]):
+            return None
+    operands = tuple(t.contiguous() for t in operands)
+    if any(t.storage_offset() % _GEMM_KERNEL_ALIGN for t in operands):
+        return None
+    return operands
+
+
+def grouped_gemm_path(x: torch.Tensor, w: torch.Tensor) -> str:
+    """Which implementation ``grouped_gemm(x, w, ...)`` (and its backward, for these operands) runs:
+    "sm90 (CUTLASS 3, TMA + wgmma)", "sm80 (CUTLASS 2, mma.sync)" or "reference". Mirrors the choice of
+    csrc/grouped_gemm/grouped_gemm.cpp."""
+    if x.device.type != "cuda" or _gemm_operands("grouped_gemm", x, w) is None:
+        return "reference"
+    sm90 = (torch.cuda.get_device_capability(x.device) == (9, 0) and "90a" in _extension.compiled_archs()
+            and os.environ.get("K2_GROUPED_GEMM_KERNEL") != "sm80")
+    return "sm90 (CUTLASS 3, TMA + wgmma)" if sm90 else "sm80 (CUTLASS 2, mma.sync)"
+
+
+def _unpermute_on_op(permuted: torch.Tensor, topk_probs: torch.Tensor | None) -> bool:
+    if not _extension.dispatch_to_op("moe_unpermute", permuted):
+        return False
+    if permuted.device.type != "cuda":
+        return True
+    return permuted.dtype in _UNPERMUTE_KERNEL_DTYPES and (topk_probs is None or
+                                                           topk_probs.dtype in _UNPERMUTE_KERNEL_DTYPES)
 
 
 # Unvalidated entry points, used by the backward formulas; differentiable on both paths (double backward).
 def _grouped_gemm(x, w, batch_sizes, trans_b):
-    if _extension.dispatch_to_op("grouped_gemm", x):
-        return torch.ops.k2_megatron.grouped_gemm(x, w, batch_sizes, trans_b)
+    operands = _gemm_operands("grouped_gemm", x, w)
+    if operands is not None:
+        return torch.ops.k2_megatron.grouped_gemm(*operands, batch_sizes, trans_b)
     return _GroupedGemmFunction.apply(x, w, batch_sizes, trans_b)
 
 
 def _grouped_gemm_wgrad(x, dy, batch_sizes, trans_b):
-    if _extension.dispatch_to_op("grouped_gemm_wgrad", x):
-        return torch.ops.k2_megatron.grouped_gemm_wgrad(x, dy, batch_sizes, trans_b)
+    operands = _gemm_operands("grouped_gemm_wgrad", x, dy)
+    if operands is not None:
+        return torch.ops.k2_megatron.grouped_gemm_wgrad(*operands, batch_sizes, trans_b)
     return _GroupedGemmWgradFunction.apply(x, dy, batch_sizes, trans_b)
 
 
 def _unpermute(permuted, row_map, topk_probs):
-    if _extension.dispatch_to_op("moe_unpermute", permuted):
+    if _unpermute_on_op(permuted, topk_probs):
         return torch.ops.k2_megatron.moe_unpermute(permuted, row_map, topk_probs)
     return _UnpermuteFunction.apply(permuted, row_map, topk_probs)
 
@@ -221,10 +280,11 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, *,
     the device does not synchronise and leaves them unchecked.
     """
     _check_grouped_gemm(x, w, batch_sizes, trans_b)
-    if _extension.dispatch_to_op("grouped_gemm", x):
+    operands = _gemm_operands("grouped_gemm", x, w)
+    if operands is not None:
         if batch_sizes.device.type == "cpu" and not _compiling():
             _check_sizes_values("grouped_gemm", batch_sizes, x.shape[0])
-        return torch.ops.k2_megatron.grouped_gemm(x, w, batch_sizes, trans_b)
+        return torch.ops.k2_megatron.grouped_gemm(*operands, batch_sizes, trans_b)
     # Reference: one host copy of a device batch_sizes here, reused by forward and backward.
     batch_sizes = batch_sizes.cpu()
     if not _compiling():
@@ -266,7 +326,8 @@ def permute(tokens: torch.Tensor, topk_indices: torch.Tensor, num_experts: int, 
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"{op}: topk_indices must lie in [0, num_experts={num_experts}), "
                              f"got values in [{lo}, {hi}]")
-    if _extension.dispatch_to_op("moe_permute", tokens):
+    if _extension.dispatch_to_op("moe_permute", tokens) and (
+            tokens.device.type != "cuda" or num_experts <= _PERMUTE_KERNEL_MAX_EXPERTS):
         return torch.ops.k2_megatron.moe_permute(tokens, topk_indices, num_experts)
     return _PermuteFunction.apply(tokens, topk_indices, num_experts)
 
@@ -294,9 +355,7 @@ def unpermute(permuted: torch.Tensor, row_map: torch.Tensor, topk_probs: torch.T
         if topk_probs.shape != row_map.shape:
             raise ValueError(f"{op}: topk_probs must have row_map's shape {tuple(row_map.shape)}, "
                              f"got {tuple(topk_probs.shape)}")
-    if _extension.dispatch_to_op("moe_unpermute", permuted):
-        return torch.ops.k2_megatron.moe_unpermute(permuted, row_map, topk_probs)
-    return _UnpermuteFunction.apply(permuted, row_map, topk_probs)
+    return _unpermute(permuted, row_map, topk_probs)
 
 
 # ---------------------------------------------------------------------------------------------------------
