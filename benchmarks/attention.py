@@ -10,7 +10,8 @@ forward + backward, the median time over --iters runs (CUDA events) and TFLOP/s 
                        cuDNN, flash and memory-efficient (math if none of them runs); no max logit;
   sdpa+max_logit_pass  that SDPA plus a separate pass computing the max logits (blocked q k^T, masked max);
   mla_attention_no_max_logits  (forward, CUDA kernel only) the same kernel with the max-logit tracking off:
-                       the overhead of the fused max is mla_attention / this - 1.
+                       the overhead of the fused max is mla_attention / this - 1;
+  mla_attention_sm80_forward  (H100/H200 only) our op with the mma.sync forward instead of the wgmma one.
 FLOPs count the matmuls only: forward 2 s^2 (d_qk + d_v), backward 2 s^2 (3 d_qk + 2 d_v) per (batch, head),
 halved for causal. On a machine without CUDA it prints that it needs a GPU and exits with status 0.
 """
@@ -18,6 +19,7 @@ halved for causal. On a machine without CUDA it prints that it needs a GPU and e
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 
@@ -87,7 +89,20 @@ def _pick_sdpa_backend(q, k, v, causal, scale, warmup, iters):
     raise RuntimeError("no SDPA backend accepts these inputs")
 
 
+def _with_env(name, value, fn):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def run_config(b, s, h, d_qk, d_v, dtype, causal, warmup, iters):
+    from k2_megatron import _extension
     from k2_megatron.ops import mla_attention
     from k2_megatron.ops import attention as attention_op
 
@@ -100,7 +115,10 @@ def run_config(b, s, h, d_qk, d_v, dtype, causal, warmup, iters):
     best, sdpa_times = _pick_sdpa_backend(q, k, v, causal, scale, 1, 3)
     best_name = best.name
     kernel = attention_op._use_registered_op(q, v) and q.is_cuda
-    implementation = "cuda kernel" if kernel else "reference"
+    hopper = kernel and torch.cuda.get_device_capability() == (9, 0) and "90a" in _extension.compiled_archs()
+    wgmma = hopper and os.environ.get("K2_ATTENTION_KERNEL") != "sm80"
+    implementation = ("cuda kernel, wgmma forward" if wgmma else "cuda kernel, mma.sync forward") if kernel \
+        else "reference"
 
     def clear():
         q.grad = k.grad = v.grad = None
@@ -111,9 +129,10 @@ def run_config(b, s, h, d_qk, d_v, dtype, causal, warmup, iters):
         "sdpa+max_logit_pass": lambda: (_sdpa(best, q, k, v, causal, scale),
                                         max_logit_pass(q.detach(), k.detach(), causal, scale))[0],
     }
+    if wgmma:  # on Hopper, also the mma.sync forward (K2_ATTENTION_KERNEL=sm80)
+        methods["mla_attention_sm80_forward"] = lambda: _with_env("K2_ATTENTION_KERNEL", "sm80",
+                                                                  lambda: mla_attention(q, k, v, causal=causal)[0])
     if kernel:  # the same kernel with the max-logit tracking off: the cost of the fused max (forward only)
-        from k2_megatron import _extension
-
         methods["mla_attention_no_max_logits"] = lambda: _extension._C._attention_forward_without_max_logits(
             q, k, v, causal, scale)[0]
     # Correctness sanity check before timing: our out against SDPA's, our max logits against the pass.

@@ -434,13 +434,17 @@ def test_bad_input_varlen(case):
 # -------------------------------------------------------------------------------------------------- CUDA
 
 @requires_cuda
+@pytest.mark.parametrize("forward_kernel", ["default", "sm80"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d_qk,d_v", HEAD_DIMS + [(128, 128)])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("b,s,h", [(1, 1, 1), (3, 17, 3), (1, 128, 16), (2, 1000, 3), (1, 4096, 16)], ids=str)
-def test_cuda_matches_float64_within_2x_sdpa(b, s, h, causal, d_qk, d_v, dtype):
+def test_cuda_matches_float64_within_2x_sdpa(b, s, h, causal, d_qk, d_v, dtype, forward_kernel, monkeypatch):
     """On CUDA (kernel where registered, else the reference): error at most 2x that of SDPA in the same
-    precision, forward and backward; max_logits as exact as float32 allows."""
+    precision, forward and backward; max_logits as exact as float32 allows. "sm80" forces the mma.sync
+    forward (K2_ATTENTION_KERNEL=sm80), so a Hopper GPU checks both forward kernels."""
+    if forward_kernel == "sm80":
+        monkeypatch.setenv("K2_ATTENTION_KERNEL", "sm80")
     q, k, v = (t.cuda().requires_grad_() for t in make_qkv(b, s, h, d_qk, d_v, dtype, seed=s + h))
     grad_out = torch.randn(b, s, h, d_v, device="cuda").to(dtype)
     out, ml = mla_attention(q, k, v, causal=causal)

@@ -2,7 +2,7 @@
 tests/emulation/ with the same host code (csrc/attention/host.cpp) as the CUDA op.
 
 This checks, without a GPU, everything about the kernels except the hardware itself: the mma.sync /
-ldmatrix fragment indexing, swizzling, masking (causal bottom-right, sequence ends, packed sequences),
+ldmatrix fragment indexing, the wgmma forward's descriptors and 128-byte swizzle, swizzling, masking (causal bottom-right, sequence ends, packed sequences),
 the online softmax, the fused per-head max logits, the backward's recomputation, and the cp.async /
 barrier discipline (the emulator applies a copy only when its thread waits for it). Speed, registers and
 the real instructions need a GPU (tests/test_attention.py's CUDA tests, benchmarks/attention.py).
@@ -43,8 +43,8 @@ class EmulatedAttention(torch.autograd.Function):
     """The emulated forward and backward kernels as one differentiable dense op."""
 
     @staticmethod
-    def forward(ctx, kernels, q, k, v, causal, scale):
-        out, lse, max_logits = kernels.mla_attention_fwd(q, k, v, causal, scale)
+    def forward(ctx, kernels, q, k, v, causal, scale, wgmma=False):
+        out, lse, max_logits = kernels.mla_attention_fwd(q, k, v, causal, scale, wgmma)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.kernels, ctx.causal, ctx.scale = kernels, causal, scale
         return out, lse, max_logits
@@ -52,13 +52,15 @@ class EmulatedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse, grad_max_logits):
         q, k, v, out, lse = ctx.saved_tensors
-        return (None, *ctx.kernels.mla_attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale), None, None)
+        grads = ctx.kernels.mla_attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return None, *grads, None, None, None
 
 
 @pytest.mark.parametrize("d_qk,d_v", [(192, 128), (128, 128), (64, 64)])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("b,s,h", [(1, 1, 1), (2, 17, 3), (1, 130, 2)], ids=str)
 def test_matches_float64_within_2x_sdpa(kernels, b, s, h, causal, d_qk, d_v):
+    """The mma.sync forward and backward kernels."""
     q, k, v = (t.requires_grad_() for t in make_qkv(b, s, h, d_qk, d_v, torch.bfloat16, seed=s + h))
     grad_out = torch.randn(b, s, h, d_v, generator=torch.Generator().manual_seed(1)).bfloat16()
     out, _, max_logits = EmulatedAttention.apply(kernels, q, k, v, causal, 1.0 / math.sqrt(d_qk))
@@ -91,17 +93,38 @@ def test_matches_reference_everywhere(kernels, s_q, s_k, causal, dtype):
         assert_close_to(got, want, 2 * TOL[dtype]["grad"], name, floor=1.0)
 
 
+@pytest.mark.parametrize("d_qk,d_v", [(192, 128), (128, 128), (64, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("b,s_q,s_k,h", [(1, 1, 1, 1), (2, 17, 17, 3), (1, 130, 130, 2), (1, 40, 100, 2), (1, 100, 40, 1)],
+                         ids=str)
+def test_wgmma_forward(kernels, b, s_q, s_k, h, causal, d_qk, d_v):
+    """The sm_90a forward (wgmma from 128-byte-swizzled shared memory through matrix descriptors, P from
+    registers) against float64, and equal to the mma.sync forward bit for bit: the emulator sums both in the
+    same order, so any difference is a layout or descriptor mistake."""
+    q, k, v = make_qkv(b, s_q, h, d_qk, d_v, torch.bfloat16, seed=s_q + 5 * s_k + h, s_k=s_k)
+    scale = 1.0 / math.sqrt(d_qk)
+    out, lse, max_logits = kernels.mla_attention_fwd(q, k, v, causal, scale, True)
+    for got, want in zip((out, lse, max_logits), kernels.mla_attention_fwd(q, k, v, causal, scale, False)):
+        assert torch.equal(got, want)
+    out64, lse64, ml64 = ref.mla_attention_fwd(q.double(), k.double(), v.double(), causal, scale)
+    assert_close_to(out, out64, 2 * TOL[torch.bfloat16]["out"], "out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
+    assert_close_to(lse.nan_to_num(neginf=0), lse64.nan_to_num(neginf=0), TOL[torch.bfloat16]["lse"], "lse")
+    assert_close_to(max_logits.nan_to_num(neginf=0), ml64.nan_to_num(neginf=0), TOL[torch.bfloat16]["max_logits"],
+                    "max_logits")
+
+
+@pytest.mark.parametrize("wgmma", [False, True], ids=["mma_sync", "wgmma"])
 @pytest.mark.parametrize("where", ["diagonal", "last_row", "last_row_diagonal"])
-def test_max_logits_exact(kernels, where):
+def test_max_logits_exact(kernels, where, wgmma):
     """Integer inputs make every logit exact in float32: the fused max equals the float64 max exactly, with
     a larger planted logit just above the diagonal that the causal mask must exclude."""
     s, h, b, d, head = 150, 3, 2, 64, 1
     row, col = {"diagonal": (100, 100), "last_row": (s - 1, 7), "last_row_diagonal": (s - 1, s - 1)}[where]
     q, k, v = planted_logits(s, h, b, d, head, row, col, masked_row=row - 1, masked_col=row, dtype=torch.bfloat16)
     _, _, expected = ref.mla_attention_fwd(q.double(), k.double(), v.double(), True, 0.125)
-    _, _, max_logits = kernels.mla_attention_fwd(q, k, v, True, 0.125)
+    _, _, max_logits = kernels.mla_attention_fwd(q, k, v, True, 0.125, wgmma)
     assert torch.equal(max_logits, expected.float())
-    assert max_logits[head] == 256 * 0.125 + expected[head].item() - 256 * 0.125
 
 
 def test_varlen_matches_reference(kernels):
@@ -118,6 +141,8 @@ def test_varlen_matches_reference(kernels):
     for causal in (True, False):
         args = (cu_q, cu_k, max(lens_q), max(lens_k), causal, 192 ** -0.5)
         out, lse, max_logits = kernels.mla_attention_varlen_fwd(q, k, v, *args)
+        for got, want in zip(kernels.mla_attention_varlen_fwd(q, k, v, *args, True), (out, lse, max_logits)):
+            assert torch.equal(got, want), "wgmma forward"
         out64, lse64, ml64 = ref.mla_attention_varlen_fwd(q.double(), k.double(), v.double(), *args)
         assert_close_to(out, out64, 2 * TOL[torch.bfloat16]["out"], "varlen out")
         assert_close_to(lse.nan_to_num(neginf=0), lse64.nan_to_num(neginf=0), TOL[torch.bfloat16]["lse"], "lse")

@@ -20,8 +20,10 @@
 // The hardware primitives; tests/emulation/ defines K2_ATTENTION_EMULATED_PRIMITIVES and brings CPU ones.
 #ifndef K2_ATTENTION_EMULATED_PRIMITIVES
 #include "attention/ptx_sm80.cuh"
+#include "attention/ptx_sm90.cuh"
 #endif
 #include "attention/warp_tiles.cuh"
+#include "attention/warpgroup_tiles.cuh"
 
 namespace k2 {
 namespace attention {
@@ -77,10 +79,11 @@ constexpr int forward_smem_bytes() {
   return (kBlockM * DQK + kBlockN * DQK + kBlockN * DV) * static_cast<int>(sizeof(T));
 }
 
-template <typename T, int DQK, int DV>
-__global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Params p) {
+// The forward of one block of queries; Tiles is Sm80Tiles (mma.sync) or Sm90Tiles (wgmma), which lay out
+// the shared tiles and compute S = Q K^T and O += P V with the same per-thread fragments.
+template <typename T, int DQK, int DV, typename Tiles>
+__device__ __forceinline__ void attention_forward(const Params& p, unsigned char* smem) {
   static_assert(kBlockM * (DV + 8) <= kBlockM * DQK + kBlockN * DQK + kBlockN * DV, "output staging fits");
-  K2_DYNAMIC_SMEM(smem);
   T* s_q = reinterpret_cast<T*>(smem);
   T* s_k = s_q + kBlockM * DQK;
   T* s_v = s_k + kBlockN * DQK;
@@ -98,8 +101,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Param
   const int n_end = key_end(p, s, m0);
   const int n_blocks = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
 
-  load_tile_async<kBlockM, DQK, kThreads>(s_q, q, p.q.row_stride, s.len_q - m0);
-  if (n_blocks > 0) load_tile_async<kBlockN, DQK, kThreads>(s_k, k, p.k.row_stride, s.len_k);
+  Tiles::template load<kBlockM, DQK, kThreads>(s_q, q, p.q.row_stride, s.len_q - m0);
+  if (n_blocks > 0) Tiles::template load<kBlockN, DQK, kThreads>(s_k, k, p.k.row_stride, s.len_k);
   cp_async_commit();
 
   const float scale_log2 = p.softmax_scale * kLog2e;
@@ -112,14 +115,15 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Param
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int n0 = nb * kBlockN;
     cp_async_wait<0>();
+    Tiles::publish();
     block_sync();  // K (and Q) landed; every warp is done with the previous V
-    load_tile_async<kBlockN, DV, kThreads>(s_v, v + static_cast<int64_t>(n0) * p.v.row_stride, p.v.row_stride,
+    Tiles::template load<kBlockN, DV, kThreads>(s_v, v + static_cast<int64_t>(n0) * p.v.row_stride, p.v.row_stride,
                                            s.len_k - n0);
     cp_async_commit();
 
     float acc[kBlockN / 8][4];
     zero(acc);
-    warp_gemm_nt<DQK, kBlockN / 8>(acc, s_q, warp * 16, s_k, lane);
+    Tiles::template scores<DQK>(acc, s_q, s_k, warp, lane);
     const bool needs_mask = n0 + kBlockN > s.len_k || (p.causal && n0 + kBlockN - 1 > m0 + s.len_k - s.len_q);
     if (needs_mask) {
 #pragma unroll
@@ -160,13 +164,14 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Param
     }
 
     cp_async_wait<0>();
+    Tiles::publish();
     block_sync();  // V landed; every warp is done with K
     if (nb + 1 < n_blocks) {
-      load_tile_async<kBlockN, DQK, kThreads>(s_k, k + static_cast<int64_t>(n0 + kBlockN) * p.k.row_stride,
+      Tiles::template load<kBlockN, DQK, kThreads>(s_k, k + static_cast<int64_t>(n0 + kBlockN) * p.k.row_stride,
                                               p.k.row_stride, s.len_k - n0 - kBlockN);
       cp_async_commit();
     }
-    warp_gemm_rs<DV, kBlockN / 8>(o, acc, s_v, lane);
+    Tiles::template accumulate<DV>(o, acc, s_v, lane);
   }
 
   // Epilogue: out = O / l, lse = scale * max + log(l), per-head max logit.
@@ -195,6 +200,22 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Param
   T* out = head_rows<T>(p.out, s, batch, head, true) + static_cast<int64_t>(m0) * p.out.row_stride;
   store_block_rows<DV, kThreads>(out, p.out.row_stride, s.len_q - m0, reinterpret_cast<T*>(smem), o, inv_sum[0],
                                  inv_sum[1], warp, lane);
+}
+
+template <typename T, int DQK, int DV>
+__global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Params p) {
+  K2_DYNAMIC_SMEM(smem);
+  attention_forward<T, DQK, DV, Sm80Tiles>(p, smem);
+}
+
+// wgmma exists on sm_90a only: elsewhere (the sm_80 pass) an empty kernel, never launched.
+template <typename T, int DQK, int DV>
+__global__ void __launch_bounds__(kThreads) attention_forward_sm90_kernel(const Params p) {
+#if defined(K2_ATTENTION_EMULATED_PRIMITIVES) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  K2_DYNAMIC_SMEM(smem);
+  if (shared_address(smem) % 1024 != 0) __trap();  // the 128-byte swizzle needs 1024-byte aligned tiles
+  attention_forward<T, DQK, DV, Sm90Tiles>(p, smem);
+#endif
 }
 
 // --------------------------------------------------------------------------------------------- backward
@@ -423,6 +444,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(cons
 template <typename T, int DQK, int DV, typename Launcher>
 cudaError_t forward_launches(const Params& p, Launcher& launcher) {
   const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.heads, p.batch);
+  if (p.wgmma) return launcher(attention_forward_sm90_kernel<T, DQK, DV>, grid, forward_smem_bytes<DQK, DV, T>(), p);
   return launcher(attention_forward_kernel<T, DQK, DV>, grid, forward_smem_bytes<DQK, DV, T>(), p);
 }
 

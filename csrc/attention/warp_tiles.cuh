@@ -48,17 +48,26 @@ __device__ __forceinline__ int swizzle(int row, int col) {
 }
 
 // Starts the copy of rows [0, ROWS) of a global [rows x D] tile (row stride in elements, 16-byte aligned
-// rows) into a swizzled shared tile; rows >= valid_rows are zero-filled. `gmem` must be a valid address
-// even when valid_rows <= 0 (it is then never read).
-template <int ROWS, int D, int THREADS, typename T>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int valid_rows) {
+// rows) into a shared tile at element offsets offset(row, col) (16-byte chunks: col is a multiple of 8);
+// rows >= valid_rows are zero-filled. `gmem` must be a valid address even when valid_rows <= 0 (it is then
+// never read).
+template <int ROWS, int D, int THREADS, typename T, typename Offset>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int valid_rows,
+                                                Offset offset) {
   constexpr int kChunks = D / 8;
   for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += THREADS) {
     const int row = idx / kChunks;
     const int col = (idx % kChunks) * 8;
     const bool valid = row < valid_rows;
-    cp_async_16(smem + swizzle<D>(row, col), valid ? gmem + row * row_stride + col : gmem, valid);
+    cp_async_16(smem + offset(row, col), valid ? gmem + row * row_stride + col : gmem, valid);
   }
+}
+
+// The same into the swizzled layout of swizzle<D> (the tiles of the mma.sync path and of the backward).
+template <int ROWS, int D, int THREADS, typename T>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int valid_rows) {
+  load_tile_async<ROWS, D, THREADS>(smem, gmem, row_stride, valid_rows,
+                                    [](int row, int col) { return swizzle<D>(row, col); });
 }
 
 template <int N>
@@ -147,6 +156,28 @@ __device__ __forceinline__ float quad_sum(float x) {
   x += shfl_xor(x, 1);
   return x + shfl_xor(x, 2);
 }
+
+// The forward's tile operations on sm_80-class tensor cores (mma.sync; also valid on sm_90): each warp
+// computes its own 16 rows. Sm90Tiles (warpgroup_tiles.cuh) has the same interface with wgmma.
+struct Sm80Tiles {
+  template <int ROWS, int D, int THREADS, typename T>
+  __device__ __forceinline__ static void load(T* smem, const T* gmem, int64_t row_stride, int valid_rows) {
+    load_tile_async<ROWS, D, THREADS>(smem, gmem, row_stride, valid_rows);
+  }
+  // After this thread's cp.async wait, before the barrier that publishes the tiles: nothing to do here.
+  __device__ __forceinline__ static void publish() {}
+  // acc[16 x 64] += Q[rows of this warp] K^T over the block's 64 keys.
+  template <int DQK, typename T>
+  __device__ __forceinline__ static void scores(float (&acc)[8][4], const T* s_q, const T* s_k, int warp, int lane) {
+    warp_gemm_nt<DQK, 8>(acc, s_q, warp * 16, s_k, lane);
+  }
+  // o[16 x DV] += P[16 x 64] V with P in registers.
+  template <int DV, typename T>
+  __device__ __forceinline__ static void accumulate(float (&o)[DV / 8][4], const float (&p)[8][4], const T* s_v,
+                                                    int lane) {
+    warp_gemm_rs<DV, 8>(o, p, s_v, lane);
+  }
+};
 
 }  // namespace attention
 }  // namespace k2

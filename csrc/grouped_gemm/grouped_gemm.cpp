@@ -14,16 +14,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <string_view>
 
+#include "common/arch.h"
 #include "common/check.h"
 #include "grouped_gemm/grouped_gemm.h"
-
-#define K2_GG_STRINGIFY_IMPL(x) #x
-#define K2_GG_STRINGIFY(x) K2_GG_STRINGIFY_IMPL(x)
 
 namespace k2 {
 namespace {
@@ -32,39 +27,13 @@ constexpr const char* kForward = "k2_megatron::grouped_gemm";
 constexpr const char* kWgrad = "k2_megatron::grouped_gemm_wgrad";
 constexpr int64_t kAlignElements = 8;  // 16 bytes of bf16
 
-// Whether this library carries sm_90a code (K2_CUDA_ARCHS at build time, e.g. "80_90a").
-bool built_for_sm90a() {
-  const std::string_view archs = K2_GG_STRINGIFY(K2_CUDA_ARCHS);
-  size_t begin = 0;
-  while (begin <= archs.size()) {
-    const size_t end = std::min(archs.find('_', begin), archs.size());
-    if (archs.substr(begin, end - begin) == "90a") return true;
-    begin = end + 1;
-  }
-  return false;
-}
-
 struct DeviceInfo {
   bool sm90;
   int sm_count;
 };
 
-int device_attribute(const char* op, cudaDeviceAttr attr, int device) {
-  int value = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&value, attr, device);
-  TORCH_CHECK(err == cudaSuccess, op, ": cannot query CUDA device ", device, ": ", cudaGetErrorString(err));
-  return value;
-}
-
 DeviceInfo device_info(const char* op, int device) {
-  const int major = device_attribute(op, cudaDevAttrComputeCapabilityMajor, device);
-  const int minor = device_attribute(op, cudaDevAttrComputeCapabilityMinor, device);
-  const int sm_count = device_attribute(op, cudaDevAttrMultiProcessorCount, device);
-  TORCH_CHECK(major >= 8, op, ": the CUDA kernels need compute capability 8.0 or newer, device ", device, " is ",
-              major, ".", minor);
-  const char* forced = std::getenv("K2_GROUPED_GEMM_KERNEL");
-  const bool force_sm80 = forced != nullptr && std::string_view(forced) == "sm80";
-  return {major == 9 && minor == 0 && built_for_sm90a() && !force_sm80, sm_count};
+  return {use_sm90a_kernels(op, device, "K2_GROUPED_GEMM_KERNEL"), sm_count(op, device)};
 }
 
 // A row-major bf16 operand the kernels can read with 16-byte accesses.

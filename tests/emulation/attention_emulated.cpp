@@ -25,8 +25,9 @@ struct EmulatedLauncher {
 
 void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "emulated launch failed: ", cudaGetErrorName(err)); }
 
-Outputs forward(Call c) {
+Outputs forward(Call c, bool wgmma) {
   EmulatedLauncher launcher;
+  c.params.wgmma = wgmma;
   if (c.launch) {
     check(c.q.scalar_type() == at::kBFloat16 ? k2::attention::dispatch_forward<__nv_bfloat16>(c.params, launcher)
                                              : k2::attention::dispatch_forward<__half>(c.params, launcher));
@@ -43,8 +44,8 @@ Outputs backward(Call c) {
   return {c.grad_q, c.grad_k, c.grad_v};
 }
 
-Outputs fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale) {
-  return forward(k2::attention::prepare_forward("emulated mla_attention_fwd", q, k, v, causal, scale));
+Outputs fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale, bool wgmma) {
+  return forward(k2::attention::prepare_forward("emulated mla_attention_fwd", q, k, v, causal, scale), wgmma);
 }
 
 Outputs bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -54,9 +55,10 @@ Outputs bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k
 }
 
 Outputs varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                   const at::Tensor& cu_k, int64_t max_q, int64_t max_k, bool causal, double scale) {
+                   const at::Tensor& cu_k, int64_t max_q, int64_t max_k, bool causal, double scale, bool wgmma) {
   return forward(k2::attention::prepare_varlen_forward("emulated mla_attention_varlen_fwd", q, k, v, cu_q, cu_k, max_q,
-                                                       max_k, causal, scale));
+                                                       max_k, causal, scale),
+                 wgmma);
 }
 
 Outputs varlen_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -69,8 +71,12 @@ Outputs varlen_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mla_attention_fwd", &fwd);
+  // wgmma: the forward on the sm_90a kernel (Sm90Tiles) instead of the mma.sync one.
+  m.def("mla_attention_fwd", &fwd, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("causal"),
+        pybind11::arg("scale"), pybind11::arg("wgmma") = false);
   m.def("mla_attention_bwd", &bwd);
-  m.def("mla_attention_varlen_fwd", &varlen_fwd);
+  m.def("mla_attention_varlen_fwd", &varlen_fwd, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+        pybind11::arg("cu_q"), pybind11::arg("cu_k"), pybind11::arg("max_q"), pybind11::arg("max_k"),
+        pybind11::arg("causal"), pybind11::arg("scale"), pybind11::arg("wgmma") = false);
   m.def("mla_attention_varlen_bwd", &varlen_bwd);
 }

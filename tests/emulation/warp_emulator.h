@@ -29,7 +29,7 @@
 
 #define K2_ATTENTION_EMULATED_PRIMITIVES
 #define __launch_bounds__(...)
-#define K2_DYNAMIC_SMEM(name) unsigned char* name = ::k2emu::block().smem.data()
+#define K2_DYNAMIC_SMEM(name) unsigned char* name = ::k2emu::block().smem_base()
 
 namespace k2emu {
 
@@ -88,12 +88,17 @@ struct Block {
   std::vector<Thread> threads;
   std::vector<Warp> warps;
   Barrier barrier;
-  std::vector<unsigned char> smem;
+  std::vector<unsigned char> smem;  // the block's shared memory starts at the first 1024-byte boundary in it
+  size_t smem_bytes = 0;
   ucontext_t scheduler;
   int current = 0;
   std::function<void()> body;
 
   explicit Block(int n) : threads(n), warps(n / 32), barrier(n) {}
+  unsigned char* smem_base() {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(smem.data());
+    return smem.data() + ((1024 - p % 1024) % 1024);
+  }
 };
 
 inline Block*& current_block() {
@@ -126,7 +131,8 @@ inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<v
       for (unsigned x = 0; x < grid.x; ++x) {
         Block b(threads);
         b.index = {x, y, z};
-        b.smem.assign(static_cast<size_t>(smem_bytes) + 16, 0x7f);
+        b.smem.assign(static_cast<size_t>(smem_bytes) + 1024, 0x7f);
+        b.smem_bytes = static_cast<size_t>(smem_bytes);
         b.body = body;
         current_block() = &b;
         for (int i = 0; i < threads; ++i) {
@@ -155,8 +161,8 @@ inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<v
 
 inline void check_shared(const void* p, size_t bytes, const char* what) {
   const auto* c = static_cast<const unsigned char*>(p);
-  const Block& b = block();
-  if (c < b.smem.data() || c + bytes > b.smem.data() + b.smem.size() - 16) {
+  Block& b = block();
+  if (c < b.smem_base() || c + bytes > b.smem_base() + b.smem_bytes) {
     throw std::runtime_error(std::string(what) + ": address outside the block's shared memory");
   }
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw std::runtime_error(std::string(what) + ": misaligned address");
@@ -256,15 +262,12 @@ inline void ldmatrix_common(uint32_t (&r)[4], const void* smem, bool trans) {
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ldmatrix_common(r, smem, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { ldmatrix_common(r, smem, true); }
 
+// The 16 x 16 A operand of a warp from its lanes' m16n8k16 A fragments (each lane passes its own; warp-collective).
 template <typename T>
-inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+inline void gather_a(float (&A)[16][16], const uint32_t (&a)[4]) {
   k2emu::Warp& w = k2emu::warp();
-  const int lane = k2emu::lane_id();
-  std::copy(a, a + 4, w.a[lane]);
-  w.b[lane][0] = b0;
-  w.b[lane][1] = b1;
+  std::copy(a, a + 4, w.a[k2emu::lane_id()]);
   w.barrier.wait();
-  float A[16][16], B[16][8];
   for (int l = 0; l < 32; ++l) {
     const int g = l / 4, t = l % 4;
     const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
@@ -272,6 +275,21 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
       A[rows[i]][cols[i]] = k2emu::to_float<T>(w.a[l][i] & 0xffff);
       A[rows[i]][cols[i] + 1] = k2emu::to_float<T>(w.a[l][i] >> 16);
     }
+  }
+  w.barrier.wait();
+}
+
+template <typename T>
+inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  float A[16][16], B[16][8];
+  gather_a<T>(A, a);
+  k2emu::Warp& w = k2emu::warp();
+  const int lane = k2emu::lane_id();
+  w.b[lane][0] = b0;
+  w.b[lane][1] = b1;
+  w.barrier.wait();
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
     for (int i = 0; i < 2; ++i) {
       B[2 * t + 8 * i][g] = k2emu::to_float<T>(w.b[l][i] & 0xffff);
       B[2 * t + 8 * i + 1][g] = k2emu::to_float<T>(w.b[l][i] >> 16);
@@ -288,6 +306,93 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 }
 
 inline void atomic_max_float(float* addr, float value) { *addr = std::fmax(*addr, value); }
+
+// ---------------------------------------------------------------------------- Hopper (ptx_sm90.cuh)
+
+inline void __trap() { throw std::runtime_error("__trap() in an emulated kernel"); }
+
+inline uint32_t shared_address(const void* smem) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(smem) - k2emu::block().smem_base());
+}
+
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+inline void wgmma_wait_all() {}
+
+namespace wgmma_emulation {
+
+struct Descriptor {
+  uint32_t start, leading, stride;
+};
+
+// PTX matrix descriptor: start address, leading and stride byte offsets (>> 4), swizzle mode in bits 62-63.
+inline Descriptor decode(uint64_t desc) {
+  if ((desc >> 62) != 1) throw std::runtime_error("wgmma emulation: only the 128-byte swizzle is emulated");
+  return {static_cast<uint32_t>(desc & 0x3fff) << 4, static_cast<uint32_t>((desc >> 16) & 0x3fff) << 4,
+          static_cast<uint32_t>((desc >> 32) & 0x3fff) << 4};
+}
+
+// The 16-bit element at a (pre-swizzle) shared address: the 128-byte swizzle XORs address bits 4-6 with 7-9.
+template <typename T>
+inline float element(uint32_t address) {
+  const uint32_t swizzled = address ^ (((address >> 7) & 7) << 4);
+  const unsigned char* p = k2emu::block().smem_base() + swizzled;
+  k2emu::check_shared(p - (swizzled % 16), 16, "wgmma operand");
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return k2emu::to_float<T>(bits);
+}
+
+// K-major canonical layout (128B swizzle): element (mn, k) of a 64-row operand.
+template <typename T>
+inline float k_major(const Descriptor& d, int mn, int k) {
+  return element<T>(d.start + (mn / 8) * d.stride + (mn % 8) * 128 + k * 2);
+}
+
+// MN-major canonical layout (128B swizzle): element (k, n).
+template <typename T>
+inline float mn_major(const Descriptor& d, int k, int n) {
+  return element<T>(d.start + (n / 64) * d.leading + (k / 8) * d.stride + (k % 8) * 128 + (n % 64) * 2);
+}
+
+}  // namespace wgmma_emulation
+
+// Every thread computes its own m64n64 accumulator fragment: rows 16 (warp % 4) + g (+ 8), columns 8j + 2t (+1).
+template <typename T>
+inline void wgmma_m64n64k16_ss(float (&acc)[8][4], uint64_t desc_a, uint64_t desc_b) {
+  namespace we = wgmma_emulation;
+  const we::Descriptor a = we::decode(desc_a), b = we::decode(desc_b);
+  const int lane = k2emu::lane_id(), warp = static_cast<int>(k2emu::self().index.x / 32) % 4;
+  const int g = lane / 4, t = lane % 4;
+  for (int j = 0; j < 8; ++j) {
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * warp + g + 8 * (e / 2), col = 8 * j + 2 * t + e % 2;
+      float sum = 0.f;
+      for (int k = 0; k < 16; ++k) sum += we::k_major<T>(a, row, k) * we::k_major<T>(b, col, k);
+      acc[j][e] += sum;
+    }
+  }
+}
+
+// A from registers: the warp's lanes exchange their m16n8k16 A fragments (rows of this warp only).
+template <typename T>
+inline void wgmma_m64n64k16_rs(float (&acc)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  namespace we = wgmma_emulation;
+  const we::Descriptor b = we::decode(desc_b);
+  float A[16][16];
+  gather_a<T>(A, a);
+  const int lane = k2emu::lane_id();
+  const int g = lane / 4, t = lane % 4;
+  for (int j = 0; j < 8; ++j) {
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + 8 * (e / 2), col = 8 * j + 2 * t + e % 2;
+      float sum = 0.f;
+      for (int k = 0; k < 16; ++k) sum += A[row][k] * we::mn_major<T>(b, k, col);
+      acc[j][e] += sum;
+    }
+  }
+}
 
 }  // namespace attention
 }  // namespace k2
