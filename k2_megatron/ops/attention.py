@@ -17,6 +17,7 @@ implementations for torch.compile, and autograd formulas. Without the extension 
 reference directly.
 """
 
+import functools
 import math
 
 import torch
@@ -99,6 +100,7 @@ def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 # ------------------------------------------------------------------------------------------------- routing
 
+@functools.lru_cache(maxsize=None)
 def kernel_head_dims() -> tuple[tuple[int, int], ...]:
     """(d_qk, d_v) pairs the CUDA kernels are compiled for (csrc/attention/attention.h); () without _C."""
     if not _extension.extension_loaded():
