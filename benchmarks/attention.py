@@ -11,7 +11,7 @@ forward + backward, the median time over --iters runs (CUDA events) and TFLOP/s 
   sdpa+max_logit_pass  that SDPA plus a separate pass computing the max logits (blocked q k^T, masked max);
   mla_attention_no_max_logits  (forward, CUDA kernel only) the same kernel with the max-logit tracking off:
                        the overhead of the fused max is mla_attention / this - 1;
-  mla_attention_sm80_forward  (H100/H200 only) our op with the mma.sync forward instead of the wgmma one.
+  mla_attention_sm80   (H100/H200 only) our op on the mma.sync kernels instead of the wgmma ones.
 FLOPs count the matmuls only: forward 2 s^2 (d_qk + d_v), backward 2 s^2 (3 d_qk + 2 d_v) per (batch, head),
 halved for causal. On a machine without CUDA it prints that it needs a GPU and exits with status 0.
 """
@@ -117,8 +117,7 @@ def run_config(b, s, h, d_qk, d_v, dtype, causal, warmup, iters):
     kernel = attention_op._use_registered_op(q, v) and q.is_cuda
     hopper = kernel and torch.cuda.get_device_capability() == (9, 0) and "90a" in _extension.compiled_archs()
     wgmma = hopper and os.environ.get("K2_ATTENTION_KERNEL") != "sm80"
-    implementation = ("cuda kernel, wgmma forward" if wgmma else "cuda kernel, mma.sync forward") if kernel \
-        else "reference"
+    implementation = ("cuda kernel, wgmma" if wgmma else "cuda kernel, mma.sync") if kernel else "reference"
 
     def clear():
         q.grad = k.grad = v.grad = None
@@ -129,8 +128,8 @@ def run_config(b, s, h, d_qk, d_v, dtype, causal, warmup, iters):
         "sdpa+max_logit_pass": lambda: (_sdpa(best, q, k, v, causal, scale),
                                         max_logit_pass(q.detach(), k.detach(), causal, scale))[0],
     }
-    if wgmma:  # on Hopper, also the mma.sync forward (K2_ATTENTION_KERNEL=sm80)
-        methods["mla_attention_sm80_forward"] = lambda: _with_env("K2_ATTENTION_KERNEL", "sm80",
+    if wgmma:  # on Hopper, also the mma.sync kernels (K2_ATTENTION_KERNEL=sm80)
+        methods["mla_attention_sm80"] = lambda: _with_env("K2_ATTENTION_KERNEL", "sm80",
                                                                   lambda: mla_attention(q, k, v, causal=causal)[0])
     if kernel:  # the same kernel with the max-logit tracking off: the cost of the fused max (forward only)
         methods["mla_attention_no_max_logits"] = lambda: _extension._C._attention_forward_without_max_logits(

@@ -442,7 +442,7 @@ def test_bad_input_varlen(case):
 def test_cuda_matches_float64_within_2x_sdpa(b, s, h, causal, d_qk, d_v, dtype, forward_kernel, monkeypatch):
     """On CUDA (kernel where registered, else the reference): error at most 2x that of SDPA in the same
     precision, forward and backward; max_logits as exact as float32 allows. "sm80" forces the mma.sync
-    forward (K2_ATTENTION_KERNEL=sm80), so a Hopper GPU checks both forward kernels."""
+    kernels (K2_ATTENTION_KERNEL=sm80), so a Hopper GPU checks both the wgmma and the mma.sync kernels."""
     if forward_kernel == "sm80":
         monkeypatch.setenv("K2_ATTENTION_KERNEL", "sm80")
     q, k, v = (t.cuda().requires_grad_() for t in make_qkv(b, s, h, d_qk, d_v, dtype, seed=s + h))

@@ -2,7 +2,7 @@
 tests/emulation/ with the same host code (csrc/attention/host.cpp) as the CUDA op.
 
 This checks, without a GPU, everything about the kernels except the hardware itself: the mma.sync /
-ldmatrix fragment indexing, the wgmma forward's descriptors and 128-byte swizzle, swizzling, masking (causal bottom-right, sequence ends, packed sequences),
+ldmatrix fragment indexing, the wgmma kernels' descriptors and 128-byte swizzle, swizzling, masking (causal bottom-right, sequence ends, packed sequences),
 the online softmax, the fused per-head max logits, the backward's recomputation, and the cp.async /
 barrier discipline (the emulator applies a copy only when its thread waits for it). Speed, registers and
 the real instructions need a GPU (tests/test_attention.py's CUDA tests, benchmarks/attention.py).
@@ -114,6 +114,26 @@ def test_wgmma_forward(kernels, b, s_q, s_k, h, causal, d_qk, d_v):
                     "max_logits")
 
 
+@pytest.mark.parametrize("d_qk,d_v", [(192, 128), (128, 128), (64, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("b,s_q,s_k,h", [(1, 1, 1, 1), (2, 17, 17, 3), (1, 130, 130, 2), (1, 40, 100, 2), (1, 100, 40, 1)],
+                         ids=str)
+def test_wgmma_backward(kernels, b, s_q, s_k, h, causal, d_qk, d_v):
+    """The sm_90a backward (dK/dV and dQ kernels on wgmma) equals the mma.sync backward bit for bit in the
+    emulator, and matches the float64 reference."""
+    q, k, v = make_qkv(b, s_q, h, d_qk, d_v, torch.bfloat16, seed=s_q + 7 * s_k + h, s_k=s_k)
+    grad_out = torch.randn(b, s_q, h, d_v, generator=torch.Generator().manual_seed(3)).bfloat16()
+    scale = 1.0 / math.sqrt(d_qk)
+    out, lse, _ = kernels.mla_attention_fwd(q, k, v, causal, scale)
+    grads = kernels.mla_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, True)
+    for got, want in zip(grads, kernels.mla_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, False)):
+        assert torch.equal(got, want)
+    grads64 = ref.mla_attention_bwd(grad_out.double(), q.double(), k.double(), v.double(), out.double(),
+                                    lse.double(), causal, scale)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, grads64):
+        assert_close_to(got, want, 2 * TOL[torch.bfloat16]["grad"], name, floor=1.0)
+
+
 @pytest.mark.parametrize("wgmma", [False, True], ids=["mma_sync", "wgmma"])
 @pytest.mark.parametrize("where", ["diagonal", "last_row", "last_row_diagonal"])
 def test_max_logits_exact(kernels, where, wgmma):
@@ -148,6 +168,8 @@ def test_varlen_matches_reference(kernels):
         assert_close_to(lse.nan_to_num(neginf=0), lse64.nan_to_num(neginf=0), TOL[torch.bfloat16]["lse"], "lse")
         assert_close_to(max_logits, ml64, TOL[torch.bfloat16]["max_logits"], "max_logits")
         grads = kernels.mla_attention_varlen_bwd(grad_out, q, k, v, out, lse, *args)
+        for got, want in zip(kernels.mla_attention_varlen_bwd(grad_out, q, k, v, out, lse, *args, True), grads):
+            assert torch.equal(got, want), "wgmma backward"
         grads64 = ref.mla_attention_varlen_bwd(grad_out.double(), q.double(), k.double(), v.double(), out.double(),
                                                lse.double(), *args)
         for name, got, want in zip(("dq", "dk", "dv"), grads, grads64):

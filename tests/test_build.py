@@ -26,6 +26,8 @@ TENSOR_CORE_KERNELS = {
     "grouped_gemm_sm90_kernel": {"sm_90a": "HGMMA"},
     "attention_forward_kernel": {"sm_80": "HMMA", "sm_90a": "HMMA"},
     "attention_forward_sm90_kernel": {"sm_90a": "HGMMA"},
+    "attention_backward_dkdv_sm90_kernel": {"sm_90a": "HGMMA"},
+    "attention_backward_dq_sm90_kernel": {"sm_90a": "HGMMA"},
     "attention_backward_dkdv_kernel": {"sm_80": "HMMA", "sm_90a": "HMMA"},
     "attention_backward_dq_kernel": {"sm_80": "HMMA", "sm_90a": "HMMA"},
 }

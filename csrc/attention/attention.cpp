@@ -1,6 +1,6 @@
 // CUDA implementations of k2_megatron::mla_attention_{fwd,bwd} and mla_attention_varlen_{fwd,bwd} (schemas
 // in csrc/ops.cpp): the device-independent preparation of host.cpp, then the kernels of kernels_sm80.cuh
-// on the current stream (the forward on wgmma on sm_90 devices of a 90a build). No host synchronisation:
+// on the current stream (their wgmma variants on sm_90 devices of a 90a build). No host synchronisation:
 // cu_seqlens are read by the kernels only.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,7 +29,7 @@ void check_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, const 
 
 Outputs run_forward(const char* op, Call c) {
   if (c.launch) {
-    // K2_ATTENTION_KERNEL=sm80 runs the mma.sync forward on Hopper too (to test it there).
+    // K2_ATTENTION_KERNEL=sm80 runs the mma.sync kernels on Hopper too (to test them there).
     c.params.wgmma = use_sm90a_kernels(op, c.q.get_device(), "K2_ATTENTION_KERNEL");
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     K2_CHECK_CUDA_LAUNCH(op, c.q.scalar_type() == at::kBFloat16 ? launch_forward<__nv_bfloat16>(c.params, stream)
@@ -40,6 +40,7 @@ Outputs run_forward(const char* op, Call c) {
 
 Outputs run_backward(const char* op, Call c) {
   if (c.launch) {
+    c.params.wgmma = use_sm90a_kernels(op, c.q.get_device(), "K2_ATTENTION_KERNEL");
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     K2_CHECK_CUDA_LAUNCH(op, c.q.scalar_type() == at::kBFloat16 ? launch_backward<__nv_bfloat16>(c.params, stream)
                                                                 : launch_backward<__half>(c.params, stream));

@@ -43,7 +43,7 @@ struct Params {
   int head_dim_qk = 0;
   int head_dim_v = 0;
   bool causal = false;
-  bool wgmma = false;  // forward on the sm_90a wgmma kernel (set by attention.cpp on sm_90 devices of a 90a build)
+  bool wgmma = false;  // the sm_90a wgmma kernels (set by attention.cpp on sm_90 devices of a 90a build)
   float softmax_scale = 1.f;
 };
 

@@ -1,5 +1,7 @@
-// FlashAttention-2-style MLA attention on mma.sync tensor cores, with the per-head max logit of QK-Clip
-// fused into the forward. Instantiated per dtype in fwd_<dtype>.cu / bwd_<dtype>.cu.
+// FlashAttention-2-style MLA attention on tensor cores, with the per-head max logit of QK-Clip fused into
+// the forward. Every kernel body is written once against a Tiles policy: Sm80Tiles (mma.sync, any GPU of
+// compute capability 8.0+) or Sm90Tiles (wgmma, sm_90a). Instantiated per dtype in fwd_<dtype>.cu /
+// bwd_<dtype>.cu.
 //
 // Blocks of 64 queries x 64 keys, 4 warps, each warp owning 16 rows of the block's left operand.
 //
@@ -123,7 +125,7 @@ __device__ __forceinline__ void attention_forward(const Params& p, unsigned char
 
     float acc[kBlockN / 8][4];
     zero(acc);
-    Tiles::template scores<DQK>(acc, s_q, s_k, warp, lane);
+    Tiles::template nt<DQK>(acc, s_q, s_k, warp, lane);
     const bool needs_mask = n0 + kBlockN > s.len_k || (p.causal && n0 + kBlockN - 1 > m0 + s.len_k - s.len_q);
     if (needs_mask) {
 #pragma unroll
@@ -171,7 +173,7 @@ __device__ __forceinline__ void attention_forward(const Params& p, unsigned char
                                               p.k.row_stride, s.len_k - n0 - kBlockN);
       cp_async_commit();
     }
-    Tiles::template accumulate<DV>(o, acc, s_v, lane);
+    Tiles::template rs<DV>(o, acc, s_v, lane);
   }
 
   // Epilogue: out = O / l, lse = scale * max + log(l), per-head max logit.
@@ -263,9 +265,8 @@ __device__ __forceinline__ float lse_log2(const float* lse, int row, int len) {
   return x == -INFINITY ? INFINITY : x * kLog2e;
 }
 
-template <typename T, int DQK, int DV>
-__global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(const Params p) {
-  K2_DYNAMIC_SMEM(smem);
+template <typename T, int DQK, int DV, typename Tiles>
+__device__ __forceinline__ void attention_backward_dkdv(const Params& p, unsigned char* smem) {
   T* s_k = reinterpret_cast<T*>(smem);
   T* s_v = s_k + kBlockN * DQK;
   T* s_q = s_v + kBlockN * DV;
@@ -287,8 +288,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(co
   const float* lse = p.lse + stat_rows(p, s, batch, head);
   const float* delta = p.delta + stat_rows(p, s, batch, head);
 
-  load_tile_async<kBlockN, DQK, kThreads>(s_k, k, p.k.row_stride, s.len_k - n0);
-  load_tile_async<kBlockN, DV, kThreads>(s_v, v, p.v.row_stride, s.len_k - n0);
+  Tiles::template load<kBlockN, DQK, kThreads>(s_k, k, p.k.row_stride, s.len_k - n0);
+  Tiles::template load<kBlockN, DV, kThreads>(s_v, v, p.v.row_stride, s.len_k - n0);
   cp_async_commit();
 
   // Causal: the first query that sees key n0.
@@ -305,10 +306,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(co
   for (int mb = m_begin; mb < m_end; ++mb) {
     const int m0 = mb * kBlockM;
     block_sync();  // every warp is done with the previous query block
-    load_tile_async<kBlockM, DQK, kThreads>(s_q, q + static_cast<int64_t>(m0) * p.q.row_stride, p.q.row_stride,
+    Tiles::template load<kBlockM, DQK, kThreads>(s_q, q + static_cast<int64_t>(m0) * p.q.row_stride, p.q.row_stride,
                                             s.len_q - m0);
     cp_async_commit();
-    load_tile_async<kBlockM, DV, kThreads>(s_do, dout + static_cast<int64_t>(m0) * p.grad_out.row_stride,
+    Tiles::template load<kBlockM, DV, kThreads>(s_do, dout + static_cast<int64_t>(m0) * p.grad_out.row_stride,
                                            p.grad_out.row_stride, s.len_q - m0);
     cp_async_commit();
     if (threadIdx.x < kBlockM) {
@@ -317,11 +318,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(co
       s_delta[threadIdx.x] = row < s.len_q ? delta[row] : 0.f;
     }
     cp_async_wait<1>();
+    Tiles::publish();
     block_sync();  // K, V, Q and the row statistics are in; dO may still be in flight
 
     float pt[kBlockM / 8][4];  // S^T, then P^T: rows = this warp's keys, columns = the block's queries
     zero(pt);
-    warp_gemm_nt<DQK, kBlockM / 8>(pt, s_k, warp * 16, s_q, lane);
+    Tiles::template nt<DQK>(pt, s_k, s_q, warp, lane);
 #pragma unroll
     for (int nt = 0; nt < kBlockM / 8; ++nt) {
 #pragma unroll
@@ -332,21 +334,24 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(co
       }
     }
     cp_async_wait<0>();
+    Tiles::publish();
     block_sync();  // dO landed
-    warp_gemm_rs<DV, kBlockM / 8>(dv, pt, s_do, lane);
+    Tiles::template rs<DV>(dv, pt, s_do, lane);
 
     float dst[kBlockM / 8][4];  // dP^T, then dS^T
     zero(dst);
-    warp_gemm_nt<DV, kBlockM / 8>(dst, s_v, warp * 16, s_do, lane);
+    Tiles::template nt<DV>(dst, s_v, s_do, warp, lane);
 #pragma unroll
     for (int nt = 0; nt < kBlockM / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - s_delta[nt * 8 + 2 * t + (e % 2)]);
     }
-    warp_gemm_rs<DQK, kBlockM / 8>(dk, dst, s_q, lane);
+    Tiles::template rs<DQK>(dk, dst, s_q, lane);
   }
 
   cp_async_wait<0>();
+
+  Tiles::publish();
   block_sync();  // the shared tiles are free: stage the outputs there
   T* stage = reinterpret_cast<T*>(smem);
   const int valid = s.len_k - n0;
@@ -358,9 +363,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(co
   store_block_rows<DV, kThreads>(grad_v, p.grad_v.row_stride, valid, stage, dv, 1.f, 1.f, warp, lane);
 }
 
-template <typename T, int DQK, int DV>
-__global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(const Params p) {
-  K2_DYNAMIC_SMEM(smem);
+template <typename T, int DQK, int DV, typename Tiles>
+__device__ __forceinline__ void attention_backward_dq(const Params& p, unsigned char* smem) {
   T* s_q = reinterpret_cast<T*>(smem);
   T* s_do = s_q + kBlockM * DQK;
   T* s_k = s_do + kBlockM * DV;
@@ -377,8 +381,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(cons
   const T* dout = head_rows<T>(p.grad_out, s, batch, head, true) + static_cast<int64_t>(m0) * p.grad_out.row_stride;
   const T* k = head_rows<T>(p.k, s, batch, head, false);
   const T* v = head_rows<T>(p.v, s, batch, head, false);
-  load_tile_async<kBlockM, DQK, kThreads>(s_q, q, p.q.row_stride, s.len_q - m0);
-  load_tile_async<kBlockM, DV, kThreads>(s_do, dout, p.grad_out.row_stride, s.len_q - m0);
+  Tiles::template load<kBlockM, DQK, kThreads>(s_q, q, p.q.row_stride, s.len_q - m0);
+  Tiles::template load<kBlockM, DV, kThreads>(s_do, dout, p.grad_out.row_stride, s.len_q - m0);
   cp_async_commit();
 
   const int row_lo = m0 + warp * 16 + g;
@@ -395,18 +399,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(cons
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int n0 = nb * kBlockN;
     block_sync();  // every warp is done with the previous K, V
-    load_tile_async<kBlockN, DQK, kThreads>(s_k, k + static_cast<int64_t>(n0) * p.k.row_stride, p.k.row_stride,
+    Tiles::template load<kBlockN, DQK, kThreads>(s_k, k + static_cast<int64_t>(n0) * p.k.row_stride, p.k.row_stride,
                                             s.len_k - n0);
     cp_async_commit();
-    load_tile_async<kBlockN, DV, kThreads>(s_v, v + static_cast<int64_t>(n0) * p.v.row_stride, p.v.row_stride,
+    Tiles::template load<kBlockN, DV, kThreads>(s_v, v + static_cast<int64_t>(n0) * p.v.row_stride, p.v.row_stride,
                                            s.len_k - n0);
     cp_async_commit();
     cp_async_wait<1>();
+    Tiles::publish();
     block_sync();  // Q, dO and K landed; V may still be in flight
 
     float ps[kBlockN / 8][4];  // S, then P, then dS
     zero(ps);
-    warp_gemm_nt<DQK, kBlockN / 8>(ps, s_q, warp * 16, s_k, lane);
+    Tiles::template nt<DQK>(ps, s_q, s_k, warp, lane);
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
 #pragma unroll
@@ -417,23 +422,57 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(cons
       }
     }
     cp_async_wait<0>();
+    Tiles::publish();
     block_sync();  // V landed
     float dp[kBlockN / 8][4];
     zero(dp);
-    warp_gemm_nt<DV, kBlockN / 8>(dp, s_do, warp * 16, s_v, lane);
+    Tiles::template nt<DV>(dp, s_do, s_v, warp, lane);
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) ps[nt][e] *= dp[nt][e] - row_delta[e / 2];
     }
-    warp_gemm_rs<DQK, kBlockN / 8>(dq, ps, s_k, lane);
+    Tiles::template rs<DQK>(dq, ps, s_k, lane);
   }
 
   cp_async_wait<0>();
+
+  Tiles::publish();
   block_sync();
   T* grad_q = head_rows<T>(p.grad_q, s, batch, head, true) + static_cast<int64_t>(m0) * p.grad_q.row_stride;
   store_block_rows<DQK, kThreads>(grad_q, p.grad_q.row_stride, s.len_q - m0, reinterpret_cast<T*>(smem), dq,
                                   p.softmax_scale, p.softmax_scale, warp, lane);
+}
+
+template <typename T, int DQK, int DV>
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(const Params p) {
+  K2_DYNAMIC_SMEM(smem);
+  attention_backward_dkdv<T, DQK, DV, Sm80Tiles>(p, smem);
+}
+
+template <typename T, int DQK, int DV>
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(const Params p) {
+  K2_DYNAMIC_SMEM(smem);
+  attention_backward_dq<T, DQK, DV, Sm80Tiles>(p, smem);
+}
+
+// The wgmma backward (sm_90a only; empty elsewhere, never launched there).
+template <typename T, int DQK, int DV>
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_sm90_kernel(const Params p) {
+#if defined(K2_ATTENTION_EMULATED_PRIMITIVES) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  K2_DYNAMIC_SMEM(smem);
+  if (shared_address(smem) % 1024 != 0) __trap();
+  attention_backward_dkdv<T, DQK, DV, Sm90Tiles>(p, smem);
+#endif
+}
+
+template <typename T, int DQK, int DV>
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_sm90_kernel(const Params p) {
+#if defined(K2_ATTENTION_EMULATED_PRIMITIVES) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  K2_DYNAMIC_SMEM(smem);
+  if (shared_address(smem) % 1024 != 0) __trap();
+  attention_backward_dq<T, DQK, DV, Sm90Tiles>(p, smem);
+#endif
 }
 
 // ---------------------------------------------------------------------------------- launch sequences
@@ -457,11 +496,14 @@ cudaError_t backward_launches(const Params& p, Launcher& launcher) {
   cudaError_t err = launcher(attention_delta_kernel<T>, delta_grid, 0, p, rows);
   if (err != cudaSuccess) return err;
   const int smem = backward_smem_bytes<DQK, DV, T>();
-  err = launcher(attention_backward_dkdv_kernel<T, DQK, DV>,
-                 dim3((p.seqlen_k + kBlockN - 1) / kBlockN, p.heads, p.batch), smem, p);
-  if (err != cudaSuccess) return err;
-  return launcher(attention_backward_dq_kernel<T, DQK, DV>,
-                  dim3((p.seqlen_q + kBlockM - 1) / kBlockM, p.heads, p.batch), smem, p);
+  const dim3 dkdv_grid((p.seqlen_k + kBlockN - 1) / kBlockN, p.heads, p.batch);
+  const dim3 dq_grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.heads, p.batch);
+  if (p.wgmma) {
+    err = launcher(attention_backward_dkdv_sm90_kernel<T, DQK, DV>, dkdv_grid, smem, p);
+    return err != cudaSuccess ? err : launcher(attention_backward_dq_sm90_kernel<T, DQK, DV>, dq_grid, smem, p);
+  }
+  err = launcher(attention_backward_dkdv_kernel<T, DQK, DV>, dkdv_grid, smem, p);
+  return err != cudaSuccess ? err : launcher(attention_backward_dq_kernel<T, DQK, DV>, dq_grid, smem, p);
 }
 
 #define K2_ATTENTION_FORWARD_CASE(DQK, DV) \

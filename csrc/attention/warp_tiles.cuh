@@ -157,8 +157,9 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + shfl_xor(x, 2);
 }
 
-// The forward's tile operations on sm_80-class tensor cores (mma.sync; also valid on sm_90): each warp
-// computes its own 16 rows. Sm90Tiles (warpgroup_tiles.cuh) has the same interface with wgmma.
+// The block-level products of the attention kernels on sm_80-class tensor cores (mma.sync; also valid on
+// sm_90): each warp computes its own 16 rows. Sm90Tiles (warpgroup_tiles.cuh) has the same interface with
+// wgmma. All tiles are 64 rows.
 struct Sm80Tiles {
   template <int ROWS, int D, int THREADS, typename T>
   __device__ __forceinline__ static void load(T* smem, const T* gmem, int64_t row_stride, int valid_rows) {
@@ -166,16 +167,16 @@ struct Sm80Tiles {
   }
   // After this thread's cp.async wait, before the barrier that publishes the tiles: nothing to do here.
   __device__ __forceinline__ static void publish() {}
-  // acc[16 x 64] += Q[rows of this warp] K^T over the block's 64 keys.
-  template <int DQK, typename T>
-  __device__ __forceinline__ static void scores(float (&acc)[8][4], const T* s_q, const T* s_k, int warp, int lane) {
-    warp_gemm_nt<DQK, 8>(acc, s_q, warp * 16, s_k, lane);
+  // acc[rows of this thread, 64] += A B^T, A and B [64 x KD] tiles (S = Q K^T, S^T = K Q^T, dP = dO V^T, ...).
+  template <int KD, typename T>
+  __device__ __forceinline__ static void nt(float (&acc)[8][4], const T* a_tile, const T* b_tile, int warp, int lane) {
+    warp_gemm_nt<KD, 8>(acc, a_tile, warp * 16, b_tile, lane);
   }
-  // o[16 x DV] += P[16 x 64] V with P in registers.
-  template <int DV, typename T>
-  __device__ __forceinline__ static void accumulate(float (&o)[DV / 8][4], const float (&p)[8][4], const T* s_v,
-                                                    int lane) {
-    warp_gemm_rs<DV, 8>(o, p, s_v, lane);
+  // acc[rows of this thread, ND] += P B, P [64 x 64] in registers, B a [64 x ND] tile (O += P V, dQ += dS K, ...).
+  template <int ND, typename T>
+  __device__ __forceinline__ static void rs(float (&acc)[ND / 8][4], const float (&p)[8][4], const T* b_tile,
+                                            int lane) {
+    warp_gemm_rs<ND, 8>(acc, p, b_tile, lane);
   }
 };
 

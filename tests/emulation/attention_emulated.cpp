@@ -35,8 +35,9 @@ Outputs forward(Call c, bool wgmma) {
   return {c.out, c.lse, c.max_logits};
 }
 
-Outputs backward(Call c) {
+Outputs backward(Call c, bool wgmma) {
   EmulatedLauncher launcher;
+  c.params.wgmma = wgmma;
   if (c.launch) {
     check(c.q.scalar_type() == at::kBFloat16 ? k2::attention::dispatch_backward<__nv_bfloat16>(c.params, launcher)
                                              : k2::attention::dispatch_backward<__half>(c.params, launcher));
@@ -49,9 +50,10 @@ Outputs fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool 
 }
 
 Outputs bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-            const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
+            const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool wgmma) {
   return backward(k2::attention::prepare_backward("emulated mla_attention_bwd", grad_out, q, k, v, out, lse, causal,
-                                                  scale));
+                                                  scale),
+                  wgmma);
 }
 
 Outputs varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
@@ -63,20 +65,26 @@ Outputs varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
 Outputs varlen_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k,
-                   int64_t max_q, int64_t max_k, bool causal, double scale) {
+                   int64_t max_q, int64_t max_k, bool causal, double scale, bool wgmma) {
   return backward(k2::attention::prepare_varlen_backward("emulated mla_attention_varlen_bwd", grad_out, q, k, v, out,
-                                                         lse, cu_q, cu_k, max_q, max_k, causal, scale));
+                                                         lse, cu_q, cu_k, max_q, max_k, causal, scale),
+                  wgmma);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // wgmma: the forward on the sm_90a kernel (Sm90Tiles) instead of the mma.sync one.
+  // wgmma: the sm_90a kernels (Sm90Tiles) instead of the mma.sync ones.
   m.def("mla_attention_fwd", &fwd, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("causal"),
         pybind11::arg("scale"), pybind11::arg("wgmma") = false);
-  m.def("mla_attention_bwd", &bwd);
+  m.def("mla_attention_bwd", &bwd, pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("wgmma") = false);
   m.def("mla_attention_varlen_fwd", &varlen_fwd, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("cu_q"), pybind11::arg("cu_k"), pybind11::arg("max_q"), pybind11::arg("max_k"),
         pybind11::arg("causal"), pybind11::arg("scale"), pybind11::arg("wgmma") = false);
-  m.def("mla_attention_varlen_bwd", &varlen_bwd);
+  m.def("mla_attention_varlen_bwd", &varlen_bwd, pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("cu_q"), pybind11::arg("cu_k"),
+        pybind11::arg("max_q"), pybind11::arg("max_k"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("wgmma") = false);
 }
