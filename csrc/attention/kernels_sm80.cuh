@@ -215,8 +215,7 @@ template <typename T, int DQK, int DV>
 __global__ void __launch_bounds__(kThreads) attention_forward_sm90_kernel(const Params p) {
 #if defined(K2_ATTENTION_EMULATED_PRIMITIVES) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
   K2_DYNAMIC_SMEM(smem);
-  if (shared_address(smem) % 1024 != 0) __trap();  // the 128-byte swizzle needs 1024-byte aligned tiles
-  attention_forward<T, DQK, DV, Sm90Tiles>(p, smem);
+  attention_forward<T, DQK, DV, Sm90Tiles>(p, Sm90Tiles::aligned(smem));
 #endif
 }
 
@@ -461,8 +460,7 @@ template <typename T, int DQK, int DV>
 __global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_sm90_kernel(const Params p) {
 #if defined(K2_ATTENTION_EMULATED_PRIMITIVES) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
   K2_DYNAMIC_SMEM(smem);
-  if (shared_address(smem) % 1024 != 0) __trap();
-  attention_backward_dkdv<T, DQK, DV, Sm90Tiles>(p, smem);
+  attention_backward_dkdv<T, DQK, DV, Sm90Tiles>(p, Sm90Tiles::aligned(smem));
 #endif
 }
 
@@ -470,8 +468,7 @@ template <typename T, int DQK, int DV>
 __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_sm90_kernel(const Params p) {
 #if defined(K2_ATTENTION_EMULATED_PRIMITIVES) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
   K2_DYNAMIC_SMEM(smem);
-  if (shared_address(smem) % 1024 != 0) __trap();
-  attention_backward_dq<T, DQK, DV, Sm90Tiles>(p, smem);
+  attention_backward_dq<T, DQK, DV, Sm90Tiles>(p, Sm90Tiles::aligned(smem));
 #endif
 }
 
@@ -483,7 +480,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_sm90_kernel
 template <typename T, int DQK, int DV, typename Launcher>
 cudaError_t forward_launches(const Params& p, Launcher& launcher) {
   const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.heads, p.batch);
-  if (p.wgmma) return launcher(attention_forward_sm90_kernel<T, DQK, DV>, grid, forward_smem_bytes<DQK, DV, T>(), p);
+  if (p.wgmma) {
+    return launcher(attention_forward_sm90_kernel<T, DQK, DV>, grid,
+                    forward_smem_bytes<DQK, DV, T>() + Sm90Tiles::kSmemAlignment, p);
+  }
   return launcher(attention_forward_kernel<T, DQK, DV>, grid, forward_smem_bytes<DQK, DV, T>(), p);
 }
 
@@ -499,8 +499,9 @@ cudaError_t backward_launches(const Params& p, Launcher& launcher) {
   const dim3 dkdv_grid((p.seqlen_k + kBlockN - 1) / kBlockN, p.heads, p.batch);
   const dim3 dq_grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.heads, p.batch);
   if (p.wgmma) {
-    err = launcher(attention_backward_dkdv_sm90_kernel<T, DQK, DV>, dkdv_grid, smem, p);
-    return err != cudaSuccess ? err : launcher(attention_backward_dq_sm90_kernel<T, DQK, DV>, dq_grid, smem, p);
+    const int smem_sm90 = smem + Sm90Tiles::kSmemAlignment;
+    err = launcher(attention_backward_dkdv_sm90_kernel<T, DQK, DV>, dkdv_grid, smem_sm90, p);
+    return err != cudaSuccess ? err : launcher(attention_backward_dq_sm90_kernel<T, DQK, DV>, dq_grid, smem_sm90, p);
   }
   err = launcher(attention_backward_dkdv_kernel<T, DQK, DV>, dkdv_grid, smem, p);
   return err != cudaSuccess ? err : launcher(attention_backward_dq_kernel<T, DQK, DV>, dq_grid, smem, p);

@@ -10,8 +10,8 @@
 
 #include <cstdint>
 
-// The block's dynamic shared memory (1024-byte aligned: wgmma's 128-byte swizzle works on address bits).
-#define K2_DYNAMIC_SMEM(name) extern __shared__ __align__(1024) unsigned char name[]
+// The block's dynamic shared memory (16-byte aligned; the wgmma kernels align further themselves).
+#define K2_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 
 namespace k2 {
 namespace attention {

@@ -5,7 +5,7 @@
 //
 // Shared tiles use wgmma's 128-byte swizzle: a [ROWS x D] tile is D / 64 slabs of [ROWS x 64] (128-byte
 // rows), the 16-byte chunk c of row r stored at chunk c ^ (r % 8); slabs start on 1024-byte boundaries (the
-// hardware swizzles on address bits, so the block's shared memory must be 1024-byte aligned).
+// hardware swizzles on address bits: the kernels align their shared memory with aligned()).
 // Descriptors (PTX ISA, "matrix descriptor"): start address, leading and stride byte offsets (>> 4),
 // swizzle mode 1 = 128B in bits 62-63. K-major (the A B^T products): 8-row groups 1024 bytes apart (stride offset), a k16
 // step is a 32-byte advance inside the 128-byte row. MN-major (B of P B): 8-row groups 1024 bytes apart
@@ -21,6 +21,13 @@ namespace attention {
 
 struct Sm90Tiles {
   static constexpr int kSlab = 64;  // elements per 128-byte row
+  // Extra dynamic shared memory the sm_90a kernels ask for, to start their tiles on a 1024-byte boundary
+  // whatever the alignment of the dynamic shared memory window.
+  static constexpr int kSmemAlignment = 1024;
+
+  __device__ __forceinline__ static unsigned char* aligned(unsigned char* smem) {
+    return smem + (kSmemAlignment - shared_address(smem) % kSmemAlignment) % kSmemAlignment;
+  }
 
   template <int ROWS>
   __device__ __forceinline__ static int offset(int row, int col) {

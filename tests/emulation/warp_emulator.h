@@ -9,7 +9,8 @@
 //   (or before the barrier after it) sees stale shared memory;
 // - shared memory starts filled with 0x7f bytes (bf16/fp16: huge values), so reading a location nobody
 //   wrote shows up in the results;
-// - ldmatrix row addresses must be 16-byte aligned and inside the block's shared memory.
+// - ldmatrix row addresses must be 16-byte aligned and inside the block's shared memory, whose dynamic part
+//   is only 16-byte aligned.
 // It says nothing about speed, occupancy or register spills: those need a GPU.
 #pragma once
 
@@ -29,7 +30,7 @@
 
 #define K2_ATTENTION_EMULATED_PRIMITIVES
 #define __launch_bounds__(...)
-#define K2_DYNAMIC_SMEM(name) unsigned char* name = ::k2emu::block().smem_base()
+#define K2_DYNAMIC_SMEM(name) unsigned char* name = ::k2emu::block().dynamic_smem()
 
 namespace k2emu {
 
@@ -88,17 +89,23 @@ struct Block {
   std::vector<Thread> threads;
   std::vector<Warp> warps;
   Barrier barrier;
-  std::vector<unsigned char> smem;  // the block's shared memory starts at the first 1024-byte boundary in it
+  std::vector<unsigned char> smem;  // see smem_base() and dynamic_smem()
   size_t smem_bytes = 0;
   ucontext_t scheduler;
   int current = 0;
   std::function<void()> body;
+  std::string error;
 
   explicit Block(int n) : threads(n), warps(n / 32), barrier(n) {}
+  // Shared address 0 (1024-byte aligned in host memory, so that emulated address bits are real ones).
   unsigned char* smem_base() {
     const uintptr_t p = reinterpret_cast<uintptr_t>(smem.data());
     return smem.data() + ((1024 - p % 1024) % 1024);
   }
+  // The dynamic shared memory the kernel sees: deliberately only 16-byte aligned (shared address 528), so a
+  // kernel that assumes more alignment than the hardware guarantees fails here.
+  static constexpr size_t kDynamicOffset = 528;
+  unsigned char* dynamic_smem() { return smem_base() + kDynamicOffset; }
 };
 
 inline Block*& current_block() {
@@ -116,8 +123,13 @@ inline void yield() {
   swapcontext(&b.threads[b.current].context, &b.scheduler);
 }
 
+// An error in one thread (a failed check of this emulator) ends the whole launch: launch() rethrows it.
 inline void thread_entry(int i) {
-  block().body();
+  try {
+    block().body();
+  } catch (const std::exception& e) {
+    block().error = e.what();
+  }
   block().threads[i].done = true;
 }
 
@@ -131,7 +143,7 @@ inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<v
       for (unsigned x = 0; x < grid.x; ++x) {
         Block b(threads);
         b.index = {x, y, z};
-        b.smem.assign(static_cast<size_t>(smem_bytes) + 1024, 0x7f);
+        b.smem.assign(static_cast<size_t>(smem_bytes) + 1024 + Block::kDynamicOffset, 0x7f);
         b.smem_bytes = static_cast<size_t>(smem_bytes);
         b.body = body;
         current_block() = &b;
@@ -145,8 +157,8 @@ inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<v
           makecontext(&t.context, reinterpret_cast<void (*)()>(thread_entry), 1, i);
         }
         int remaining = threads;
-        while (remaining > 0) {
-          for (int i = 0; i < threads; ++i) {
+        while (remaining > 0 && b.error.empty()) {
+          for (int i = 0; i < threads && b.error.empty(); ++i) {
             if (b.threads[i].done) continue;
             b.current = i;
             swapcontext(&b.scheduler, &b.threads[i].context);
@@ -154,6 +166,10 @@ inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<v
           }
         }
         current_block() = nullptr;
+        if (!b.error.empty()) {
+          throw std::runtime_error("emulated block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +
+                                   std::to_string(z) + "): " + b.error);
+        }
       }
     }
   }
@@ -162,7 +178,7 @@ inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<v
 inline void check_shared(const void* p, size_t bytes, const char* what) {
   const auto* c = static_cast<const unsigned char*>(p);
   Block& b = block();
-  if (c < b.smem_base() || c + bytes > b.smem_base() + b.smem_bytes) {
+  if (c < b.dynamic_smem() || c + bytes > b.dynamic_smem() + b.smem_bytes) {
     throw std::runtime_error(std::string(what) + ": address outside the block's shared memory");
   }
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw std::runtime_error(std::string(what) + ": misaligned address");
@@ -308,8 +324,6 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 inline void atomic_max_float(float* addr, float value) { *addr = std::fmax(*addr, value); }
 
 // ---------------------------------------------------------------------------- Hopper (ptx_sm90.cuh)
-
-inline void __trap() { throw std::runtime_error("__trap() in an emulated kernel"); }
 
 inline uint32_t shared_address(const void* smem) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(smem) - k2emu::block().smem_base());
