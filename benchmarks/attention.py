@@ -115,8 +115,7 @@ def run_config(b, s, h, d_qk, d_v, dtype, causal, warmup, iters):
     best, sdpa_times = _pick_sdpa_backend(q, k, v, causal, scale, 1, 3)
     best_name = best.name
     kernel = attention_op._use_registered_op(q, v) and q.is_cuda
-    hopper = kernel and torch.cuda.get_device_capability() == (9, 0) and "90a" in _extension.compiled_archs()
-    wgmma = hopper and os.environ.get("K2_ATTENTION_KERNEL") != "sm80"
+    wgmma = kernel and _extension.sm90a_kernels(q, "K2_ATTENTION_KERNEL")
     implementation = ("cuda kernel, wgmma" if wgmma else "cuda kernel, mma.sync") if kernel else "reference"
 
     def clear():

@@ -12,6 +12,7 @@
 
 #include "attention/attention.h"
 #include "attention/host.h"
+#include "common/arch.h"
 
 #define K2_STRINGIFY_IMPL(x) #x
 #define K2_STRINGIFY(x) K2_STRINGIFY_IMPL(x)
@@ -55,6 +56,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_archs", []() { return std::string(K2_STRINGIFY(K2_CUDA_ARCHS)); });
   // (d_qk, d_v) pairs the CUDA attention kernels are compiled for; other head dims run the reference.
   m.def("attention_head_dims", &k2::attention::supported_head_dims);
+  // Whether a family's sm_90a kernels run on CUDA device `device` (csrc/common/arch.h); `force_sm80_env` is the
+  // family's override variable, e.g. "K2_ATTENTION_KERNEL".
+  m.def("use_sm90a_kernels", [](int device, const std::string& force_sm80_env) {
+    return k2::use_sm90a_kernels("k2_megatron._C.use_sm90a_kernels", device, force_sm80_env.c_str());
+  });
   // benchmarks/attention.py: the dense attention forward with the max-logit tracking off (CUDA only).
   m.def("_attention_forward_without_max_logits", &k2::attention::forward_without_max_logits);
 }

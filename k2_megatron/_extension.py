@@ -66,6 +66,15 @@ def dispatch_to_op(op: str, t: torch.Tensor) -> bool:
     return use_kernels(t) and torch._C._dispatch_has_kernel_for_dispatch_key(f"k2_megatron::{op}", "CUDA")
 
 
+def sm90a_kernels(t: torch.Tensor, force_sm80_env: str) -> bool:
+    """Whether a kernel family with an sm_90a variant runs it for CUDA tensor ``t`` (the choice the C++ ops
+    make: a compute capability 9.0 device, a 90a build, and ``force_sm80_env`` not set to "sm80")."""
+    if not use_kernels(t):
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _C.use_sm90a_kernels(index, force_sm80_env)
+
+
 def kernels_available() -> bool:
     """True when the CUDA kernels run on the current CUDA device."""
     return _C is not None and torch.cuda.is_available() and _device_supported(torch.cuda.current_device())

@@ -1,4 +1,4 @@
-"""The CUDA attention kernels (csrc/attention/kernels_sm80.cuh), run on this CPU by the warp emulator of
+"""The CUDA attention kernels (csrc/attention/kernels.cuh), run on this CPU by the warp emulator of
 tests/emulation/ with the same host code (csrc/attention/host.cpp) as the CUDA op.
 
 This checks, without a GPU, everything about the kernels except the hardware itself: the mma.sync /

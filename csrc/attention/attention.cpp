@@ -1,5 +1,5 @@
 // CUDA implementations of k2_megatron::mla_attention_{fwd,bwd} and mla_attention_varlen_{fwd,bwd} (schemas
-// in csrc/ops.cpp): the device-independent preparation of host.cpp, then the kernels of kernels_sm80.cuh
+// in csrc/ops.cpp): the device-independent preparation of host.cpp, then the kernels of kernels.cuh
 // on the current stream (their wgmma variants on sm_90 devices of a 90a build). No host synchronisation:
 // cu_seqlens are read by the kernels only.
 #include <ATen/ATen.h>

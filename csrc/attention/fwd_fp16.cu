@@ -1,5 +1,5 @@
 // The forward attention kernels for __half (one file per dtype and direction so that ninja compiles them in parallel).
-#include "attention/launch_sm80.cuh"
+#include "attention/launch.cuh"
 
 namespace k2 {
 namespace attention {

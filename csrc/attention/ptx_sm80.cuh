@@ -1,5 +1,5 @@
 // The hardware primitives of the sm_80 attention kernels: cp.async, ldmatrix, mma.sync m16n8k16, warp
-// shuffles, barriers, atomics. Everything else (warp_tiles.cuh, kernels_sm80.cuh) is written in terms of
+// shuffles, barriers, atomics. Everything else (warp_tiles.cuh, kernels.cuh) is written in terms of
 // these functions only, so that tests/emulation/ can run the same kernel source on a CPU with emulated
 // primitives (the only way to test it without a GPU). mma.sync also runs on sm_90; the 90a build compiles
 // the same code.

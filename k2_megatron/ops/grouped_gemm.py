@@ -25,7 +25,6 @@ Cases the CUDA kernels (csrc/grouped_gemm/) take:
 """
 
 import importlib
-import os
 
 import torch
 
@@ -64,13 +63,12 @@ def _gemm_operands(op: str, *operands: torch.Tensor) -> tuple[torch.Tensor, ...]
 
 def grouped_gemm_path(x: torch.Tensor, w: torch.Tensor) -> str:
     """Which implementation ``grouped_gemm(x, w, ...)`` (and its backward, for these operands) runs:
-    "sm90 (CUTLASS 3, TMA + wgmma)", "sm80 (CUTLASS 2, mma.sync)" or "reference". Mirrors the choice of
-    csrc/grouped_gemm/grouped_gemm.cpp."""
+    "sm90 (CUTLASS 3, TMA + wgmma)", "sm80 (CUTLASS 2, mma.sync)" or "reference"."""
     if x.device.type != "cuda" or _gemm_operands("grouped_gemm", x, w) is None:
         return "reference"
-    sm90 = (torch.cuda.get_device_capability(x.device) == (9, 0) and "90a" in _extension.compiled_archs()
-            and os.environ.get("K2_GROUPED_GEMM_KERNEL") != "sm80")
-    return "sm90 (CUTLASS 3, TMA + wgmma)" if sm90 else "sm80 (CUTLASS 2, mma.sync)"
+    if _extension.sm90a_kernels(x, "K2_GROUPED_GEMM_KERNEL"):
+        return "sm90 (CUTLASS 3, TMA + wgmma)"
+    return "sm80 (CUTLASS 2, mma.sync)"
 
 
 def _unpermute_on_op(permuted: torch.Tensor, topk_probs: torch.Tensor | None) -> bool:

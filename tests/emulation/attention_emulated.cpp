@@ -8,7 +8,7 @@
 #include "emulation/warp_emulator.h"
 // After the emulator: the kernels see its primitives and built-ins.
 #include "attention/host.h"
-#include "attention/kernels_sm80.cuh"
+#include "attention/kernels.cuh"
 
 namespace {
 

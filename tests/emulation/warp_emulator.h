@@ -1,5 +1,5 @@
 // A CPU emulator of the CUDA execution model, just enough to run the sm_80 attention kernels
-// (csrc/attention/kernels_sm80.cuh) unchanged: every CUDA thread of a block is a fiber (ucontext) and the
+// (csrc/attention/kernels.cuh) unchanged: every CUDA thread of a block is a fiber (ucontext) and the
 // hardware primitives of csrc/attention/ptx_sm80.cuh are re-implemented here with their documented
 // semantics (PTX ISA: ldmatrix, mma.m16n8k16 fragment layouts, cp.async groups).
 //

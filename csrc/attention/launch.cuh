@@ -1,7 +1,7 @@
-// CUDA launches of the sm_80 attention kernels, instantiated per dtype in fwd_<dtype>.cu / bwd_<dtype>.cu.
+// CUDA launches of the attention kernels (mma.sync and wgmma), instantiated per dtype in fwd_<dtype>.cu / bwd_<dtype>.cu.
 #pragma once
 
-#include "attention/kernels_sm80.cuh"
+#include "attention/kernels.cuh"
 
 namespace k2 {
 namespace attention {

@@ -475,7 +475,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_sm90_kernel
 // ---------------------------------------------------------------------------------- launch sequences
 //
 // What each direction launches, for a `launcher(kernel, grid, smem_bytes, kernel args...)`: CUDA
-// (launch_sm80.cuh) or the CPU emulation (tests/emulation/). cudaErrorInvalidValue: head dims not compiled.
+// (launch.cuh) or the CPU emulation (tests/emulation/). cudaErrorInvalidValue: head dims not compiled.
 
 template <typename T, int DQK, int DV, typename Launcher>
 cudaError_t forward_launches(const Params& p, Launcher& launcher) {
