@@ -101,6 +101,57 @@ def test_gpu_check_script_parses():
     assert proc.returncode == 0, proc.stderr
 
 
+def _gpu_check_copy(tmp_path, torch_version=None):
+    """A copy of what gpu_check.sh reads (its own library: a stand-in file) with a prebuilt/ whose build-info names
+    these csrc/ sources, this Python and `torch_version` (default: this torch); the library is a stand-in too."""
+    import shutil
+    import sysconfig
+
+    import torch
+
+    repo = tmp_path / "repo"
+    skip = shutil.ignore_patterns("*.so", "__pycache__")
+    for name in ("tools", "csrc", "k2_megatron"):
+        shutil.copytree(ROOT / name, repo / name, ignore=skip)
+    shutil.copy(ROOT / "setup.py", repo / "setup.py")
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    (repo / "k2_megatron" / f"_C{suffix}").write_text("own library")
+    csrc_hash = subprocess.run("find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16",
+                               shell=True, cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+    (repo / "prebuilt").mkdir()
+    (repo / "prebuilt" / f"_C{suffix}").write_text("prebuilt library")
+    (repo / "prebuilt" / "_C.build-info.txt").write_text(
+        f"commit=abc\ncsrc_hash={csrc_hash}\ntorch={torch_version or torch.__version__}\next_suffix={suffix}\n")
+    return repo, repo / "k2_megatron" / f"_C{suffix}"
+
+
+def _run_gpu_check_smoke(repo, tmp_path):
+    (tmp_path / "no_wheels").mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "K2_GPU_WORK": str(tmp_path / "work"),
+           "K2_WHEELS": str(tmp_path / "no_wheels"), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", "tools/gpu_check.sh", "--cpu-smoke", "--skip-tests", "--skip-bench"], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=300)
+    steps = {line.split("\t")[0]: line.split("\t") for line in (tmp_path / "work" / "steps.tsv").read_text().splitlines()}
+    return proc, steps
+
+
+def test_gpu_check_uses_a_matching_prebuilt_library_and_gives_the_tree_its_own_back(tmp_path):
+    repo, own = _gpu_check_copy(tmp_path)
+    proc, steps = _run_gpu_check_smoke(repo, tmp_path)
+    assert steps["build"][1] == "prebuilt", (steps, proc.stdout[-3000:])
+    assert "commit=abc" in steps["build"][4]
+    assert own.read_text() == "own library"
+    assert [p.name for p in own.parent.glob("_C*.so")] == [own.name]
+
+
+def test_gpu_check_refuses_a_prebuilt_library_of_another_torch(tmp_path):
+    repo, own = _gpu_check_copy(tmp_path, torch_version="2.0.0+cu000")
+    proc, steps = _run_gpu_check_smoke(repo, tmp_path)
+    assert steps["build"][1] == "skipped", (steps, proc.stdout[-3000:])
+    assert "was built for torch 2.0.0+cu000" in steps["build"][4]
+    assert own.read_text() == "own library"
+
+
 def test_train_step_baseline_attention_equals_ours():
     """The megatron-local baseline's core attention (megatron's DotProductAttention taking MLA's arguments)
     computes the same causal attention as K2MLACoreAttention: the step benchmark compares equal work."""

@@ -59,5 +59,5 @@ if [ "$total" -ge "$CARRY_LIMIT" ]; then
   echo "fetch_gpu_wheels: over the 64 MiB limit; drop a wheel from tools/gpu_wheels.txt" >&2
   exit 1
 fi
-echo "device call: carry [\"$DEST\", \".k2_commit\"] (+ \"prebuilt\" once a built _C .so is there)," \
-     "command: bash tools/gpu_check.sh --quick"
+echo "device call: carry [\"$DEST\", \".k2_commit\", \"prebuilt\"] (prebuilt/: tools/gpu_check.sh --build-only," \
+     "README \"GPU validation\"), command: bash tools/gpu_check.sh --quick"

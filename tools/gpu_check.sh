@@ -1,40 +1,50 @@
 #!/usr/bin/env bash
-# GPU validation in one device call (issue 9): environment, carried wheels, the sm_90a build, the GPU tests,
-# every benchmark, and a table of the figures against the targets, printed last. Run from anywhere in the
-# repository on the GPU machine; everything lands in "${OUT:-./gpu_check_out}":
+# GPU validation in one device call (issue 9): environment, carried wheels, the sm_90a library (carried or
+# built), the GPU tests, every benchmark, and a table of the figures against the targets, printed last. Run from
+# anywhere in the repository on the GPU machine; everything lands in "${OUT:-./gpu_check_out}":
 #   gpu_check.log               the whole console output
 #   summary.md                  the table (tools/gpu_summary.py)
 #   gpu_check_results.tar.gz    every step's log, the benchmarks' JSON, pytest's junit XML, summary.json
 #   pytest_gpu.xml              the GPU tests' junit XML
-#   _C.cpython-*.so, _C.build-info.txt   the built library, to carry into a later call (see below)
+#   _C.cpython-*.so, _C.build-info.txt   the library built on the device, if it was built there
 # (the device tool returns at most 8 files from $OUT, so the rest travels in the tarball).
 #
 #   bash tools/gpu_check.sh [--quick] [--skip-tests] [--skip-bench] [--full-tests] [--bench=a,b] [--cpu-smoke]
-#     --quick       reduced benchmark configurations (meant for build + tests + figures in one 10-minute call)
+#   bash tools/gpu_check.sh --build-only
+#     --quick       reduced benchmark configurations (tests + figures within the default budget)
 #     --skip-tests  no pytest; --skip-bench: no benchmarks
 #     --full-tests  every test of the files that hold CUDA tests, not only the selected GPU tests
 #     --bench=a,b   only these benchmarks (newton_schulz, attention, grouped_gemm, train_step, activation_memory)
-#     --cpu-smoke   on a machine without a GPU: no build and no nvidia-smi, everything else as on the GPU
-#                   (wheel install into a temporary target, test selection, benchmark invocations, summary)
+#     --cpu-smoke   on a machine without a GPU: no nvidia-smi, everything else as on the GPU (wheel install into
+#                   a temporary target, the prebuilt library if one matches, test selection, benchmark
+#                   invocations, summary)
+#     --build-only  on any machine, GPU or not: build _C with $PYTHON out of the tree into $K2_PREBUILT (with
+#                   _C.build-info.txt), and stop. With $PYTHON a venv holding the GPU machine's torch (2.11.0,
+#                   Python 3.12), this saves the device call the build (README, "GPU validation").
+# The library: $K2_PREBUILT/_C*.so is used when its _C.build-info.txt names these csrc/ sources (csrc_hash), this
+# torch and this Python; otherwise (or with K2_FORCE_BUILD=1) the script builds in the tree, on the device.
 # Environment:
 #   K2_WHEELS (default wheels/)   .whl files to install (--no-index --no-deps) into a temporary target that goes
 #                                 on PYTHONPATH; tools/fetch_gpu_wheels.sh fills it on a machine with internet
-#   K2_SKIP_BUILD=1               use k2_megatron/_C*.so if present, else copy it from K2_PREBUILT (default
-#                                 prebuilt/: the .so and _C.build-info.txt of an earlier call's $OUT)
+#   K2_PREBUILT (default prebuilt/)  where --build-only writes the library and where the checks look for it
+#   K2_FORCE_BUILD=1              build on this machine even when the prebuilt library matches
 #   K2_COMMIT                     the commit to record; else git, else .k2_commit (written by fetch_gpu_wheels.sh)
-#   K2_TIME_BUDGET (default 570)  seconds for the whole script: each step gets at most what is left
+#   K2_TIME_BUDGET                seconds for the whole script, each step gets at most what is left (default 420:
+#                                 a device session has 15 minutes, machine start included, and a rerun must fit;
+#                                 --build-only: 1800)
 #   K2_TEST_SELECT                pytest -k expression (default "cuda or gpu")
-#   MAX_JOBS (default 16), K2_CUDA_ARCHS (default 90a), PYTHON (default python3)
+#   MAX_JOBS (default: the CPU count), K2_CUDA_ARCHS (default 90a), PYTHON (default python3)
 # Exit status: 0 when every step ran and every GPU test passed; 1 otherwise (targets missed do not fail it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-QUICK=0 CPU_SMOKE=0 RUN_TESTS=1 RUN_BENCH=1 FULL_TESTS=0 BENCH_ONLY=""
+QUICK=0 CPU_SMOKE=0 BUILD_ONLY=0 RUN_TESTS=1 RUN_BENCH=1 FULL_TESTS=0 BENCH_ONLY=""
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
     --cpu-smoke) CPU_SMOKE=1 ;;
+    --build-only) BUILD_ONLY=1 ;;
     --skip-tests) RUN_TESTS=0 ;;
     --skip-bench) RUN_BENCH=0 ;;
     --full-tests) FULL_TESTS=1 ;;
@@ -51,11 +61,15 @@ if [ -n "${OUT:-}" ]; then WORK=${K2_GPU_WORK:-/tmp/k2_gpu_check}; else WORK=${K
 rm -rf "$WORK"
 mkdir -p "$WORK"
 PY=${PYTHON:-python3}
-BUDGET=${K2_TIME_BUDGET:-570}
+BUDGET=${K2_TIME_BUDGET:-$([ "$BUILD_ONLY" = 1 ] && echo 1800 || echo 420)}
+PREBUILT=${K2_PREBUILT:-prebuilt}
 RESERVE=20            # seconds kept for the summary and the tarball
 START=$(date +%s)
 FAILED=0
-MODE=$([ "$CPU_SMOKE" = 1 ] && echo cpu-smoke || ([ "$QUICK" = 1 ] && echo quick || echo full))
+if [ "$BUILD_ONLY" = 1 ]; then MODE=build-only
+elif [ "$CPU_SMOKE" = 1 ]; then MODE=cpu-smoke
+elif [ "$QUICK" = 1 ]; then MODE=quick
+else MODE=full; fi
 # NO_VCS_VERSION: megatron-core appends the git commit of the folder it is installed in to its version, which
 # inside this checkout (the local work folder) breaks cpu_compat's version check.
 export PYTHONUNBUFFERED=1 K2_GPU_CHECK_MODE=$MODE NO_VCS_VERSION=1
@@ -63,7 +77,8 @@ exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
 TEE_PID=$!
 
 pack() {
-  tar -czf "$OUT_DIR/gpu_check_results.tar.gz" -C "$WORK" --exclude=./site . 2>/dev/null || true
+  tar -czf "$OUT_DIR/gpu_check_results.tar.gz" -C "$WORK" --exclude=./site --exclude=./build-temp --exclude=./lib --exclude=./pkg \
+    --exclude=./own_library . 2>/dev/null || true
   [ -f "$WORK/pytest_gpu.xml" ] && cp "$WORK/pytest_gpu.xml" "$OUT_DIR/" || true
 }
 
@@ -120,8 +135,8 @@ echo "gpu_check.sh ($MODE) at $(date -u +%FT%TZ): commit $K2_COMMIT from $K2_COM
 
 torch_info="import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPU',
       torch.cuda.is_available() and torch.cuda.get_device_name())"
-if [ "$CPU_SMOKE" = 1 ]; then
-  run_step env 60 "uname -a; $PY --version; $PY -c \"$torch_info\""
+if [ "$CPU_SMOKE" = 1 ] || [ "$BUILD_ONLY" = 1 ]; then
+  run_step env 60 "uname -a; (nvcc --version || true) | tail -n2; $PY --version; $PY -c \"$torch_info\""
 else
   run_step env 60 "uname -a; nvidia-smi; \
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > '$WORK/gpu.txt'; \
@@ -143,38 +158,78 @@ else
   record wheels skipped - 0 "no .whl in $WHEELS/"
 fi
 
-# ---- c. build (or a carried build) -----------------------------------------------------------------------
-if [ "$CPU_SMOKE" = 1 ]; then
-  record build skipped - 0 "--cpu-smoke"
-elif [ "${K2_SKIP_BUILD:-0}" = 1 ]; then
-  PREBUILT=${K2_PREBUILT:-prebuilt}
-  if ! compgen -G "k2_megatron/_C*.so" >/dev/null; then
-    for f in "$PREBUILT"/_C*.so "$PREBUILT"/_C*.so.gz; do
-      [ -f "$f" ] || continue
-      case "$f" in *.gz) gunzip -c "$f" > "k2_megatron/$(basename "${f%.gz}")" ;; *) cp "$f" k2_megatron/ ;; esac
-    done
+# ---- c. the library: carried (prebuilt/) or built ------------------------------------------------------------
+py_tag=$($PY -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+write_build_info() {  # DIR: what the library in DIR was built from, read back by prebuilt_mismatch
+  { echo "commit=$K2_COMMIT"; echo "csrc_hash=$(csrc_hash)"
+    echo "torch=$($PY -c 'import torch; print(torch.__version__)')"; echo "ext_suffix=$py_tag"
+    echo "archs=${K2_CUDA_ARCHS:-90a}"; echo "built=$(date -u +%FT%TZ)"; } > "$1/_C.build-info.txt"
+}
+prebuilt_mismatch() {  # prints why $PREBUILT's library cannot be used here; prints nothing when it can
+  local info=$PREBUILT/_C.build-info.txt
+  if ! compgen -G "$PREBUILT/_C*.so*" >/dev/null; then echo "no library in $PREBUILT/"; return; fi
+  if [ ! -f "$info" ]; then echo "$PREBUILT/ has no _C.build-info.txt"; return; fi
+  local key have want
+  for key in csrc_hash torch ext_suffix; do
+    want=$(sed -n "s/^$key=//p" "$info")
+    case $key in
+      csrc_hash) have=$(csrc_hash) ;;
+      torch) have=$($PY -c 'import torch; print(torch.__version__)') ;;
+      ext_suffix) have=$py_tag ;;
+    esac
+    [ "$want" = "$have" ] || { echo "$PREBUILT/ was built for $key $want, this is $have"; return; }
+  done
+}
+so_of() { compgen -G "$1/_C*.so" | head -n1 || true; }
+
+if [ "$BUILD_ONLY" = 1 ]; then
+  # Out of the tree, so that the library of this machine's own install (another torch) stays where it is.
+  run_step build "$BUDGET" "K2_CUDA_ARCHS=${K2_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    $PY setup.py -q build_ext --build-lib '$WORK/lib' --build-temp '$WORK/build-temp'"
+  so=$(so_of "$WORK/lib/k2_megatron")
+  if [ -z "$so" ]; then
+    echo "gpu_check.sh --build-only: no library was built (see $OUT_DIR/gpu_check.log)" >&2
+    pack; exit 1
   fi
-  if compgen -G "k2_megatron/_C*.so" >/dev/null; then
-    note="prebuilt $(ls k2_megatron/_C*.so | head -n1)"
-    if [ -f "$PREBUILT/_C.build-info.txt" ]; then
-      built_hash=$(sed -n 's/^csrc_hash=//p' "$PREBUILT/_C.build-info.txt")
-      built_torch=$(sed -n 's/^torch=//p' "$PREBUILT/_C.build-info.txt")
-      have_torch=$($PY -c 'import torch; print(torch.__version__)')
-      [ "$built_hash" = "$(csrc_hash)" ] || note="$note; STALE: built from other csrc/ sources ($built_hash)"
-      [ "$built_torch" = "$have_torch" ] || note="$note; built for torch $built_torch, here $have_torch"
-    else
-      note="$note (no _C.build-info.txt: sources unchecked)"
-    fi
-    echo "=== [build] skipped (K2_SKIP_BUILD=1): $note"
-    record build prebuilt - 0 "$note"
-  else
-    echo "=== [build] K2_SKIP_BUILD=1 but no k2_megatron/_C*.so and none in $PREBUILT/"
-    record build fail - 0 "K2_SKIP_BUILD=1 without a prebuilt _C .so"
-  fi
+  # It must load into this torch: a copy of the package with the new library, outside the tree.
+  mkdir -p "$WORK/pkg" && cp -r k2_megatron "$WORK/pkg/" && rm -f "$WORK"/pkg/k2_megatron/_C*.so
+  cp "$so" "$WORK/pkg/k2_megatron/"
+  loads="from k2_megatron import _extension as e; import k2_megatron
+assert e.extension_loaded(), k2_megatron.kernels_status()
+print('loads:', k2_megatron.kernels_status())"
+  run_step load 120 "cd '$WORK/pkg' && $PY -c \"$loads\""
+  if ! grep -q "^load	ok" "$WORK/steps.tsv"; then echo "gpu_check.sh --build-only: $PREBUILT/ left as it was" >&2; pack; exit 1; fi
+  mkdir -p "$PREBUILT"
+  rm -f "$PREBUILT"/_C*.so "$PREBUILT"/_C*.so.gz "$PREBUILT/_C.build-info.txt"
+  cp "$so" "$PREBUILT/.$(basename "$so").tmp" && mv "$PREBUILT/.$(basename "$so").tmp" "$PREBUILT/$(basename "$so")"
+  write_build_info "$PREBUILT"
+  echo "=== $PREBUILT/: $(ls -s --block-size=K "$PREBUILT" | tr '\n' ' ')"
+  cat "$PREBUILT/_C.build-info.txt"
+  echo "carry it: [\"wheels\", \".k2_commit\", \"$PREBUILT\"] (tools/fetch_gpu_wheels.sh prints the total)"
+  pack; exit "$FAILED"
+fi
+
+why_not_prebuilt=$(prebuilt_mismatch)
+[ "${K2_FORCE_BUILD:-0}" = 1 ] && why_not_prebuilt="K2_FORCE_BUILD=1"
+if [ -z "$why_not_prebuilt" ]; then
+  # The tree gets its own library (if any: another torch's build) back when the script ends.
+  mkdir -p "$WORK/own_library"
+  if compgen -G "k2_megatron/_C*.so" >/dev/null; then mv k2_megatron/_C*.so "$WORK/own_library/"; fi
+  trap 'rm -f k2_megatron/_C*.so; mv "$WORK"/own_library/_C*.so k2_megatron/ 2>/dev/null || true' EXIT
+  so=$(so_of "$PREBUILT")
+  if [ -n "$so" ]; then cp "$so" k2_megatron/
+  else f=$(compgen -G "$PREBUILT/_C*.so.gz" | head -n1); gunzip -c "$f" > "k2_megatron/$(basename "${f%.gz}")"; fi
+  note="prebuilt $(grep -E '^(commit|archs|built)=' "$PREBUILT/_C.build-info.txt" | tr '\n' ' ')"
+  echo "=== [build] not needed: $note"
+  record build prebuilt - 0 "$note"
+elif [ "$CPU_SMOKE" = 1 ]; then
+  echo "=== [build] skipped (--cpu-smoke): $why_not_prebuilt"
+  record build skipped - 0 "--cpu-smoke; $why_not_prebuilt"
 else
-  run_step build 420 "K2_CUDA_ARCHS=${K2_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-16} \
+  echo "=== [build] on this machine: $why_not_prebuilt"
+  run_step build 420 "K2_CUDA_ARCHS=${K2_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
     $PY -m pip install --no-index --no-build-isolation --no-deps -e ."
-  so=$(ls k2_megatron/_C*.so 2>/dev/null | head -n1 || true)
+  so=$(so_of k2_megatron)
   if [ -n "$so" ]; then
     # the device tool returns files of at most 16 MiB
     if [ "$(stat -c %s "$so")" -lt $((16 * 1024 * 1024)) ]; then
@@ -182,9 +237,7 @@ else
     else
       gzip -c "$so" > "$OUT_DIR/$(basename "$so").gz"
     fi
-    { echo "commit=$K2_COMMIT"; echo "csrc_hash=$(csrc_hash)"
-      echo "torch=$($PY -c 'import torch; print(torch.__version__)')"
-      echo "archs=${K2_CUDA_ARCHS:-90a}"; echo "built=$(date -u +%FT%TZ)"; } > "$OUT_DIR/_C.build-info.txt"
+    write_build_info "$OUT_DIR"
   fi
 fi
 
