@@ -159,26 +159,23 @@ else
 fi
 
 # ---- c. the library: carried (prebuilt/) or built ------------------------------------------------------------
-py_tag=$($PY -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-write_build_info() {  # DIR: what the library in DIR was built from, read back by prebuilt_mismatch
-  { echo "commit=$K2_COMMIT"; echo "csrc_hash=$(csrc_hash)"
-    echo "torch=$($PY -c 'import torch; print(torch.__version__)')"; echo "ext_suffix=$py_tag"
+# What a library must have been built from to be used here; written into _C.build-info.txt, compared with it.
+read -r torch_version ext_suffix < <($PY -c 'import sysconfig, torch
+print(torch.__version__, sysconfig.get_config_var("EXT_SUFFIX"))') || true
+library_identity() { echo "csrc_hash=$(csrc_hash)"; echo "torch=$torch_version"; echo "ext_suffix=$ext_suffix"; }
+write_build_info() {  # DIR: what the library in DIR was built from
+  { echo "commit=$K2_COMMIT"; library_identity
     echo "archs=${K2_CUDA_ARCHS:-90a}"; echo "built=$(date -u +%FT%TZ)"; } > "$1/_C.build-info.txt"
 }
 prebuilt_mismatch() {  # prints why $PREBUILT's library cannot be used here; prints nothing when it can
-  local info=$PREBUILT/_C.build-info.txt
+  local info=$PREBUILT/_C.build-info.txt line key
   if ! compgen -G "$PREBUILT/_C*.so*" >/dev/null; then echo "no library in $PREBUILT/"; return; fi
   if [ ! -f "$info" ]; then echo "$PREBUILT/ has no _C.build-info.txt"; return; fi
-  local key have want
-  for key in csrc_hash torch ext_suffix; do
-    want=$(sed -n "s/^$key=//p" "$info")
-    case $key in
-      csrc_hash) have=$(csrc_hash) ;;
-      torch) have=$($PY -c 'import torch; print(torch.__version__)') ;;
-      ext_suffix) have=$py_tag ;;
-    esac
-    [ "$want" = "$have" ] || { echo "$PREBUILT/ was built for $key $want, this is $have"; return; }
-  done
+  while read -r line; do
+    key=${line%%=*}
+    grep -qxF "$line" "$info" ||
+      { echo "$PREBUILT/ was built for $key $(sed -n "s/^$key=//p" "$info"), this is ${line#*=}"; return; }
+  done < <(library_identity)
 }
 so_of() { compgen -G "$1/_C*.so" | head -n1 || true; }
 
