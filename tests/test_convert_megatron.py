@@ -239,3 +239,121 @@ def test_cli_megatron_directions_with_logit_validation(hf_dir, tmp_path, capsys)
     assert convert_cli.main(["hf-to-megatron", "--src", str(hf_dir), "--dst", str(tmp_path / "x"),
                              "--fp8-export", "--no-progress"]) == 2
     assert "apply to Hugging Face outputs only" in capsys.readouterr().err
+
+
+# ----- DeepSeek-V3 checkpoints: num_nextn_predict_layers = 1 (every release, every DeepseekV3Config default) -----
+
+@pytest.fixture(scope="module")
+def deepseek_v3_dirs(tmp_path_factory):
+    """{"plain": a DeepseekV3ForCausalLM saved by transformers with its default num_nextn_predict_layers=1 (the shards
+    hold no MTP tensor, as transformers saves it), "mtp": the same plus a release-style MTP layer
+    (model.layers.<num_hidden_layers>.*: a whole MoE decoder layer, embed_tokens, enorm, hnorm, eh_proj,
+    shared_head) written with safetensors' own writer}."""
+    from _checkpoint_helpers import write_hf_checkpoint
+    from _model_helpers import k2_like_tiny_config, make_hf_model
+    from transformers import DeepseekV3Config
+
+    from k2_megatron.checkpoint.safetensors_io import expected_mtp_shapes
+    from k2_megatron.models import config_to_hf
+
+    cfg = k2_like_tiny_config()
+    model = make_hf_model(cfg, seed=3)
+    hf = config_to_hf(cfg, "deepseek_v3")
+    del hf["num_nextn_predict_layers"]  # transformers' default
+    model.config = DeepseekV3Config(**hf)
+    root = tmp_path_factory.mktemp("dsv3")
+    model.save_pretrained(root / "plain", safe_serialization=True, max_shard_size="300KB")
+    config = json.loads((root / "plain" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1
+    g = torch.Generator().manual_seed(4)
+    mtp = {name: 0.05 * torch.randn(shape, generator=g) for name, shape in expected_mtp_shapes(cfg, 1).items()}
+    assert f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in mtp and len(mtp) > 20
+    write_hf_checkpoint(root / "mtp", config, {**_raw(root / "plain"), **mtp})
+    return {"plain": root / "plain", "mtp": root / "mtp", "mtp_names": sorted(mtp), "cfg": cfg}
+
+
+def test_deepseek_v3_with_mtp_config_converts_to_megatron_and_back(deepseek_v3_dirs, tmp_path):
+    from k2_megatron.checkpoint.convert import compare_logits, convert_hf_to_megatron, convert_megatron_to_hf
+
+    plain, with_mtp = deepseek_v3_dirs["plain"], deepseek_v3_dirs["mtp"]
+    layer = deepseek_v3_dirs["cfg"].num_hidden_layers
+    stats = convert_hf_to_megatron(plain, tmp_path / "meg")
+    assert stats.notes == [f"multi-token prediction: config.json has num_nextn_predict_layers=1; the shards hold no "
+                           f"tensor of model.layers.{layer}.*"]
+    assert json.loads((tmp_path / "meg" / "hf_config.json").read_text())["num_nextn_predict_layers"] == 0
+    stats = convert_hf_to_megatron(with_mtp, tmp_path / "meg_mtp")
+    n_mtp = len(deepseek_v3_dirs["mtp_names"])
+    assert len(stats.notes) == 1 and stats.notes[0].startswith(
+        f"multi-token prediction: skipped {n_mtp} tensors of model.layers.{layer}.* (")
+    assert stats.notes[0] in stats.summary().splitlines()
+    assert stats.tensors == len(_raw(plain))  # the main model's tensors, nothing of the MTP layer
+    # the MTP tensors change nothing: both megatron checkpoints hold the same model
+    for src in ("meg", "meg_mtp"):
+        convert_megatron_to_hf(tmp_path / src, tmp_path / f"{src}_hf")
+        assert _same(_raw(plain), _raw(tmp_path / f"{src}_hf")) == [], src
+        back = json.loads((tmp_path / f"{src}_hf" / "config.json").read_text())
+        assert back["num_nextn_predict_layers"] == 0 and back["model_type"] == "deepseek_v3"
+    assert compare_logits(plain, tmp_path / "meg", seq=24) <= LOGIT_ATOL
+    assert compare_logits(with_mtp, tmp_path / "meg_mtp", seq=24) <= LOGIT_ATOL
+
+
+def test_deepseek_v3_mtp_tensors_kept_by_hf_to_hf_and_fp8(deepseek_v3_dirs, tmp_path):
+    from k2_megatron.checkpoint.convert import (
+        compare_logits,
+        convert_hf_to_hf,
+        convert_hf_to_megatron,
+        validate_hf_conversion,
+    )
+
+    with_mtp, names = deepseek_v3_dirs["mtp"], deepseek_v3_dirs["mtp_names"]
+    stats = convert_hf_to_hf(with_mtp, tmp_path / "bf16", dtype="bf16")
+    assert any(n.startswith(f"multi-token prediction: kept {len(names)} tensors") for n in stats.notes)
+    src, out = _raw(with_mtp), _raw(tmp_path / "bf16")
+    assert set(names) <= set(out) and set(out) == set(src)
+    for n in names:  # cast like the main model's tensors: the router bias stays fp32
+        want = src[n] if n.endswith("e_score_correction_bias") else src[n].to(torch.bfloat16)
+        assert out[n].dtype == want.dtype and torch.equal(out[n], want), n
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    ok, lines = validate_hf_conversion(with_mtp, tmp_path / "bf16")
+    assert ok, lines
+    # FP8 export quantises the MTP layer's projections like the main model's (as the release stores them)
+    convert_hf_to_hf(with_mtp, tmp_path / "fp8", fp8_export=True)
+    fp8 = _raw(tmp_path / "fp8")
+    eh_proj = f"model.layers.{deepseek_v3_dirs['cfg'].num_hidden_layers}.eh_proj.weight"
+    assert fp8[eh_proj].dtype == torch.float8_e4m3fn and eh_proj + "_scale_inv" in fp8
+    stats = convert_hf_to_megatron(tmp_path / "fp8", tmp_path / "meg")
+    assert "skipped" in stats.notes[0]
+    assert compare_logits(tmp_path / "fp8", tmp_path / "meg", seq=24) <= LOGIT_ATOL
+
+
+def test_deepseek_v3_cli_validates_with_mtp(deepseek_v3_dirs, tmp_path, capsys):
+    from k2_megatron.checkpoint import convert_cli
+
+    src = str(deepseek_v3_dirs["mtp"])
+    assert convert_cli.main(["hf-to-megatron", "--src", src, "--dst", str(tmp_path / "meg"), "--validate",
+                             "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "multi-token prediction: skipped" in out and "ok" in out.splitlines()[-1]
+    assert convert_cli.main(["hf-to-hf", "--src", src, "--dst", str(tmp_path / "hf"), "--validate",
+                             "--no-progress"]) == 0
+    assert "multi-token prediction: kept" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, layers", [("model.layers.{L}.mlp.bogus.weight", 1),   # not an MTP tensor name
+                                          ("model.layers.{L1}.eh_proj.weight", 1),    # a second MTP layer
+                                          ("model.layers.{L}.eh_proj.weight", 0)])    # K2: no MTP layer
+def test_tensors_beyond_the_declared_layers_are_refused(deepseek_v3_dirs, tmp_path, name, layers):
+    from _checkpoint_helpers import write_hf_checkpoint
+
+    from k2_megatron.checkpoint.convert import convert_hf_to_megatron
+    from k2_megatron.checkpoint.safetensors_io import CheckpointError
+
+    L = deepseek_v3_dirs["cfg"].num_hidden_layers
+    name = name.format(L=L, L1=L + 1)
+    config = json.loads((deepseek_v3_dirs["plain"] / "config.json").read_text())
+    config["num_nextn_predict_layers"] = layers
+    H = deepseek_v3_dirs["cfg"].hidden_size
+    write_hf_checkpoint(tmp_path / "bad", config, {**_raw(deepseek_v3_dirs["plain"]), name: torch.zeros(H, 2 * H)})
+    with pytest.raises(CheckpointError, match=r"unknown tensors .*" + name.replace(".", r"\.")):
+        convert_hf_to_megatron(tmp_path / "bad", tmp_path / "meg")
+    assert not (tmp_path / "meg").exists()

@@ -29,7 +29,7 @@ def test_names_tested_versions_and_refuses_others(compat, monkeypatch):
     import megatron.core
 
     assert compat.TESTED_MEGATRON_VERSIONS == ("0.19.2",)
-    assert megatron.core.__version__ in compat.TESTED_MEGATRON_VERSIONS
+    assert compat.megatron_version() in compat.TESTED_MEGATRON_VERSIONS
     original = torch.cuda.current_device
     monkeypatch.setattr(megatron.core, "__version__", "0.12.0")
     with pytest.raises(RuntimeError, match=r"tested with megatron-core 0\.19\.2; found 0\.12\.0"):
@@ -38,6 +38,30 @@ def test_names_tested_versions_and_refuses_others(compat, monkeypatch):
     assert torch.cuda.current_device is original  # nothing half-installed
     assert compat.enable(allow_untested=True)
     compat.disable()
+
+
+@pytest.mark.parametrize("reported, release", [
+    ("0.19.2", "0.19.2"),
+    ("0.19.2+018b65b", "0.19.2"),      # a virtualenv inside a git checkout: megatron appends that repo's commit
+    ("0.19.2+g1a2b3c.dirty", "0.19.2"),
+])
+def test_version_ignores_the_local_part_megatron_appends(compat, monkeypatch, reported, release):
+    import megatron.core
+
+    monkeypatch.setattr(megatron.core, "__version__", reported)
+    assert compat.megatron_version() == release
+    assert compat.enable() is True
+    compat.disable()
+
+
+@pytest.mark.parametrize("reported", ["0.19.3", "0.19.2rc1+abc", "0.19.2.dev0", "0.20.0+018b65b", "not-a-version"])
+def test_other_releases_are_still_refused(compat, monkeypatch, reported):
+    import megatron.core
+
+    monkeypatch.setattr(megatron.core, "__version__", reported)
+    with pytest.raises(RuntimeError, match="tested with megatron-core 0.19.2; found"):
+        compat.enable()
+    assert not compat.is_enabled()
 
 
 def test_enable_then_disable_restores_everything(compat):

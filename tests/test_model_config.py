@@ -132,12 +132,26 @@ def test_reads_what_transformers_writes():
     ({"scoring_func": "softmax"}, "scoring_func='softmax' is not supported"),
     ({"num_key_value_heads": 8}, "num_key_value_heads=8"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"num_nextn_predict_layers": 1}, "multi-token-prediction"),
+    ({"num_nextn_predict_layers": -1}, "multi-token-prediction"),
+    ({"num_nextn_predict_layers": "1"}, "multi-token-prediction"),
 ])
 def test_unsupported_config_json(change, match):
     hf = {**config_to_hf(get_preset("k2-tiny")), **change}
     with pytest.raises(ValueError, match=match):
         config_from_hf(hf)
+
+
+def test_deepseek_v3_defaults_with_one_mtp_layer_read_as_the_main_model():
+    """Every DeepSeek-V3 release and every DeepseekV3Config saved with its defaults says num_nextn_predict_layers 1;
+    the model built here has no MTP layer, so the config reads as the main model and writes back 0."""
+    transformers = pytest.importorskip("transformers")
+    hf = config_to_hf(get_preset("k2-tiny"), "deepseek_v3")
+    del hf["num_nextn_predict_layers"]
+    written = transformers.DeepseekV3Config(**hf).to_dict()
+    assert written["num_nextn_predict_layers"] == 1
+    cfg = config_from_hf(written)
+    assert cfg == config_from_hf({**written, "num_nextn_predict_layers": 0})
+    assert config_to_hf(cfg)["num_nextn_predict_layers"] == 0
 
 
 def test_config_json_missing_key():

@@ -33,7 +33,7 @@ import re
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -121,6 +121,7 @@ class ConversionStats:
     peak_bytes: int = 0
     peak_method: str = ""
     largest_group_bytes: int = 0   # the largest unit read at once (tensor group, or layer for megatron)
+    notes: list[str] = field(default_factory=list)  # one line each, printed after the summary
 
     @property
     def mb_per_s(self) -> float:
@@ -130,7 +131,7 @@ class ConversionStats:
         return (f"{self.direction}: {self.tensors} tensors, read {self.bytes_read / 1e6:.1f} MB, wrote "
                 f"{self.bytes_written / 1e6:.1f} MB in {self.seconds:.2f} s ({self.mb_per_s:.1f} MB/s read); peak "
                 f"memory +{self.peak_bytes / 2**20:.1f} MiB [{self.peak_method}]; largest unit read at once "
-                f"{self.largest_group_bytes / 2**20:.1f} MiB")
+                f"{self.largest_group_bytes / 2**20:.1f} MiB" + "".join(f"\n{note}" for note in self.notes))
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -211,6 +212,8 @@ def convert_hf_to_hf(src, dst, *, dtype=None, fp8_export: bool = False, max_shar
         ckpt = HFCheckpoint(src)
         ckpt.validate()
         config = _output_config(ckpt.config_dict, dtype=out_dtype, fp8=fp8_export, model_type=model_type)
+        if ckpt.mtp_tensors:
+            stats.notes.append(_mtp_note(ckpt, "kept", "converted like every other tensor"))
         groups = ckpt.groups()
         with ShardedSafetensorsWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite) as writer, \
                 _progress(ckpt.total_bytes, "hf->hf", progress) as bar:
@@ -361,6 +364,8 @@ def convert_hf_to_megatron(src, dst, *, params_dtype=None, overwrite: bool = Fal
             dtype = (torch.float32 if all(t.dtype == torch.float32 for t in ckpt.tensors.values()
                                           if t.name.endswith("proj.weight")) else torch.bfloat16)
         model = _megatron_ready(cfg, dtype)
+        if ckpt.mtp_shapes:
+            stats.notes.append(_mtp_note(ckpt, "skipped", "the megatron model has no multi-token-prediction layer"))
         to_global = _global_layers(model)
         wanted_layers = set(to_global.values())
         needed_globals = set()
@@ -408,10 +413,12 @@ def convert_hf_to_megatron(src, dst, *, params_dtype=None, overwrite: bool = Fal
                 raise CheckpointError(f"{src}: no value for model tensors {sorted(needed - loaded)[:20]}")
             dist_checkpointing.save(model.sharded_state_dict(), staging)
             if torch.distributed.get_rank() == 0:
-                # the source config.json, saying the stored dtype and no FP8 (what megatron -> hf writes by default)
+                # the source config.json, saying the stored dtype, no FP8 and no MTP layers (what megatron -> hf
+                # writes by default)
+                config = _output_config(ckpt.config_dict, dtype=dtype, fp8=False, model_type=None)
+                config["num_nextn_predict_layers"] = 0
                 with open(os.path.join(staging, MEGATRON_HF_CONFIG), "w", encoding="utf-8") as f:
-                    json.dump(_output_config(ckpt.config_dict, dtype=dtype, fp8=False, model_type=None), f,
-                              indent=2, sort_keys=True)
+                    json.dump(config, f, indent=2, sort_keys=True)
             torch.distributed.barrier()
             if torch.distributed.get_rank() == 0:
                 move_into_place(staging, dst)
@@ -422,6 +429,17 @@ def convert_hf_to_megatron(src, dst, *, params_dtype=None, overwrite: bool = Fal
     stats.seconds = time.perf_counter() - t0
     stats.peak_bytes, stats.peak_method = mem.peak_bytes, mem.method
     return stats
+
+
+def _mtp_note(ckpt: HFCheckpoint, verb: str, why: str) -> str:
+    """One line on a source's multi-token-prediction layers (DeepSeek-V3 has one) and what happened to them."""
+    first, n = ckpt.config.num_hidden_layers, ckpt.config_dict.get("num_nextn_predict_layers") or 0
+    layers = f"model.layers.{first}.*" if n == 1 else f"model.layers.{first}-{first + n - 1}.*"
+    if not ckpt.mtp_tensors:
+        return (f"multi-token prediction: config.json has num_nextn_predict_layers={n}; the shards hold no tensor "
+                f"of {layers}")
+    return (f"multi-token prediction: {verb} {len(ckpt.mtp_tensors)} tensors of {layers} "
+            f"({ckpt.mtp_bytes / 1e6:.1f} MB): {why}")
 
 
 def _read_megatron_hf_config(src) -> tuple[str, dict]:
@@ -587,7 +605,9 @@ def validate_megatron_conversion(megatron_dir, hf_dir) -> tuple[bool, list[str]]
                 ok = False
                 lines.append(problem)
             worst = max(worst, (rel, name))
-    extra = sorted(set(groups) - seen)
+    extra = sorted(set(groups) - seen - set(ckpt.mtp_tensors))
+    if ckpt.mtp_tensors:
+        lines.append(_mtp_note(ckpt, "not compared", "not in a megatron checkpoint"))
     if extra:
         ok = False
         lines.append(f"tensors not in the megatron checkpoint: {extra[:20]}")
@@ -618,6 +638,8 @@ def compare_logits(hf_dir, megatron_dir, *, seq: int = 16, batch: int = 2, seed:
     meg_dtype = resolve_dtype(str(meg_config.get("dtype") or meg_config.get("torch_dtype") or "float32"))
     state = {}
     for group in ckpt.groups():
+        if ckpt.is_mtp(group[0]):
+            continue  # transformers' DeepseekV3ForCausalLM builds no multi-token-prediction layer
         for n, t in ckpt.read_group(group, dtype=meg_dtype if len(group) == 2 else None):
             state[n] = (t if _KEEP_FP32.search(n) else t.to(meg_dtype)).float()
     # transformers 5 keeps the experts fused in memory: build that layout from the per-expert tensors

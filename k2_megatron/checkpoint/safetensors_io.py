@@ -150,45 +150,68 @@ def expected_hf_shapes(cfg: K2Config, *, expert_layout: str = "per_expert") -> d
     """
     if expert_layout not in ("per_expert", "fused"):
         raise ValueError(f"expert_layout must be 'per_expert' or 'fused', got {expert_layout!r}")
-    H, V, n = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads
-    F, E = cfg.moe_intermediate_size, cfg.n_routed_experts
+    H, V = cfg.hidden_size, cfg.vocab_size
     out = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (V, H)
     for i in range(cfg.num_hidden_layers):
+        out.update(_decoder_layer_shapes(cfg, i, expert_layout))
+    return out
+
+
+def expected_mtp_shapes(cfg: K2Config, num_mtp_layers: int) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the multi-token-prediction layers of a DeepSeek-V3 release
+    (``num_nextn_predict_layers``): layers num_hidden_layers, num_hidden_layers + 1, ..., each an MoE decoder
+    layer plus its own embedding, enorm/hnorm, eh_proj [H, 2H] and shared_head (norm, head); per-expert names.
+    The model built here has no MTP layer: converters skip (hf -> megatron) or carry (hf -> hf) these tensors."""
+    H, V = cfg.hidden_size, cfg.vocab_size
+    out = {}
+    for i in range(cfg.num_hidden_layers, cfg.num_hidden_layers + num_mtp_layers):
         p = f"model.layers.{i}."
-        a = p + "self_attn."
-        if cfg.q_lora_rank is not None:
-            out[a + "q_a_proj.weight"] = (cfg.q_lora_rank, H)
-            out[a + "q_a_layernorm.weight"] = (cfg.q_lora_rank,)
-            out[a + "q_b_proj.weight"] = (n * cfg.qk_head_dim, cfg.q_lora_rank)
-        else:
-            out[a + "q_proj.weight"] = (n * cfg.qk_head_dim, H)
-        out[a + "kv_a_proj_with_mqa.weight"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim, H)
-        out[a + "kv_a_layernorm.weight"] = (cfg.kv_lora_rank,)
-        out[a + "kv_b_proj.weight"] = (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
-        out[a + "o_proj.weight"] = (H, n * cfg.v_head_dim)
-        out[p + "input_layernorm.weight"] = (H,)
-        out[p + "post_attention_layernorm.weight"] = (H,)
-        m = p + "mlp."
-        if i < cfg.first_k_dense_replace:
-            I = cfg.intermediate_size
-            out.update({m + "gate_proj.weight": (I, H), m + "up_proj.weight": (I, H), m + "down_proj.weight": (H, I)})
-            continue
-        out[m + "gate.weight"] = (E, H)
-        out[m + "gate.e_score_correction_bias"] = (E,)
-        if expert_layout == "fused":
-            out[m + "experts.gate_up_proj"] = (E, 2 * F, H)
-            out[m + "experts.down_proj"] = (E, H, F)
-        else:
-            for e in range(E):
-                x = f"{m}experts.{e}."
-                out.update({x + "gate_proj.weight": (F, H), x + "up_proj.weight": (F, H),
-                            x + "down_proj.weight": (H, F)})
-        if cfg.n_shared_experts:
-            S = F * cfg.n_shared_experts
-            s = m + "shared_experts."
-            out.update({s + "gate_proj.weight": (S, H), s + "up_proj.weight": (S, H), s + "down_proj.weight": (H, S)})
+        out.update(_decoder_layer_shapes(cfg, i, "per_expert"))
+        out.update({p + "embed_tokens.weight": (V, H), p + "enorm.weight": (H,), p + "hnorm.weight": (H,),
+                    p + "eh_proj.weight": (H, 2 * H), p + "shared_head.norm.weight": (H,),
+                    p + "shared_head.head.weight": (V, H)})
+    return out
+
+
+def _decoder_layer_shapes(cfg: K2Config, i: int, expert_layout: str) -> dict[str, tuple[int, ...]]:
+    H, n = cfg.hidden_size, cfg.num_attention_heads
+    F, E = cfg.moe_intermediate_size, cfg.n_routed_experts
+    p = f"model.layers.{i}."
+    a = p + "self_attn."
+    out = {}
+    if cfg.q_lora_rank is not None:
+        out[a + "q_a_proj.weight"] = (cfg.q_lora_rank, H)
+        out[a + "q_a_layernorm.weight"] = (cfg.q_lora_rank,)
+        out[a + "q_b_proj.weight"] = (n * cfg.qk_head_dim, cfg.q_lora_rank)
+    else:
+        out[a + "q_proj.weight"] = (n * cfg.qk_head_dim, H)
+    out[a + "kv_a_proj_with_mqa.weight"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim, H)
+    out[a + "kv_a_layernorm.weight"] = (cfg.kv_lora_rank,)
+    out[a + "kv_b_proj.weight"] = (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+    out[a + "o_proj.weight"] = (H, n * cfg.v_head_dim)
+    out[p + "input_layernorm.weight"] = (H,)
+    out[p + "post_attention_layernorm.weight"] = (H,)
+    m = p + "mlp."
+    if i < cfg.first_k_dense_replace:
+        I = cfg.intermediate_size
+        out.update({m + "gate_proj.weight": (I, H), m + "up_proj.weight": (I, H), m + "down_proj.weight": (H, I)})
+        return out
+    out[m + "gate.weight"] = (E, H)
+    out[m + "gate.e_score_correction_bias"] = (E,)
+    if expert_layout == "fused":
+        out[m + "experts.gate_up_proj"] = (E, 2 * F, H)
+        out[m + "experts.down_proj"] = (E, H, F)
+    else:
+        for e in range(E):
+            x = f"{m}experts.{e}."
+            out.update({x + "gate_proj.weight": (F, H), x + "up_proj.weight": (F, H),
+                        x + "down_proj.weight": (H, F)})
+    if cfg.n_shared_experts:
+        S = F * cfg.n_shared_experts
+        s = m + "shared_experts."
+        out.update({s + "gate_proj.weight": (S, H), s + "up_proj.weight": (S, H), s + "down_proj.weight": (H, S)})
     return out
 
 
@@ -277,6 +300,9 @@ class HFCheckpoint:
                                       f"{_short(f'{k} in {self.tensors[k].file}' for k in unlisted)}")
         self.expert_layout = ("fused" if any(k.endswith("mlp.experts.gate_up_proj") for k in self.tensors)
                               else "per_expert")
+        # multi-token-prediction layers (DeepSeek-V3 releases: 1); config_from_hf checked the count
+        self.mtp_shapes = expected_mtp_shapes(self.config, self.config_dict.get("num_nextn_predict_layers") or 0)
+        self.mtp_tensors = sorted(k for k in self.tensors if self.is_mtp(k))
 
     # --- properties ---
     @property
@@ -287,16 +313,27 @@ class HFCheckpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def is_mtp(self, name: str) -> bool:
+        """Whether ``name`` (or the weight a ``*_scale_inv`` belongs to) is a multi-token-prediction tensor."""
+        base = name[:-len(SCALE_SUFFIX)] if name.endswith(SCALE_SUFFIX) else name
+        return base in self.mtp_shapes
+
+    @property
+    def mtp_bytes(self) -> int:
+        return sum(self.tensors[k].nbytes for k in self.mtp_tensors)
+
     def _where(self, name: str) -> str:
         return f"{os.path.join(self.path, self.tensors[name].file)}: tensor {name!r}"
 
     # --- validation against the config ---
     def validate(self) -> None:
         """Raise CheckpointError listing every tensor that is missing, unknown, of the wrong shape or dtype,
-        or an FP8 weight without (or with a bad) scale_inv, against ``expected_hf_shapes(self.config)``."""
-        expected = expected_hf_shapes(self.config, expert_layout=self.expert_layout)
+        or an FP8 weight without (or with a bad) scale_inv, against ``expected_hf_shapes(self.config)``.
+        Multi-token-prediction tensors are optional (transformers saves none); those present are checked too."""
+        required = expected_hf_shapes(self.config, expert_layout=self.expert_layout)
+        expected = {**required, **{k: v for k, v in self.mtp_shapes.items() if k in self.tensors}}
         problems = []
-        missing = [k for k in expected if k not in self.tensors]
+        missing = [k for k in required if k not in self.tensors]
         if missing:
             problems.append(f"missing tensors {_short(missing)}")
         unknown = [k for k in self.tensors if k not in expected

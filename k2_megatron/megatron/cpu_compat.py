@@ -64,9 +64,20 @@ def fix_checkpoint_without_output_default() -> None:
 
 
 def megatron_version() -> str:
-    import megatron.core
+    """megatron-core's release version, e.g. "0.19.2".
 
-    return getattr(megatron.core, "__version__", "unknown")
+    megatron-core's ``package_info`` appends ``git rev-parse --short HEAD``, run in its own package directory, to
+    ``__version__`` as a local part ("0.19.2+018b65b"): inside any git checkout (a virtualenv in the project's clone)
+    that is the *enclosing* repository's commit, not megatron's. The local part never names a different release,
+    so it is dropped; pre-, post- and dev-releases are kept (and refused as untested)."""
+    import megatron.core
+    from packaging.version import InvalidVersion, Version
+
+    raw = str(getattr(megatron.core, "__version__", "unknown"))
+    try:
+        return Version(raw).public
+    except InvalidVersion:
+        return raw
 
 
 def is_enabled() -> bool:

@@ -394,7 +394,11 @@ def config_from_hf(hf: dict | str | os.PathLike) -> K2Config:
     expect("topk_method", lambda v: v == "noaux_tc", "the K2 router is aux-loss-free ('noaux_tc')")
     expect("moe_layer_freq", lambda v: v == 1, "every layer after first_k_dense_replace is MoE")
     expect("num_key_value_heads", lambda v: v == hf.get("num_attention_heads"), "MLA has one KV head per head")
-    expect("num_nextn_predict_layers", lambda v: v == 0, "multi-token-prediction layers are not built")
+    # DeepSeek-V3 releases (and every DeepseekV3Config saved with its defaults) have one multi-token-prediction
+    # layer. It is not part of the model built here: the main model converts, the MTP tensors are the checkpoint
+    # readers' business (k2_megatron.checkpoint.safetensors_io.mtp_layer_index).
+    expect("num_nextn_predict_layers", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+           "a non-negative number of multi-token-prediction layers")
     expect("attention_bias", lambda v: v is False, "attention projections have no bias")
     expect("rope_interleave", lambda v: v is True, "the rope dims are interleaved pairs (K2 release layout)")
 
