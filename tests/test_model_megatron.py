@@ -210,13 +210,15 @@ def test_forward_backward_func_single_process(model_and_cfg):
     ({"pipeline_parallel": 2, "virtual_pipeline_stages": 4}, r"2 x 4 = 8"),
 ])
 def test_impossible_layouts_fail_at_construction(kwargs, match):
+    from k2_megatron.config import ParallelLayout
     from k2_megatron.megatron import to_transformer_config
 
     with pytest.raises(ValueError, match=match):
-        to_transformer_config(k2_like_tiny_config(), **kwargs)
+        to_transformer_config(k2_like_tiny_config(), ParallelLayout(**kwargs))
 
 
 def test_unknown_preset_and_mismatched_layout_fail(model_and_cfg):
+    from k2_megatron.config import ParallelLayout
     from k2_megatron.megatron import build_k2_model, to_transformer_config
 
     with pytest.raises(ValueError, match="q_lora_rank=None"):
@@ -225,7 +227,8 @@ def test_unknown_preset_and_mismatched_layout_fail(model_and_cfg):
     with pytest.raises(ValueError, match="unknown K2 preset 'k3'"):
         build_k2_model("k3")
     with pytest.raises(ValueError, match="tensor-parallel size 2 != initialised size 1"):
-        build_k2_model(k2_like_tiny_config(), to_transformer_config(k2_like_tiny_config(), tensor_parallel=2))
+        build_k2_model(k2_like_tiny_config(),
+                       to_transformer_config(k2_like_tiny_config(), ParallelLayout(tensor_parallel=2)))
 
 
 def test_packed_sequences_match_separate_sequences(model_and_cfg):
@@ -285,11 +288,12 @@ def test_core_attention_rejects_what_it_cannot_compute(model_and_cfg):
 
 def test_full_k2_transformer_config_for_a_release_scale_layout():
     """The 61-layer release model on TP8 x EP16 x PP16 (uneven first/last stage): megatron accepts the config."""
+    from k2_megatron.config import ParallelLayout, get_preset
     from k2_megatron.megatron import to_transformer_config
-    from k2_megatron.models import get_preset
 
-    tc = to_transformer_config(get_preset("k2"), tensor_parallel=8, expert_parallel=16, pipeline_parallel=16,
-                               first_stage_layers=3, last_stage_layers=2, params_dtype=torch.bfloat16)
+    layout = ParallelLayout(tensor_parallel=8, expert_parallel=16, pipeline_parallel=16, first_stage_layers=3,
+                            last_stage_layers=2)
+    tc = to_transformer_config(get_preset("k2"), layout, params_dtype=torch.bfloat16)
     assert tc.num_layers == 61 and tc.moe_layer_freq == [0] + [1] * 60
     assert (tc.num_attention_heads, tc.q_lora_rank, tc.kv_lora_rank) == (64, 1536, 512)
     assert (tc.qk_head_dim, tc.qk_pos_emb_head_dim, tc.v_head_dim) == (128, 64, 128)

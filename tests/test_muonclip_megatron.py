@@ -170,15 +170,15 @@ def _worker(rank, world, init_file, state_path, tmp, result_path):
     torch.set_num_threads(1)
     out = {}
     try:
-
+        from k2_megatron.config import ParallelLayout
         from k2_megatron.megatron import init_distributed_cpu
 
         cfg, full = _config(), torch.load(state_path)
         if world == 1:
             out.update(_single_process(cfg, full, tmp, init_file))
         for name, (tp, pp, ep) in LAYOUTS.get(world, {}).items():
-            init_distributed_cpu(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, rank=rank,
-                                 world_size=world, init_method=f"file://{init_file}")
+            init_distributed_cpu(ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep),
+                                 rank=rank, world_size=world, init_method=f"file://{init_file}")
             ddp, opt = _build(cfg, full)
             ckpt = os.path.join(tmp, "resume_ckpt")
             save = (lambda step: _save(ddp, opt, ckpt) if step + 1 == SAVE_AT else None) if name == "DP2" else None

@@ -29,16 +29,17 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron's jit_fuser is tor
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from k2_megatron.training.config import ConfigError, PretrainConfig, load_config  # noqa: E402
+from k2_megatron.config import ConfigError, PretrainConfig, load_config  # noqa: E402
 
 
 # ----- distributed setup -----
 
 def _initialize(cfg: PretrainConfig) -> None:
-    p = cfg.parallel
+    layout = cfg.parallel.layout()
     if torch.cuda.is_available():
-        from megatron.core import parallel_state
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        from k2_megatron.megatron import initialize_model_parallel
 
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
@@ -47,17 +48,13 @@ def _initialize(cfg: PretrainConfig) -> None:
                 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
                                   RANK="0", WORLD_SIZE="1")
             dist.init_process_group("nccl")
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
-            virtual_pipeline_model_parallel_size=p.virtual_stages, expert_model_parallel_size=p.expert,
-            expert_tensor_parallel_size=1)
+        initialize_model_parallel(layout)
         torch.manual_seed(cfg.train.seed)
         model_parallel_cuda_manual_seed(cfg.train.seed)
     else:
         from k2_megatron.megatron import init_distributed_cpu
 
-        init_distributed_cpu(tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, expert_parallel=p.expert,
-                             virtual_pipeline_stages=p.virtual_stages, seed=cfg.train.seed)
+        init_distributed_cpu(layout, seed=cfg.train.seed)
 
 
 def _teardown() -> None:
@@ -116,24 +113,21 @@ def _build_model(cfg: PretrainConfig, k2cfg):
 
     from k2_megatron.megatron import activation_memory, build_k2_model, to_transformer_config
 
-    p = cfg.parallel
+    layout = cfg.parallel.layout()
     dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
     memory = cfg.memory.options()
     try:
         activation_memory.check_supported(memory)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    tc = to_transformer_config(k2cfg, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
-                               virtual_pipeline_stages=p.virtual_stages, expert_parallel=p.expert,
-                               first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers,
-                               pipeline_layout=p.pipeline_layout, params_dtype=dtype, bias_update_rate=cfg.model.bias_update_rate,
+    tc = to_transformer_config(k2cfg, layout, params_dtype=dtype, bias_update_rate=cfg.model.bias_update_rate,
                                **activation_memory.transformer_config_overrides(memory))
     # Always megatron's DistributedOptimizer (ZeRO-1; at DP=1 nothing is sharded): one code path for every
     # data-parallel size, and each matrix's Newton-Schulz done once per data-parallel group.
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
                                                overlap_grad_reduce=False, bucket_size=None)
     chunks = []
-    vpp = p.virtual_stages if p.virtual_stages and p.virtual_stages > 1 else None
+    vpp = layout.virtual_stages if layout.virtual_stages > 1 else None
     for vp in range(vpp or 1):
         model = build_k2_model(k2cfg, tc, vp_stage=vp if vpp else None)
         activation_memory.apply_activation_memory(model, memory)
