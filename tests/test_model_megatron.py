@@ -103,8 +103,8 @@ def test_current_max_attn_logits_match_float64(model_and_cfg):
     hooks = [layer.self_attention.core_attention.register_forward_hook(
         lambda mod, args, out: captured.append((mod, args[0].detach(), args[1].detach()))) for layer in layers]
     try:
-        for layer in layers:
-            layer.self_attention.core_attention.reset_max_attn_logits()
+        for layer in layers:  # forget earlier forwards
+            layer.self_attention.core_attention.take_max_attn_logits()
         with torch.no_grad():
             _forward(model, _tokens(cfg, 1))
             _forward(model, _tokens(cfg, 2, b=1, s=SEQ + 5))  # running max over two forwards
@@ -123,7 +123,8 @@ def test_current_max_attn_logits_match_float64(model_and_cfg):
             s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
             m = s.amax(dim=(0, 2, 3))
             expected = m if expected is None else torch.maximum(expected, m)
-        got = core.current_max_attn_logits
+        got = core.take_max_attn_logits()
+        assert core.current_max_attn_logits is None  # handed over and reset
         assert got.dtype == torch.float32 and got.shape == (cfg.num_attention_heads,)
         torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
     # softmax scale is 1/sqrt(d_qk) * mscale^2 (YaRN), the same as transformers'
@@ -135,7 +136,7 @@ def test_megatron_qk_clip_reads_our_max_logits(model_and_cfg):
     scales the q_C / q_R / k_C rows of the heads above tau (K2 report: sqrt(gamma), gamma, sqrt(gamma))."""
     model, cfg = model_and_cfg
     attn = model.decoder.layers[1].self_attention
-    attn.core_attention.reset_max_attn_logits()
+    attn.core_attention.take_max_attn_logits()  # forget earlier forwards
     with torch.no_grad():
         _forward(model, _tokens(cfg, 4))
     s_max = attn.core_attention.current_max_attn_logits.clone()

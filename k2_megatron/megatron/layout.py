@@ -1,8 +1,11 @@
 """A ParallelLayout (k2_megatron.config.parallel) in megatron-core's terms: initialise its parallel_state from a
-layout, and read the layout back from the initialised parallel_state or from a TransformerConfig."""
+layout, read the layout back from the initialised parallel_state or from a TransformerConfig, and the device the
+collectives of its process groups run on."""
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -45,3 +48,10 @@ def transformer_config_layout(config: TransformerConfig) -> ParallelLayout:
         context_parallel=config.context_parallel_size, first_stage_layers=config.num_layers_in_first_pipeline_stage,
         last_stage_layers=config.num_layers_in_last_pipeline_stage, pipeline_layout=layout)
 
+
+def collective_device(group=None) -> torch.device:
+    """Where tensors of a collective on ``group`` live: the current CUDA device under NCCL (which refuses CPU
+    tensors), else the CPU (gloo)."""
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -152,13 +152,6 @@ def _routers(chunks):
     return out
 
 
-def _attention_modules(chunks):
-    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
-
-    return [(f"layers.{m.layer_number - 1}.self_attention", m) for c in chunks for m in c.modules()
-            if isinstance(m, MLASelfAttention)]
-
-
 def _parameter_counts(chunks, k2cfg) -> tuple[int, int]:
     """(total, activated per token) parameters of the whole model (summed over pipeline/expert ranks)."""
     from megatron.core import parallel_state
@@ -258,7 +251,6 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
 
         tc, chunks = _build_model(cfg, k2cfg)
         routers = _routers(chunks)
-        attention = _attention_modules(chunks)
         o = cfg.optim
         opt_config = OptimizerConfig(optimizer="adam", lr=o.peak_lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                                      adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
@@ -363,8 +355,7 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
             out = run_microbatches(batches, forward_only=True)
             for c in chunks:
                 c.train()
-            for _, attn in attention:  # evaluation forwards must not feed the next QK-Clip step
-                attn.core_attention.current_max_attn_logits = None
+            opt.reset_max_logits()  # evaluation forwards must not feed the next QK-Clip step
             for _, router in routers:  # nor the expert-bias update
                 router.local_tokens_per_expert.zero_()
             loss = global_mean([r["lm loss"] for r in out] if pp_last else [])
@@ -395,8 +386,8 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
             ok, grad_norm, _ = opt.step()
             if not ok:
                 logger.print(f"step {step}: skipped (non-finite gradients)")
-            # max logits: from the optimizer's QK-Clip (global over DP), else read them here (no clipping)
-            stats = dict(opt.qk_clip_stats) if o.qk_clip_tau is not None else _read_max_logits(attention, dp)
+            # per layer: max logit over the global batch and all heads, clipped heads (0 without QK-Clip)
+            stats = {name: (float(s.max_logit), s.num_clipped) for name, s in opt.qk_clip_stats.items()}
             loss = global_mean([r["lm loss"] for r in out] if pp_last else [])
             if world > 1:  # stats/loads of all pipeline stages to rank 0
                 gathered = [None] * world
@@ -471,25 +462,6 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
 def _layer_index(name: str) -> int:
     parts = name.split(".")
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-
-
-def _read_max_logits(attention, dp: int) -> dict:
-    """Per-layer (max logit, 0) from the attention modules (global over data-parallel ranks); resets them.
-    Used when QK-Clip is off (the optimizer then neither reads nor resets them)."""
-    from megatron.core import parallel_state
-
-    if not attention:
-        return {}
-    values = []
-    for _, attn in attention:
-        v = attn.core_attention.current_max_attn_logits
-        values.append(torch.full((1,), float("-inf")) if v is None else v.detach().float().max().reshape(1).cpu())
-        attn.core_attention.current_max_attn_logits = None
-    flat = torch.cat(values)
-    if dp > 1:
-        dist.all_reduce(flat, op=dist.ReduceOp.MAX,
-                        group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    return {name: (float(v), 0) for (name, _), v in zip(attention, flat)}
 
 
 def _jsonable(obj):
