@@ -109,7 +109,7 @@ def _worker(rank, world, port, steps, out_path):
                       TORCHDYNAMO_DISABLE="1")
     torch.set_num_threads(1)
     from k2_megatron.megatron import init_distributed_cpu
-    from k2_megatron.models import get_preset
+    from k2_megatron.config import get_preset
 
     init_distributed_cpu()
     counter = _ByteCounter()

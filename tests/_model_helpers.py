@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from k2_megatron.models import K2Config, config_to_hf, get_preset
+from k2_megatron.config import K2Config, config_to_hf, get_preset
 
 
 def k2_like_tiny_config(**overrides) -> K2Config:

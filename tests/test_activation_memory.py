@@ -4,7 +4,7 @@ selective recomputation (RMSNorm, MLA up-projections, SwiGLU), CPU-offload wirin
 On k2-tiny in bf16 (CPU): forward outputs bit-identical with every option; recomputation gives the same
 gradients bit for bit; FP8 storage keeps every parameter's gradient within 2^-4 relative (Frobenius) of
 bf16 storage (2^-4 is e4m3's relative rounding step, an error bound for each stored element); saved bytes per
-layer measured with saved-tensor hooks (SavedActivationMeter); a short pretraining run with FP8 storage ends
+layer measured with saved-tensor hooks (tests/_activation_meter.py); a short pretraining run with FP8 storage ends
 within 0.01 nats of the bf16-storage loss.
 """
 
@@ -19,8 +19,9 @@ import math
 import pytest
 import torch
 
-from k2_megatron.training.config import ConfigError, load_config
-from k2_megatron.training.memory import MemoryOptions, activation_bytes_per_token, transformer_config_overrides
+from k2_megatron.config import ConfigError, MemoryOptions, load_config
+from k2_megatron.megatron.activation_memory import transformer_config_overrides
+from k2_megatron.training.plan import activation_bytes_per_token
 
 ALL_RECOMPUTE = ("layernorm", "mla_up_proj", "swiglu")
 OPTION_SETS = {
@@ -95,7 +96,9 @@ def test_pretrain_refuses_cpu_offload_without_cuda(tmp_path):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_fp8_saved_tensors_only_changes_the_saved_copy(device):
-    from k2_megatron.megatron.activation_memory import SavedActivationMeter, fp8_saved_tensors
+    from _activation_meter import SavedActivationMeter
+
+    from k2_megatron.megatron.activation_memory import fp8_saved_tensors
     from k2_megatron.ops import fp8_tile_dequantize, fp8_tile_quantize
 
     g = torch.Generator().manual_seed(0)
@@ -128,9 +131,11 @@ def test_fp8_saved_tensors_only_changes_the_saved_copy(device):
 def tiny_runs():
     """One forward + backward of k2-tiny (bf16) per option set, same weights and batch: outputs, gradients and
     the per-layer saved bytes."""
-    from k2_megatron.megatron import build_k2_model, init_distributed_cpu, teardown_distributed_cpu
-    from k2_megatron.megatron.activation_memory import SavedActivationMeter, apply_activation_memory
-    from k2_megatron.models import get_preset
+    from _activation_meter import SavedActivationMeter
+
+    from k2_megatron.config import get_preset
+    from k2_megatron.megatron import (apply_activation_memory, build_k2_model, init_distributed_cpu,
+                                      teardown_distributed_cpu)
 
     init_distributed_cpu()
     cfg = get_preset("k2-tiny")
@@ -232,7 +237,7 @@ def _print_table(runs) -> None:
 # ----- planner -----
 
 def test_planner_accounts_for_the_options():
-    from k2_megatron.models import get_preset
+    from k2_megatron.config import get_preset
     from k2_megatron.training.plan import _activation_elements_per_token
 
     cfg = get_preset("k2")

@@ -164,7 +164,7 @@ def test_train_step_baseline_attention_equals_ours():
 
     from benchmarks.train_step import local_mla_core_attention
     from k2_megatron.megatron import K2MLACoreAttention, init_distributed_cpu, to_transformer_config
-    from k2_megatron.models import get_preset
+    from k2_megatron.config import get_preset
 
     init_distributed_cpu()
     try:

@@ -29,7 +29,7 @@ from k2_megatron.checkpoint.safetensors_io import (
     parse_size,
     read_safetensors_header,
 )
-from k2_megatron.models import get_preset
+from k2_megatron.config import get_preset
 
 
 def test_expected_shapes_of_the_full_k2():

@@ -179,11 +179,12 @@ def _layout_worker(rank, world, init_file, hf_path, out_root, result_path):
         from megatron.core import parallel_state
 
         from k2_megatron.checkpoint.convert import convert_hf_to_megatron
+        from k2_megatron.config import ParallelLayout
         from k2_megatron.megatron import init_distributed_cpu
 
         for name, (tp, pp, ep) in LAYOUTS.items():
-            init_distributed_cpu(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, rank=rank,
-                                 world_size=world, init_method=f"file://{init_file}")
+            init_distributed_cpu(ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep),
+                                 rank=rank, world_size=world, init_method=f"file://{init_file}")
             stats = convert_hf_to_megatron(hf_path, os.path.join(out_root, name))
             results[name] = {"tensors": stats.tensors, "tp": parallel_state.get_tensor_model_parallel_world_size(),
                              "pp": parallel_state.get_pipeline_model_parallel_world_size(),

@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from k2_megatron.models import (
+from k2_megatron.config import (
     PRESETS,
     K2Config,
-    check_parallel_layout,
+    ParallelLayout,
     config_from_hf,
     config_to_hf,
     get_preset,
@@ -84,12 +84,12 @@ def test_preset_errors_and_overrides():
 ])
 def test_impossible_layouts(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        check_parallel_layout(get_preset("k2"), **kwargs)
+        ParallelLayout(**kwargs).check_model(get_preset("k2"))
 
 
 def test_possible_layouts():
-    check_parallel_layout(get_preset("k2"), tensor_parallel=8, expert_parallel=16, pipeline_parallel=61)
-    check_parallel_layout(get_preset("k2-tiny"), tensor_parallel=2, pipeline_parallel=2, expert_parallel=2)
+    ParallelLayout(tensor_parallel=8, expert_parallel=16, pipeline_parallel=61).check_model(get_preset("k2"))
+    ParallelLayout(tensor_parallel=2, pipeline_parallel=2, expert_parallel=2).check_model(get_preset("k2-tiny"))
 
 
 def test_release_config_json_round_trip(tmp_path):
@@ -200,15 +200,47 @@ def test_reads_a_release_style_kimi_k2_config_json():
 
 def test_uneven_pipeline_split():
     k2 = get_preset("k2")
-    check_parallel_layout(k2, pipeline_parallel=16, first_stage_layers=3, last_stage_layers=2)  # 3 + 14 x 4 + 2
+    ParallelLayout(pipeline_parallel=16, first_stage_layers=3, last_stage_layers=2).check_model(k2)  # 3 + 14 x 4 + 2
     with pytest.raises(ValueError, match=r"the 57 middle layers are not divisible by middle stages x "
                                          r"virtual_pipeline_stages = 14 x 1"):
-        check_parallel_layout(k2, pipeline_parallel=16, first_stage_layers=2, last_stage_layers=2)
+        ParallelLayout(pipeline_parallel=16, first_stage_layers=2, last_stage_layers=2).check_model(k2)
     with pytest.raises(ValueError, match="last_stage_layers=1 is not divisible by virtual_pipeline_stages=2"):
-        check_parallel_layout(k2, pipeline_parallel=16, virtual_pipeline_stages=2, first_stage_layers=4,
-                              last_stage_layers=1)
+        ParallelLayout(pipeline_parallel=16, virtual_pipeline_stages=2, first_stage_layers=4,
+                       last_stage_layers=1).check_model(k2)
     with pytest.raises(ValueError, match="need pipeline_parallel >= 2"):
-        check_parallel_layout(k2, first_stage_layers=1)
+        ParallelLayout(first_stage_layers=1).check_model(k2)
     with pytest.raises(ValueError, match="0 layers are left for 1 middle pipeline stages"):
-        check_parallel_layout(get_preset("k2-tiny"), pipeline_parallel=3, first_stage_layers=2, last_stage_layers=2)
-    check_parallel_layout(get_preset("k2-tiny"), pipeline_parallel=2, first_stage_layers=1)  # 1 | 3
+        tiny = get_preset("k2-tiny")
+        ParallelLayout(pipeline_parallel=3, first_stage_layers=2, last_stage_layers=2).check_model(tiny)
+    ParallelLayout(pipeline_parallel=2, first_stage_layers=1).check_model(get_preset("k2-tiny"))  # 1 | 3
+
+
+def test_parallel_layout_on_a_world():
+    """The data-parallel size is what the world leaves after TP x PP (x CP); experts split inside DP x TP."""
+    layout = ParallelLayout(tensor_parallel=2, pipeline_parallel=4, expert_parallel=8).for_world(64)
+    assert (layout.data_parallel, layout.world_size, layout.expert_data_parallel) == (8, 64, 2)
+    assert ParallelLayout(context_parallel=2).for_world(8).data_parallel == 4
+    with pytest.raises(ValueError, match="world size 12 is not divisible by tensor_parallel x pipeline_parallel, "
+                                         "i.e. not a positive multiple of TP x PP = 8"):
+        ParallelLayout(tensor_parallel=2, pipeline_parallel=4).for_world(12)
+    with pytest.raises(ValueError, match=r"expert_parallel=3 must divide DP x TP = 2 x 1"):
+        ParallelLayout(expert_parallel=3).for_world(2)
+    with pytest.raises(ValueError, match="data_parallel=4 does not fit world size 2"):
+        ParallelLayout(data_parallel=4).for_world(2)
+    with pytest.raises(ValueError, match="data_parallel is not known yet"):
+        ParallelLayout().world_size
+
+
+def test_parallel_layout_stages_and_labels():
+    layout = ParallelLayout(pipeline_parallel=2, virtual_pipeline_stages=2)
+    assert [layout.stage_layers(8, pp, vp) for vp in range(2) for pp in range(2)] == [
+        range(0, 2), range(2, 4), range(4, 6), range(6, 8)]  # chunk order: virtual stage 0 of every stage first
+    with pytest.raises(ValueError, match="vp_stage is required"):
+        layout.stage_layers(8, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        layout.stage_layers(8, 2, 0)
+    # a run config names its own keys in the messages about the sizes
+    with pytest.raises(ValueError, match="parallel.virtual_stages=2 needs parallel.pipeline >= 2, got 1"):
+        ParallelLayout(virtual_pipeline_stages=2, labels={"virtual_pipeline_stages": "parallel.virtual_stages",
+                                                          "pipeline_parallel": "parallel.pipeline"})
+    assert ParallelLayout(labels={"tensor_parallel": "x"}) == ParallelLayout()

@@ -33,20 +33,21 @@ def _worker(rank, world, init_file, state_path, result_path, ckpt_root):
         from megatron.core import dist_checkpointing, parallel_state
 
         from k2_megatron.checkpoint import load_megatron_state_dict
+        from k2_megatron.config import ParallelLayout
         from k2_megatron.megatron import build_k2_model, init_distributed_cpu
 
         cfg = k2_like_tiny_config()
         full = torch.load(state_path)
         for name, (tp, pp, ep, vpp, first) in LAYOUTS.items():
-            init_distributed_cpu(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
-                                 virtual_pipeline_stages=vpp, rank=rank, world_size=world,
-                                 init_method=f"file://{init_file}")
+            layout = ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                                    virtual_pipeline_stages=vpp, first_stage_layers=first)
+            init_distributed_cpu(layout, rank=rank, world_size=world, init_method=f"file://{init_file}")
             data_seed = 100 + (parallel_state.get_data_parallel_rank() if tp == 1 and pp == 1 else 0)
             batches = make_batches(cfg, MICROBATCHES, MICRO_BATCH, SEQ, seed=data_seed)
             if vpp is None:
-                chunks = [build_k2_model(cfg, first_stage_layers=first)]
+                chunks = [build_k2_model(cfg, layout=layout)]
             else:
-                chunks = [build_k2_model(cfg, vp_stage=v, virtual_pipeline_stages=vpp) for v in range(vpp)]
+                chunks = [build_k2_model(cfg, layout=layout, vp_stage=v) for v in range(vpp)]
             for chunk in chunks:
                 load_megatron_state_dict(chunk, full)
             parallel = train_step_losses(chunks if vpp else chunks[0], batches, SEQ, MICRO_BATCH)

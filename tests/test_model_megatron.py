@@ -103,8 +103,8 @@ def test_current_max_attn_logits_match_float64(model_and_cfg):
     hooks = [layer.self_attention.core_attention.register_forward_hook(
         lambda mod, args, out: captured.append((mod, args[0].detach(), args[1].detach()))) for layer in layers]
     try:
-        for layer in layers:
-            layer.self_attention.core_attention.reset_max_attn_logits()
+        for layer in layers:  # forget earlier forwards
+            layer.self_attention.core_attention.take_max_attn_logits()
         with torch.no_grad():
             _forward(model, _tokens(cfg, 1))
             _forward(model, _tokens(cfg, 2, b=1, s=SEQ + 5))  # running max over two forwards
@@ -123,7 +123,8 @@ def test_current_max_attn_logits_match_float64(model_and_cfg):
             s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
             m = s.amax(dim=(0, 2, 3))
             expected = m if expected is None else torch.maximum(expected, m)
-        got = core.current_max_attn_logits
+        got = core.take_max_attn_logits()
+        assert core.current_max_attn_logits is None  # handed over and reset
         assert got.dtype == torch.float32 and got.shape == (cfg.num_attention_heads,)
         torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
     # softmax scale is 1/sqrt(d_qk) * mscale^2 (YaRN), the same as transformers'
@@ -135,7 +136,7 @@ def test_megatron_qk_clip_reads_our_max_logits(model_and_cfg):
     scales the q_C / q_R / k_C rows of the heads above tau (K2 report: sqrt(gamma), gamma, sqrt(gamma))."""
     model, cfg = model_and_cfg
     attn = model.decoder.layers[1].self_attention
-    attn.core_attention.reset_max_attn_logits()
+    attn.core_attention.take_max_attn_logits()  # forget earlier forwards
     with torch.no_grad():
         _forward(model, _tokens(cfg, 4))
     s_max = attn.core_attention.current_max_attn_logits.clone()
@@ -210,13 +211,15 @@ def test_forward_backward_func_single_process(model_and_cfg):
     ({"pipeline_parallel": 2, "virtual_pipeline_stages": 4}, r"2 x 4 = 8"),
 ])
 def test_impossible_layouts_fail_at_construction(kwargs, match):
+    from k2_megatron.config import ParallelLayout
     from k2_megatron.megatron import to_transformer_config
 
     with pytest.raises(ValueError, match=match):
-        to_transformer_config(k2_like_tiny_config(), **kwargs)
+        to_transformer_config(k2_like_tiny_config(), ParallelLayout(**kwargs))
 
 
 def test_unknown_preset_and_mismatched_layout_fail(model_and_cfg):
+    from k2_megatron.config import ParallelLayout
     from k2_megatron.megatron import build_k2_model, to_transformer_config
 
     with pytest.raises(ValueError, match="q_lora_rank=None"):
@@ -225,7 +228,8 @@ def test_unknown_preset_and_mismatched_layout_fail(model_and_cfg):
     with pytest.raises(ValueError, match="unknown K2 preset 'k3'"):
         build_k2_model("k3")
     with pytest.raises(ValueError, match="tensor-parallel size 2 != initialised size 1"):
-        build_k2_model(k2_like_tiny_config(), to_transformer_config(k2_like_tiny_config(), tensor_parallel=2))
+        build_k2_model(k2_like_tiny_config(),
+                       to_transformer_config(k2_like_tiny_config(), ParallelLayout(tensor_parallel=2)))
 
 
 def test_packed_sequences_match_separate_sequences(model_and_cfg):
@@ -285,11 +289,12 @@ def test_core_attention_rejects_what_it_cannot_compute(model_and_cfg):
 
 def test_full_k2_transformer_config_for_a_release_scale_layout():
     """The 61-layer release model on TP8 x EP16 x PP16 (uneven first/last stage): megatron accepts the config."""
+    from k2_megatron.config import ParallelLayout, get_preset
     from k2_megatron.megatron import to_transformer_config
-    from k2_megatron.models import get_preset
 
-    tc = to_transformer_config(get_preset("k2"), tensor_parallel=8, expert_parallel=16, pipeline_parallel=16,
-                               first_stage_layers=3, last_stage_layers=2, params_dtype=torch.bfloat16)
+    layout = ParallelLayout(tensor_parallel=8, expert_parallel=16, pipeline_parallel=16, first_stage_layers=3,
+                            last_stage_layers=2)
+    tc = to_transformer_config(get_preset("k2"), layout, params_dtype=torch.bfloat16)
     assert tc.num_layers == 61 and tc.moe_layer_freq == [0] + [1] * 60
     assert (tc.num_attention_heads, tc.q_lora_rank, tc.kv_lora_rank) == (64, 1536, 512)
     assert (tc.qk_head_dim, tc.qk_pos_emb_head_dim, tc.v_head_dim) == (128, 64, 128)

@@ -306,8 +306,8 @@ def test_optimizer_applies_qk_clip_after_the_update():
         torch.testing.assert_close(p.detach().double(), ref.w[n], rtol=0, atol=2e-6, msg=n)
     stats = opt.qk_clip_stats["layer0"]
     assert stats.num_clipped == 2 and float(stats.max_logit) == 300.0
-    # record_max_logits overrides the source for one step.
-    opt.record_max_logits("layer0", torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    # the source is asked again at every step
+    source["value"] = torch.tensor([1.0, 2.0, 3.0, 4.0])
     set_grads(model, grads)
     opt.step()
     assert opt.qk_clip_stats["layer0"].num_clipped == 0
@@ -319,10 +319,10 @@ def test_optimizer_applies_qk_clip_after_the_update():
 def test_state_dict_round_trip_is_exact():
     model = make_toy()
     opt = MuonClip(muon_param_groups(model), lr=0.01)
-    opt.register_attention("attn", w_q_up=model.q_up, w_kv_up=model.kv_up, layout=LAYOUT)
+    logits = lambda: torch.tensor([90.0, 110.0, 50.0, 130.0])  # noqa: E731
+    opt.register_attention("attn", w_q_up=model.q_up, w_kv_up=model.kv_up, layout=LAYOUT, max_logits=logits)
     for s in range(3):
         set_grads(model, random_grads(model, s))
-        opt.record_max_logits("attn", torch.tensor([90.0, 110.0, 50.0, 130.0]))
         opt.step()
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
@@ -331,13 +331,12 @@ def test_state_dict_round_trip_is_exact():
 
     twin = copy.deepcopy(model)
     twin_opt = MuonClip(muon_param_groups(twin), lr=0.5)  # hyper-parameters come back from the state dict
-    twin_opt.register_attention("attn", w_q_up=twin.q_up, w_kv_up=twin.kv_up, layout=LAYOUT)
+    twin_opt.register_attention("attn", w_q_up=twin.q_up, w_kv_up=twin.kv_up, layout=LAYOUT, max_logits=logits)
     twin_opt.load_state_dict(saved)
     assert twin_opt.param_groups[0]["lr"] == 0.01
     for s in range(3, 5):
         for m, o in ((model, opt), (twin, twin_opt)):
             set_grads(m, random_grads(m, s))
-            o.record_max_logits("attn", torch.tensor([90.0, 110.0, 50.0, 130.0]))
             o.step()
     for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
         assert torch.equal(p, q), n
@@ -403,7 +402,7 @@ def test_bad_max_logits_refused_before_any_update(logits, exc, match):
 def test_missing_max_logits_is_an_error():
     model = make_toy()
     opt = MuonClip(muon_param_groups(model), lr=0.01)
-    opt.register_attention("attn", w_q_up=model.q_up, w_kv_up=model.kv_up, layout=LAYOUT)
+    opt.register_attention("attn", w_q_up=model.q_up, w_kv_up=model.kv_up, layout=LAYOUT, max_logits=lambda: None)
     set_grads(model, random_grads(model, 0))
     with pytest.raises(RuntimeError, match="no max logits for attention layer 'attn'"):
         opt.step()
@@ -419,8 +418,9 @@ def test_missing_max_logits_is_an_error():
     (lambda m: MuonClip(muon_param_groups(m), momentum=1.0), ValueError, "momentum"),
     (lambda m: MuonClip(muon_param_groups(m), nonfinite="ignore"), ValueError, "nonfinite"),
     (lambda m: MuonClip(muon_param_groups(m)).register_attention(
-        "a", w_q_up=m.kv_up, w_kv_up=m.kv_up, layout=LAYOUT), ValueError, "w_q_up must be"),
-    (lambda m: MuonClip(muon_param_groups(m)).record_max_logits("nope", torch.zeros(4)), KeyError, "nope"),
+        "a", w_q_up=m.kv_up, w_kv_up=m.kv_up, layout=LAYOUT, max_logits=lambda: None), ValueError, "w_q_up must be"),
+    (lambda m: MuonClip(muon_param_groups(m)).register_attention(
+        "nope", w_q_up=m.q_up, w_kv_up=m.kv_up, layout=LAYOUT, max_logits=torch.zeros(4)), TypeError, "nope"),
 ])
 def test_bad_configuration(make, exc, match):
     with pytest.raises(exc, match=match):

@@ -89,7 +89,7 @@ def _train(ddp, opt, cfg, steps, *, on_step=None):
         train_step_losses(ddp, _batches(cfg, step)[dp_rank::dp], SEQ, MICRO_BATCH)  # + finalize_model_grads
         ok, _, _ = opt.step()
         assert ok
-        stats.append(dict(opt.qk_clip_stats))
+        stats.append({n: (float(s.max_logit), s.num_clipped) for n, s in opt.qk_clip_stats.items()})
         if on_step is not None:
             on_step(step)
     return stats
@@ -147,14 +147,16 @@ def _clip_bound(ddp, opt, cfg):
             g["lr"] = 0.0
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     batches = _batches(cfg, 99)[dp_rank::dp]
-    ddp.zero_grad_buffer()
-    opt.zero_grad()
-    train_step_losses(ddp, batches, SEQ, MICRO_BATCH)
-    before, _ = opt.global_max_logits()
-    opt.step()
-    train_step_losses(ddp, batches, SEQ, MICRO_BATCH)
-    after, _ = opt.global_max_logits()
-    opt.reset_max_logits()
+
+    def step_max_logits():  # the per-head max logits (all heads, global batch) a step saw
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        train_step_losses(ddp, batches, SEQ, MICRO_BATCH)
+        opt.step()
+        return {name: s.max_logits for name, s in opt.qk_clip_stats.items()}
+
+    before = step_max_logits()  # clips with these
+    after = step_max_logits()  # the same batch again, after the clip
     first = "layers.0.self_attention"
     if first not in before:
         return 0, 0.0, 0.0
@@ -170,15 +172,15 @@ def _worker(rank, world, init_file, state_path, tmp, result_path):
     torch.set_num_threads(1)
     out = {}
     try:
-
+        from k2_megatron.config import ParallelLayout
         from k2_megatron.megatron import init_distributed_cpu
 
         cfg, full = _config(), torch.load(state_path)
         if world == 1:
             out.update(_single_process(cfg, full, tmp, init_file))
         for name, (tp, pp, ep) in LAYOUTS.get(world, {}).items():
-            init_distributed_cpu(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, rank=rank,
-                                 world_size=world, init_method=f"file://{init_file}")
+            init_distributed_cpu(ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep),
+                                 rank=rank, world_size=world, init_method=f"file://{init_file}")
             ddp, opt = _build(cfg, full)
             ckpt = os.path.join(tmp, "resume_ckpt")
             save = (lambda step: _save(ddp, opt, ckpt) if step + 1 == SAVE_AT else None) if name == "DP2" else None
@@ -229,15 +231,13 @@ def _single_process(cfg, full, tmp, init_file):
                                w_kv_up=attn.linear_kv_up_proj.weight,
                                layout=MLAHeadLayout(attn.num_attention_heads_per_partition, c.qk_head_dim,
                                                     c.qk_pos_emb_head_dim, c.v_head_dim),
-                               max_logits=lambda a=attn: a.core_attention.current_max_attn_logits)
+                               max_logits=attn.core_attention.take_max_attn_logits)
     stats = []
     for step in range(STEPS):
         model.zero_grad(set_to_none=True)
         train_step_losses(model, _batches(cfg, step), SEQ, MICRO_BATCH)
         opt.step()
         stats.append({n: (float(s.max_logit), s.num_clipped) for n, s in opt.qk_clip_stats.items()})
-        for attn in attention:
-            attn.core_attention.reset_max_attn_logits()
     matrices = sum(p.shape[0] if p.dim() == 3 else 1 for g in opt.param_groups if g["use_muon"] for p in g["params"])
     out["single"] = {"stats": stats, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                      "matrices_per_step": matrices}

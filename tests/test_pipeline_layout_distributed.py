@@ -31,16 +31,16 @@ def _worker(rank, world, init_file, state_path, result_path):
         from megatron.core import parallel_state
 
         from k2_megatron.checkpoint import load_megatron_state_dict
+        from k2_megatron.config import ParallelLayout
         from k2_megatron.megatron import build_k2_model, init_distributed_cpu
 
         cfg = k2_like_tiny_config(num_hidden_layers=NUM_LAYERS)
         full = torch.load(state_path)
         batches = make_batches(cfg, MICROBATCHES, MICRO_BATCH, SEQ, seed=100)
         for layout in LAYOUTS:
-            init_distributed_cpu(pipeline_parallel=2, virtual_pipeline_stages=2, rank=rank, world_size=world,
-                                 init_method=f"file://{init_file}")
-            chunks = [build_k2_model(cfg, vp_stage=v, virtual_pipeline_stages=2, pipeline_layout=layout)
-                      for v in range(2)]
+            split = ParallelLayout(pipeline_parallel=2, virtual_pipeline_stages=2, pipeline_layout=layout)
+            init_distributed_cpu(split, rank=rank, world_size=world, init_method=f"file://{init_file}")
+            chunks = [build_k2_model(cfg, layout=split, vp_stage=v) for v in range(2)]
             for chunk in chunks:
                 load_megatron_state_dict(chunk, full)
             parallel = train_step_losses(chunks, batches, SEQ, MICRO_BATCH)

@@ -19,7 +19,7 @@ import torch
 
 from tests._model_helpers import require_no_cuda
 
-from k2_megatron.training.config import load_config
+from k2_megatron.config import load_config
 
 
 def _cfg(out_dir, *extra):

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from k2_megatron.training.config import ConfigError, PretrainConfig, load_config
+from k2_megatron.config import ConfigError, PretrainConfig, load_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "configs")
 
@@ -154,7 +154,6 @@ def test_pipeline_layout_option():
 
 
 def test_full_recipe_uses_virtual_stages_with_an_uneven_layout():
-    from k2_megatron.models.config import pipeline_layout_chunk_layers
     from k2_megatron.training.plan import plan_memory
 
     cfg = load_config(os.path.join(CONFIGS, "k2_full.yaml"))
@@ -163,7 +162,7 @@ def test_full_recipe_uses_virtual_stages_with_an_uneven_layout():
     assert p.first_stage_layers is None and p.last_stage_layers is None
     dp, _ = cfg.layout(256)
     assert dp == 16
-    chunks = pipeline_layout_chunk_layers(61, 16, 2, "auto")
+    chunks = p.layout().chunk_layers(61)
     plan = plan_memory(cfg, 256)
     assert [s.chunk_layers for s in plan.stages] == [[chunks[s], chunks[s + 16]] for s in range(16)]
     assert sum(len(s.layers) for s in plan.stages) == 61

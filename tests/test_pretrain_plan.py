@@ -10,8 +10,9 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import pytest
 
-from k2_megatron.training.config import ConfigError, load_config
-from k2_megatron.training.plan import dry_run, layer_params, plan_memory, split_layers
+from k2_megatron.config import ConfigError, load_config
+from k2_megatron.config import ParallelLayout
+from k2_megatron.training.plan import dry_run, layer_params, plan_memory
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "configs")
 
@@ -22,7 +23,7 @@ def test_parameter_formulas_match_the_real_model():
 
     require_no_cuda()
     from k2_megatron.megatron import build_k2_model, init_distributed_cpu
-    from k2_megatron.models import get_preset
+    from k2_megatron.config import get_preset
 
     cfg = get_preset("k2-tiny")
     init_distributed_cpu()
@@ -48,10 +49,11 @@ def test_parameter_formulas_match_the_real_model():
 
 
 def test_layer_splits():
-    assert split_layers(4, 2, 1) == [2, 2]
-    assert split_layers(4, 2, 2) == [1, 1, 1, 1]
-    assert split_layers(61, 16, 1, first=3, last=2) == [3] + [4] * 14 + [2]
-    chunks = split_layers(61, 16, 2)
+    assert ParallelLayout(pipeline_parallel=2).chunk_layers(4) == [2, 2]
+    assert ParallelLayout(pipeline_parallel=2, virtual_pipeline_stages=2).chunk_layers(4) == [1, 1, 1, 1]
+    assert ParallelLayout(pipeline_parallel=16, first_stage_layers=3, last_stage_layers=2).chunk_layers(61) == (
+        [3] + [4] * 14 + [2])
+    chunks = ParallelLayout(pipeline_parallel=16, virtual_pipeline_stages=2, pipeline_layout="auto").chunk_layers(61)
     assert sum(chunks) == 61 and len(chunks) == 32 and sorted(set(chunks)) == [1, 2]
     assert chunks[0] == 1 and chunks[-1] == 1  # the short chunks carry the embedding and the output layer
 

@@ -1,12 +1,13 @@
-"""K2's warmup-stable-decay schedule, batch size in tokens, YaRN settings (k2_megatron/training/schedule.py)."""
+"""K2's warmup-stable-decay schedule, batch size in tokens, YaRN settings (k2_megatron/config/schedule.py) and
+their application to torch optimizers (k2_megatron/training/schedule.py)."""
 
 import math
 
 import pytest
 import torch
 
-from k2_megatron.training.schedule import (K2_GLOBAL_BATCH_TOKENS, BatchLayout, WSDSchedule, YarnConfig,
-                                          batch_layout, set_lr, wsd_lr_scheduler)
+from k2_megatron.config.schedule import K2_GLOBAL_BATCH_TOKENS, BatchLayout, WSDSchedule, YarnConfig, batch_layout
+from k2_megatron.training.schedule import set_lr, wsd_lr_scheduler
 
 PEAK, FLOOR = 1e-3, 1e-4
 SCHED = WSDSchedule(peak_lr=PEAK, warmup_steps=10, stable_steps=20, decay_steps=40, min_lr=FLOOR)
@@ -139,7 +140,7 @@ def test_batch_layout_errors():
 
 
 def test_yarn_config_matches_k2_release():
-    from k2_megatron.models.config import get_preset
+    from k2_megatron.config.model import get_preset
 
     yarn = YarnConfig()
     assert yarn.max_position_embeddings == 131072

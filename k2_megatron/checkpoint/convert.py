@@ -47,7 +47,7 @@ from k2_megatron.checkpoint.safetensors_io import (
     make_staging_dir,
     move_into_place,
 )
-from k2_megatron.models.config import HF_MODEL_TYPES, K2Config, config_from_hf
+from k2_megatron.config.model import HF_MODEL_TYPES, K2Config, config_from_hf
 
 MEGATRON_HF_CONFIG = "hf_config.json"
 FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",

@@ -39,7 +39,7 @@ import re
 
 import torch
 
-from k2_megatron.models.config import K2Config
+from k2_megatron.config.model import K2Config
 
 _ATTN = {
     "self_attn.q_a_proj.weight": "self_attention.linear_q_down_proj.weight",

@@ -7,6 +7,8 @@ A YAML file holds the sections below (any key omitted keeps its default); an ove
 with the value parsed as YAML (``train.iters=20``, ``optim.qk_clip_tau=null``, ``model.overrides.num_hidden_layers=2``).
 Unknown sections or keys, wrong types and out-of-range values raise ``ConfigError`` naming the dotted key.
 Checks that need the world size (batch layout, data-parallel size) run in ``PretrainConfig.layout(world_size)``.
+The ``parallel`` section becomes a ``ParallelLayout`` (``ParallelSection.layout``), the ``memory`` section a
+``MemoryOptions`` (``MemorySection.options``).
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 
 import yaml
+
+from k2_megatron.config.memory import MemoryOptions
+from k2_megatron.config.model import PRESETS, K2Config, get_preset
+from k2_megatron.config.parallel import ParallelLayout
+from k2_megatron.config.schedule import BatchLayout, WSDSchedule, YarnConfig, batch_layout
 
 
 class ConfigError(ValueError):
@@ -26,7 +34,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    preset: str = "k2-tiny"                 # k2_megatron.models.get_preset name: k2, k2-mini, k2-tiny
+    preset: str = "k2-tiny"                 # k2_megatron.config.get_preset name: k2, k2-mini, k2-tiny
     overrides: dict = field(default_factory=dict)  # K2Config field overrides (vocab_size follows the tokenizer)
     params_dtype: str = "float32"           # float32 (CPU) or bfloat16 (GPU: bf16 weights, fp32 master + grads)
     bias_update_rate: float = 1e-2          # aux-loss-free expert-bias step per global batch (K2 scale: 1e-3)
@@ -44,8 +52,28 @@ class ParallelSection:
     last_stage_layers: int | None = None
     # uneven split over pipeline x virtual_stages chunks (megatron's pipeline_model_parallel_layout): "auto"
     # (balanced; embedding in the first chunk, output layer in the last) or a megatron layout string such as
-    # "Et|(tt|)*29,t|tL" (61 layers on PP16 x 2 virtual stages); see k2_megatron.models.config.resolve_pipeline_layout
+    # "Et|(tt|)*29,t|tL" (61 layers on PP16 x 2 virtual stages); see k2_megatron.config.parallel
     pipeline_layout: str | None = None
+
+    def layout(self, world_size: int | None = None) -> ParallelLayout:
+        """The ParallelLayout of this section (on ``world_size`` ranks when given: data_parallel derived);
+        ConfigError naming the key when the sizes do not fit together."""
+        try:
+            layout = ParallelLayout(tensor_parallel=self.tensor, pipeline_parallel=self.pipeline,
+                                    virtual_pipeline_stages=self.virtual_stages, expert_parallel=self.expert,
+                                    first_stage_layers=self.first_stage_layers,
+                                    last_stage_layers=self.last_stage_layers, pipeline_layout=self.pipeline_layout,
+                                    labels=_PARALLEL_KEYS)
+            return layout if world_size is None else layout.for_world(world_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+# ParallelLayout field -> the key of this section that sets it (for error messages)
+_PARALLEL_KEYS = {"tensor_parallel": "parallel.tensor", "pipeline_parallel": "parallel.pipeline",
+                  "virtual_pipeline_stages": "parallel.virtual_stages", "expert_parallel": "parallel.expert",
+                  "first_stage_layers": "parallel.first_stage_layers",
+                  "last_stage_layers": "parallel.last_stage_layers", "pipeline_layout": "parallel.pipeline_layout"}
 
 
 @dataclass
@@ -114,17 +142,15 @@ class OutputSection:
 
 @dataclass
 class MemorySection:
-    # Activation memory as in K2 (k2_megatron/training/memory.py; all off by default):
+    # Activation memory as in K2 (k2_megatron.megatron.activation_memory; all off by default):
     fp8_activations: bool = False           # MoE fc1 and SwiGLU inputs saved for backward as FP8 1x128 tiles
     recompute: list = field(default_factory=list)    # any of layernorm, mla_up_proj, swiglu (K2: these three),
                                                      # dense_mlp, shared_expert (whole-MLP recompute)
     cpu_offload: list = field(default_factory=list)  # megatron offload_modules (CUDA only): attn_norm, qkv_linear,
                                                      # core_attn, attn_proj, mlp_norm
 
-    def options(self):
-        """The k2_megatron.training.memory.MemoryOptions of this section."""
-        from k2_megatron.training.memory import MemoryOptions
-
+    def options(self) -> MemoryOptions:
+        """The MemoryOptions of this section."""
         return MemoryOptions(fp8_activations=self.fp8_activations, recompute=tuple(self.recompute),
                              cpu_offload=tuple(self.cpu_offload))
 
@@ -147,9 +173,7 @@ class PretrainConfig:
 
     def validate(self) -> "PretrainConfig":
         """Checks that need no world size; raises ConfigError naming the key. Returns self."""
-        from k2_megatron.models import PRESETS
-
-        m, p, d, t, o = self.model, self.parallel, self.data, self.train, self.optim
+        m, d, t, o = self.model, self.data, self.train, self.optim
         if m.preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {m.preset!r}; known: {sorted(PRESETS)}")
         if m.params_dtype not in ("float32", "bfloat16"):
@@ -157,22 +181,7 @@ class PretrainConfig:
         if m.yarn_factor is not None and not (isinstance(m.yarn_factor, (int, float)) and m.yarn_factor >= 1):
             raise ConfigError(f"model.yarn_factor: must be a number >= 1 or null, got {m.yarn_factor!r}")
         _positive_int("data.seq_length", d.seq_length)
-        for name in ("tensor", "pipeline", "expert"):
-            _positive_int(f"parallel.{name}", getattr(p, name))
-        if p.virtual_stages is not None:
-            _positive_int("parallel.virtual_stages", p.virtual_stages)
-            if p.virtual_stages > 1 and p.pipeline < 2:
-                raise ConfigError(f"parallel.virtual_stages={p.virtual_stages} needs parallel.pipeline >= 2, "
-                                  f"got {p.pipeline}")
-        if p.pipeline_layout is not None:
-            if not isinstance(p.pipeline_layout, str) or not p.pipeline_layout.strip():
-                raise ConfigError(f"parallel.pipeline_layout: must be 'auto', a megatron layout string or null, "
-                                  f"got {p.pipeline_layout!r}")
-            if p.pipeline < 2:
-                raise ConfigError(f"parallel.pipeline_layout needs parallel.pipeline >= 2, got {p.pipeline}")
-            if p.first_stage_layers is not None or p.last_stage_layers is not None:
-                raise ConfigError("parallel.pipeline_layout cannot be combined with parallel.first_stage_layers / "
-                                  "parallel.last_stage_layers (the layout gives every chunk its layers)")
+        self.parallel.layout()
         for name in ("iters", "global_batch_tokens", "micro_batch_size", "log_interval", "eval_micro_batches"):
             _positive_int(f"train.{name}", getattr(t, name))
         _nonneg_int("train.eval_interval", t.eval_interval)
@@ -222,12 +231,9 @@ class PretrainConfig:
             raise ConfigError(str(e)) from None
         return self
 
-    def k2_config(self, vocab_size: int | None):
+    def k2_config(self, vocab_size: int | None) -> K2Config:
         """The K2Config of model.preset + model.overrides (+ YaRN stage), with the tokenizer's vocab size when
         model.overrides does not fix one."""
-        from k2_megatron.models import get_preset
-        from k2_megatron.training.schedule import YarnConfig
-
         overrides = dict(self.model.overrides)
         if vocab_size is not None:
             if "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
@@ -245,39 +251,25 @@ class PretrainConfig:
                               f"{cfg.max_position_embeddings} (set model.yarn_factor for a long-context stage)")
         return cfg
 
-    def layout(self, world_size: int):
+    def layout(self, world_size: int) -> tuple[int, BatchLayout]:
         """(data-parallel size, BatchLayout) for ``world_size`` ranks; ConfigError when they do not fit."""
-        from k2_megatron.models import check_parallel_layout
-        from k2_megatron.training.schedule import batch_layout
-
-        p = self.parallel
-        mp = p.tensor * p.pipeline
-        if world_size % mp:
-            raise ConfigError(f"parallel: world size {world_size} is not divisible by parallel.tensor x "
-                              f"parallel.pipeline = {p.tensor} x {p.pipeline}")
-        dp = world_size // mp
-        if (dp * p.tensor) % p.expert:
-            raise ConfigError(f"parallel.expert={p.expert} must divide data-parallel x tensor-parallel = "
-                              f"{dp} x {p.tensor} (world size {world_size})")
+        layout = self.parallel.layout(world_size)
         try:
-            check_parallel_layout(self.k2_config(None), tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
-                                  virtual_pipeline_stages=p.virtual_stages, expert_parallel=p.expert,
-                                  first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers,
-                                  pipeline_layout=p.pipeline_layout)
-            bl = batch_layout(self.train.global_batch_tokens, self.data.seq_length, self.train.micro_batch_size, dp)
+            layout.check_model(self.k2_config(None))
+            bl = batch_layout(self.train.global_batch_tokens, self.data.seq_length, self.train.micro_batch_size,
+                              layout.data_parallel)
         except ConfigError:
             raise
         except ValueError as e:
             raise ConfigError(f"parallel / train: {e}") from None
-        if (p.virtual_stages or 1) > 1 and bl.num_micro_batches % p.pipeline:
+        pp = layout.pipeline_parallel
+        if layout.virtual_stages > 1 and bl.num_micro_batches % pp:
             raise ConfigError(f"train.global_batch_tokens: interleaved 1F1B needs the micro-batches per step "
-                              f"({bl.num_micro_batches}) to be a multiple of parallel.pipeline={p.pipeline}")
-        return dp, bl
+                              f"({bl.num_micro_batches}) to be a multiple of parallel.pipeline={pp}")
+        return layout.data_parallel, bl
 
-    def schedule(self):
+    def schedule(self) -> WSDSchedule:
         """The WSD schedule: warm-up, then stable and decay phases that end at train.iters unless given."""
-        from k2_megatron.training.schedule import WSDSchedule
-
         o, iters = self.optim, self.train.iters
         warmup = min(o.warmup_steps, iters)
         decay = o.decay_steps if o.decay_steps is not None else int(round(o.decay_fraction * iters))
@@ -310,8 +302,7 @@ def _nonneg_number(key: str, value) -> None:
 def _check_type(key: str, value, annotation):
     """Coerce ints to floats where a float is expected; otherwise the YAML type must match."""
     hint = annotation
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"),
-                                                                                          "UnionType", None)) else ()
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
     allowed = options or (hint,)
     if value is None:
         if type(None) in allowed:

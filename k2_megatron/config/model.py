@@ -1,10 +1,10 @@
-"""The K2 architecture as data: presets, validation, parallel-layout checks and Hugging Face config.json I/O.
+"""The K2 architecture as data: presets, validation and Hugging Face config.json I/O.
 
 Field names follow the Hugging Face DeepSeek-V3 / Kimi K2 config.json, so a release config maps one to one.
-The numbers of the ``k2`` preset are the released configuration (K2 report, section 1 of
-shared/K2_REFERENCE.md); ``k2-mini`` and ``k2-tiny`` keep its structure (MLA with q/kv LoRA, rope on a
-separate slice of the head, first layer dense, sigmoid router with correction bias, one shared expert,
-YaRN) at smaller widths.
+The numbers of the ``k2`` preset are the released configuration (the Kimi K2 technical report,
+arXiv:2507.20534, and the config.json of the moonshotai/Kimi-K2 releases); ``k2-mini`` and ``k2-tiny`` keep its
+structure (MLA with q/kv LoRA, rope on a separate slice of the head, first layer dense, sigmoid router with
+correction bias, one shared expert, YaRN) at smaller widths.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+
+from k2_megatron.config.schedule import YarnConfig
 
 # model_type values whose config.json describes this architecture (K2 releases say "kimi_k2";
 # transformers knows the same architecture as "deepseek_v3").
@@ -149,12 +151,11 @@ class K2Config:
 
 
 def _yarn(factor: float, original: int) -> dict:
-    return {"type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original),
-            "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    return YarnConfig(factor=factor, original_max_position_embeddings=original).rope_scaling()
 
 
 def _k2() -> K2Config:
-    # The released Kimi K2 (1.04T total, 32.6B activated): shared/K2_REFERENCE.md section 1.
+    # The released Kimi K2 (1.04T total, 32.6B activated).
     return K2Config(
         vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
         num_hidden_layers=61, first_k_dense_replace=1, num_attention_heads=64, q_lora_rank=1536,
@@ -195,167 +196,6 @@ def get_preset(name: str, **overrides) -> K2Config:
         raise ValueError(f"unknown K2 preset {name!r}; known presets: {sorted(PRESETS)}")
     cfg = PRESETS[name]()
     return cfg.replace(**overrides) if overrides else cfg
-
-
-def check_parallel_layout(cfg: K2Config, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                          virtual_pipeline_stages: int | None = None, expert_parallel: int = 1,
-                          expert_tensor_parallel: int = 1, context_parallel: int = 1,
-                          first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-                          pipeline_layout: str | None = None) -> None:
-    """Raise ValueError, naming the sizes, for a parallel layout this model cannot be split into.
-
-    Layers are split evenly over pipeline_parallel x virtual_pipeline_stages chunks, or, with
-    first_stage_layers / last_stage_layers (megatron's num_layers_in_{first,last}_pipeline_stage), the first
-    and/or last stage take that many and the middle stages split the rest evenly (each stage's count
-    divisible by virtual_pipeline_stages); 61 layers over 16 stages need this (e.g. first 3, last 2).
-    pipeline_layout ("auto" or a megatron layout string, see resolve_pipeline_layout) gives each chunk its own
-    count instead: 61 layers over 16 stages x 2 virtual stages need it."""
-    sizes = {"tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel,
-             "expert_parallel": expert_parallel, "expert_tensor_parallel": expert_tensor_parallel,
-             "context_parallel": context_parallel}
-    for name, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if cfg.num_attention_heads % tensor_parallel:
-        raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by "
-                         f"tensor_parallel={tensor_parallel}")
-    if cfg.n_routed_experts % expert_parallel:
-        raise ValueError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by "
-                         f"expert_parallel={expert_parallel}")
-    if expert_tensor_parallel != 1:
-        raise ValueError(f"expert_tensor_parallel={expert_tensor_parallel} is not supported by the K2 grouped-GEMM "
-                         "experts (use expert parallelism; K2 trains with expert_tensor_parallel=1)")
-    if context_parallel != 1:
-        raise ValueError(f"context_parallel={context_parallel} is not supported by the K2 core attention")
-    if virtual_pipeline_stages is not None and (not isinstance(virtual_pipeline_stages, int)
-                                                or virtual_pipeline_stages < 1):
-        raise ValueError(f"virtual_pipeline_stages must be None or an int >= 1, got {virtual_pipeline_stages!r}")
-    vpp = virtual_pipeline_stages or 1
-    if pipeline_layout is not None:
-        if first_stage_layers is not None or last_stage_layers is not None:
-            raise ValueError(f"pipeline_layout={pipeline_layout!r} cannot be combined with first_stage_layers="
-                             f"{first_stage_layers} / last_stage_layers={last_stage_layers}")
-        resolve_pipeline_layout(cfg.num_hidden_layers, pipeline_parallel, virtual_pipeline_stages, pipeline_layout)
-    elif first_stage_layers is None and last_stage_layers is None:
-        stages = pipeline_parallel * vpp
-        if cfg.num_hidden_layers % stages:
-            raise ValueError(f"num_hidden_layers={cfg.num_hidden_layers} is not divisible by pipeline_parallel x "
-                             f"virtual_pipeline_stages = {pipeline_parallel} x {vpp} = {stages}")
-    else:
-        if pipeline_parallel < 2:
-            raise ValueError(f"first_stage_layers / last_stage_layers need pipeline_parallel >= 2, got "
-                             f"{pipeline_parallel}")
-        middle_layers, middle_stages = cfg.num_hidden_layers, pipeline_parallel
-        for name, n in (("first_stage_layers", first_stage_layers), ("last_stage_layers", last_stage_layers)):
-            if n is None:
-                continue
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"{name} must be None or an int >= 1, got {n!r}")
-            if n % vpp:
-                raise ValueError(f"{name}={n} is not divisible by virtual_pipeline_stages={vpp}")
-            middle_layers -= n
-            middle_stages -= 1
-        if middle_layers < 0 or bool(middle_layers) != bool(middle_stages):
-            raise ValueError(f"{middle_layers} layers are left for {middle_stages} middle pipeline stages "
-                             f"(num_hidden_layers={cfg.num_hidden_layers}, first_stage_layers={first_stage_layers}, "
-                             f"last_stage_layers={last_stage_layers})")
-        if middle_stages and middle_layers % (middle_stages * vpp):
-            raise ValueError(f"the {middle_layers} middle layers are not divisible by middle stages x "
-                             f"virtual_pipeline_stages = {middle_stages} x {vpp}")
-    for name in ("intermediate_size", "moe_intermediate_size", "vocab_size"):
-        if getattr(cfg, name) % tensor_parallel:
-            raise ValueError(f"{name}={getattr(cfg, name)} is not divisible by tensor_parallel={tensor_parallel}")
-    if cfg.q_lora_rank is not None and cfg.q_lora_rank % tensor_parallel:
-        raise ValueError(f"q_lora_rank={cfg.q_lora_rank} is not divisible by tensor_parallel={tensor_parallel}")
-    if (cfg.kv_lora_rank + cfg.qk_rope_head_dim) % tensor_parallel:
-        raise ValueError(f"kv_lora_rank + qk_rope_head_dim = {cfg.kv_lora_rank + cfg.qk_rope_head_dim} is not "
-                         f"divisible by tensor_parallel={tensor_parallel}")
-
-
-# ----- uneven pipeline layouts (megatron-core's pipeline_model_parallel_layout) -----
-
-def balanced_chunk_layers(num_layers: int, chunks: int) -> list[int]:
-    """Decoder layers per model chunk (chunk order: chunk c = virtual stage c // PP on pipeline stage c % PP)
-    for ``num_layers`` over ``chunks`` chunks: an even split, or, when the layers do not divide, chunks of
-    ceil / floor size with the short (floor) chunks at chunk 0 (which also holds the embedding) and at the
-    end (the last holds the final norm and output layer). 61 layers over 32 chunks: chunks 0, 30, 31 get 1
-    layer, the other 29 get 2. Raises ValueError when some chunk would get no layer."""
-    for name, value in (("num_layers", num_layers), ("chunks", chunks)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    base, extra = divmod(num_layers, chunks)
-    if base == 0:
-        raise ValueError(f"cannot balance {num_layers} layers over {chunks} pipeline chunks: every chunk needs at "
-                         f"least one layer")
-    if not extra:
-        return [base] * chunks
-    short = chunks - extra
-    short_chunks = {0} | set(range(chunks - short + 1, chunks))
-    return [base if c in short_chunks else base + 1 for c in range(chunks)]
-
-
-def resolve_pipeline_layout(num_layers: int, pipeline_parallel: int, virtual_pipeline_stages: int | None,
-                            layout: str) -> str:
-    """The megatron-core layout string (TransformerConfig.pipeline_model_parallel_layout) of ``layout``,
-    validated for ``num_layers`` decoder layers over pipeline_parallel x virtual_pipeline_stages chunks.
-
-    layout: "auto" for balanced_chunk_layers' split (embedding "E" in chunk 0, loss "L" in the last chunk), or
-    megatron's string: chunks separated by "|" in chunk order (all stages' virtual stage 0, then virtual
-    stage 1, ...), "t" a decoder layer, "E" the embedding, "L" the loss (final norm + output layer), "x*n" and
-    "(...)*n" repeat, commas are cosmetic; e.g. "Et|(tt|)*29,t|tL" for 61 layers on PP16 x VPP2. Raises
-    ValueError naming pipeline_layout for a bad string, a chunk count other than PP x VPP, a decoder count
-    other than num_layers, a chunk without decoder layers, or "E" / "L" not alone at the start of chunk 0 /
-    end of the last chunk. Multi-token-prediction layers ("m") are not supported."""
-    if not isinstance(layout, str) or not layout.strip():
-        raise ValueError(f"pipeline_layout must be 'auto' or a megatron layout string, got {layout!r}")
-    if not isinstance(pipeline_parallel, int) or pipeline_parallel < 2:
-        raise ValueError(f"pipeline_layout needs pipeline_parallel >= 2, got {pipeline_parallel!r}")
-    vpp = virtual_pipeline_stages or 1
-    chunks = pipeline_parallel * vpp
-    if layout.strip().lower() == "auto":
-        counts = balanced_chunk_layers(num_layers, chunks)
-        return "|".join(("E" if c == 0 else "") + "t" * n + ("L" if c == chunks - 1 else "")
-                        for c, n in enumerate(counts))
-    parsed = parse_pipeline_layout(layout)
-    if len(parsed) != chunks:
-        raise ValueError(f"pipeline_layout {layout!r} has {len(parsed)} chunks, but pipeline_parallel x "
-                         f"virtual_pipeline_stages = {pipeline_parallel} x {vpp} = {chunks}")
-    decoders = sum(chunk.count("t") for chunk in parsed)
-    if decoders != num_layers:
-        raise ValueError(f"pipeline_layout {layout!r} has {decoders} decoder layers ('t'), but "
-                         f"num_hidden_layers={num_layers}")
-    for c, chunk in enumerate(parsed):
-        if "m" in chunk:
-            raise ValueError(f"pipeline_layout {layout!r}: multi-token-prediction layers ('m') are not supported")
-        if "t" not in chunk:
-            raise ValueError(f"pipeline_layout {layout!r}: chunk {c} has no decoder layer ('t'); every chunk "
-                             f"needs at least one")
-        allowed = (["E"] if c == 0 else []) + ["t"] * chunk.count("t") + (["L"] if c == chunks - 1 else [])
-        if chunk != allowed:
-            raise ValueError(f"pipeline_layout {layout!r}: chunk {c} is {''.join(chunk)!r}; the embedding 'E' "
-                             f"must open chunk 0 and the loss 'L' close the last chunk, each exactly once")
-    return layout
-
-
-def parse_pipeline_layout(layout: str) -> list[list[str]]:
-    """Chunks of a megatron layout string as lists of layer letters ("E", "t", "L", "m"), with megatron-core's
-    own parser (repeats unrolled); ValueError naming pipeline_layout for characters it does not know."""
-    from megatron.core.transformer.enums import LayerType
-    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
-
-    letters = {LayerType.embedding: "E", LayerType.decoder: "t", LayerType.loss: "L", LayerType.mtp: "m"}
-    try:
-        chunks = PipelineParallelLayerLayout.parse_str_to_list(layout)
-    except AssertionError as exc:
-        raise ValueError(f"pipeline_layout {layout!r} is not a valid megatron layout string: {exc}") from None
-    return [[letters[t] for t in chunk] for chunk in chunks]
-
-
-def pipeline_layout_chunk_layers(num_layers: int, pipeline_parallel: int, virtual_pipeline_stages: int | None,
-                                 layout: str) -> list[int]:
-    """Decoder layers per chunk (chunk order) of ``layout`` (validated as in resolve_pipeline_layout)."""
-    resolved = resolve_pipeline_layout(num_layers, pipeline_parallel, virtual_pipeline_stages, layout)
-    return [chunk.count("t") for chunk in parse_pipeline_layout(resolved)]
 
 
 # ----- Hugging Face config.json -----
