@@ -255,7 +255,7 @@ def deepseek_v3_dirs(tmp_path_factory):
     from transformers import DeepseekV3Config
 
     from k2_megatron.checkpoint.safetensors_io import expected_mtp_shapes
-    from k2_megatron.models import config_to_hf
+    from k2_megatron.config import config_to_hf
 
     cfg = k2_like_tiny_config()
     model = make_hf_model(cfg, seed=3)
