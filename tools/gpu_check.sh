@@ -245,7 +245,7 @@ assert not torch.cuda.is_available() or e.extension_loaded(), 'k2_megatron._C di
 run_step status 60 "$PY -m k2_megatron && $PY -c \"$check_loaded\""
 
 if [ "$RUN_TESTS" = 1 ]; then
-  mapfile -t test_files < <(grep -l -E 'requires_cuda|torch\.cuda\.is_available\(\)' tests/test_*.py)
+  mapfile -t test_files < <(grep -rl --include='test_*.py' -E 'pytest\.mark\.gpu|torch\.cuda\.is_available\(\)' tests | sort)
   select_args="-k '${K2_TEST_SELECT:-cuda or gpu}'"
   [ "$FULL_TESTS" = 1 ] && select_args=""
   [ "${#test_files[@]}" -gt 0 ] || { echo "gpu_check.sh: no test file holds a CUDA test" >&2; exit 1; }

@@ -26,7 +26,7 @@ Three independent switches (``MemoryOptions``; the pretraining config's ``memory
 
 ``transformer_config_overrides(options)`` gives the MLATransformerConfig fields, ``apply_activation_memory``
 switches the FP8 storage on in built model chunks, ``SavedActivationMeter`` measures the bytes saved for
-backward per decoder layer on any device (the measurement behind tests/test_activation_memory.py), and
+backward per decoder layer on any device (the measurement behind tests/megatron/test_activation_memory.py), and
 ``activation_bytes_per_token`` is the analytic count the dry-run planner uses.
 """
 
