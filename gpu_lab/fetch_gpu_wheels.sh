@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run HERE (no GPU needed), from anywhere: downloads the wheels tools/gpu_wheels.txt names, at the versions
+# Run HERE (no GPU needed), from anywhere: downloads the wheels gpu_lab/gpu_wheels.txt names, at the versions
 # pinned in requirements*.txt, into wheels/ (or $K2_WHEELS) for the GPU machine (Python 3.12, x86-64, no
 # internet), and writes .k2_commit (the commit, "+dirty" when the tree has changes) for gpu_check.sh.
 # Both paths are git-ignored: name them in the device call's `carry` (64 MiB in all, the tree included).
@@ -20,12 +20,12 @@ for req in ("requirements.txt", "requirements-test.txt"):
         m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(==|>=|~=)\s*([^\s#;]+)", line)
         if m:
             pins[m.group(1).lower().replace("_", "-")] = (m.group(2), m.group(3))
-for line in Path("tools/gpu_wheels.txt").read_text().splitlines():
+for line in Path("gpu_lab/gpu_wheels.txt").read_text().splitlines():
     name = line.split("#")[0].strip().lower().replace("_", "-")
     if not name:
         continue
     if name not in pins:
-        raise SystemExit(f"tools/gpu_wheels.txt: {name} is not in requirements.txt / requirements-test.txt")
+        raise SystemExit(f"gpu_lab/gpu_wheels.txt: {name} is not in requirements.txt / requirements-test.txt")
     op, version = pins[name]
     if op != "==":
         version = metadata.version(name)  # unpinned: the version tested here
@@ -56,8 +56,8 @@ total=$((wheels + tree + prebuilt))
 echo "carry: wheels $((wheels / 1024)) KiB + tree $((tree / 1024)) KiB + prebuilt/ $((prebuilt / 1024)) KiB" \
      "= $((total / 1024 / 1024)) MiB of the 64 MiB a device call may send"
 if [ "$total" -ge "$CARRY_LIMIT" ]; then
-  echo "fetch_gpu_wheels: over the 64 MiB limit; drop a wheel from tools/gpu_wheels.txt" >&2
+  echo "fetch_gpu_wheels: over the 64 MiB limit; drop a wheel from gpu_lab/gpu_wheels.txt" >&2
   exit 1
 fi
-echo "device call: carry [\"$DEST\", \".k2_commit\", \"prebuilt\"] (prebuilt/: tools/gpu_check.sh --build-only," \
-     "README \"GPU validation\"), command: bash tools/gpu_check.sh --quick"
+echo "device call: carry [\"$DEST\", \".k2_commit\", \"prebuilt\"] (prebuilt/: gpu_lab/gpu_check.sh --build-only," \
+     "README \"GPU validation\"), command: bash gpu_lab/gpu_check.sh --quick"

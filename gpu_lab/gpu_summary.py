@@ -1,8 +1,8 @@
-"""The table at the end of tools/gpu_check.sh: every kernel's GPU tests and benchmark figures against the issue-9
+"""The table at the end of gpu_lab/gpu_check.sh: every kernel's GPU tests and benchmark figures against the issue-9
 targets, read from the files gpu_check.sh leaves in its work folder (steps.tsv, pytest_gpu.xml, <bench>.json,
 <step>.log). Anything missing reads "did not run" with the reason the step log gives.
 
-    python tools/gpu_summary.py --work /tmp/k2_gpu_check --out "$OUT/summary.md"
+    python gpu_lab/gpu_summary.py --work /tmp/k2_gpu_check --out "$OUT/summary.md"
 """
 
 from __future__ import annotations

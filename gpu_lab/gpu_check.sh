@@ -3,14 +3,14 @@
 # built), the GPU tests, every benchmark, and a table of the figures against the targets, printed last. Run from
 # anywhere in the repository on the GPU machine; everything lands in "${OUT:-./gpu_check_out}":
 #   gpu_check.log               the whole console output
-#   summary.md                  the table (tools/gpu_summary.py)
+#   summary.md                  the table (gpu_lab/gpu_summary.py)
 #   gpu_check_results.tar.gz    every step's log, the benchmarks' JSON, pytest's junit XML, summary.json
 #   pytest_gpu.xml              the GPU tests' junit XML
 #   _C.cpython-*.so, _C.build-info.txt   the library built on the device, if it was built there
 # (the device tool returns at most 8 files from $OUT, so the rest travels in the tarball).
 #
-#   bash tools/gpu_check.sh [--quick] [--skip-tests] [--skip-bench] [--full-tests] [--bench=a,b] [--cpu-smoke]
-#   bash tools/gpu_check.sh --build-only
+#   bash gpu_lab/gpu_check.sh [--quick] [--skip-tests] [--skip-bench] [--full-tests] [--bench=a,b] [--cpu-smoke]
+#   bash gpu_lab/gpu_check.sh --build-only
 #     --quick       reduced benchmark configurations (tests + figures within the default budget)
 #     --skip-tests  no pytest; --skip-bench: no benchmarks
 #     --full-tests  every test of the files that hold CUDA tests, not only the selected GPU tests
@@ -25,7 +25,7 @@
 # torch and this Python; otherwise (or with K2_FORCE_BUILD=1) the script builds in the tree, on the device.
 # Environment:
 #   K2_WHEELS (default wheels/)   .whl files to install (--no-index --no-deps) into a temporary target that goes
-#                                 on PYTHONPATH; tools/fetch_gpu_wheels.sh fills it on a machine with internet
+#                                 on PYTHONPATH; gpu_lab/fetch_gpu_wheels.sh fills it on a machine with internet
 #   K2_PREBUILT (default prebuilt/)  where --build-only writes the library and where the checks look for it
 #   K2_FORCE_BUILD=1              build on this machine even when the prebuilt library matches
 #   K2_COMMIT                     the commit to record; else git, else .k2_commit (written by fetch_gpu_wheels.sh)
@@ -125,7 +125,7 @@ elif git rev-parse --short HEAD >/dev/null 2>&1; then
   K2_COMMIT_SOURCE="git"
 elif [ -s .k2_commit ]; then
   K2_COMMIT=$(head -n1 .k2_commit)
-  K2_COMMIT_SOURCE=".k2_commit (tools/fetch_gpu_wheels.sh)"
+  K2_COMMIT_SOURCE=".k2_commit (gpu_lab/fetch_gpu_wheels.sh)"
 else
   K2_COMMIT=unknown
   K2_COMMIT_SOURCE="nothing: no K2_COMMIT, no git checkout, no .k2_commit"
@@ -154,7 +154,7 @@ print('megatron-core', megatron.core.__version__, '| CUTLASS headers:', u.find_s
     --target '$SITE' $WHEELS/*.whl && PYTHONPATH='$SITE' $PY -c \"$versions\""
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
-  echo "=== [wheels] none in $WHEELS/ (tools/fetch_gpu_wheels.sh fills it): using what is installed"
+  echo "=== [wheels] none in $WHEELS/ (gpu_lab/fetch_gpu_wheels.sh fills it): using what is installed"
   record wheels skipped - 0 "no .whl in $WHEELS/"
 fi
 
@@ -202,7 +202,7 @@ print('loads:', k2_megatron.kernels_status())"
   write_build_info "$PREBUILT"
   echo "=== $PREBUILT/: $(ls -s --block-size=K "$PREBUILT" | tr '\n' ' ')"
   cat "$PREBUILT/_C.build-info.txt"
-  echo "carry it: [\"wheels\", \".k2_commit\", \"$PREBUILT\"] (tools/fetch_gpu_wheels.sh prints the total)"
+  echo "carry it: [\"wheels\", \".k2_commit\", \"$PREBUILT\"] (gpu_lab/fetch_gpu_wheels.sh prints the total)"
   pack; exit "$FAILED"
 fi
 
@@ -293,7 +293,7 @@ fi
 pack
 echo "=== results: $OUT_DIR ($(ls "$OUT_DIR" | tr '\n' ' '))"
 echo
-$PY tools/gpu_summary.py --work "$WORK" --out "$OUT_DIR/summary.md" || { echo "gpu_summary.py failed"; FAILED=1; }
+$PY gpu_lab/gpu_summary.py --work "$WORK" --out "$OUT_DIR/summary.md" || { echo "gpu_summary.py failed"; FAILED=1; }
 pack
 exec >&- 2>&-
 wait "$TEE_PID" || true   # gpu_check.log complete before the device call collects $OUT
