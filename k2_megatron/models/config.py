@@ -1,10 +1,10 @@
 """The K2 architecture as data: presets, validation, parallel-layout checks and Hugging Face config.json I/O.
 
 Field names follow the Hugging Face DeepSeek-V3 / Kimi K2 config.json, so a release config maps one to one.
-The numbers of the ``k2`` preset are the released configuration (K2 report, section 1 of
-shared/K2_REFERENCE.md); ``k2-mini`` and ``k2-tiny`` keep its structure (MLA with q/kv LoRA, rope on a
-separate slice of the head, first layer dense, sigmoid router with correction bias, one shared expert,
-YaRN) at smaller widths.
+The numbers of the ``k2`` preset are the released configuration (the config.json of
+moonshotai/Kimi-K2-Instruct on Hugging Face; K2 report, arXiv:2507.20534); ``k2-mini`` and ``k2-tiny`` keep its
+structure (MLA with q/kv LoRA, rope on a separate slice of the head, first layer dense, sigmoid router with
+correction bias, one shared expert, YaRN) at smaller widths.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _yarn(factor: float, original: int) -> dict:
 
 
 def _k2() -> K2Config:
-    # The released Kimi K2 (1.04T total, 32.6B activated): shared/K2_REFERENCE.md section 1.
+    # The released Kimi K2 (1.04T total, 32.6B activated): config.json of moonshotai/Kimi-K2-Instruct.
     return K2Config(
         vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
         num_hidden_layers=61, first_k_dense_replace=1, num_attention_heads=64, q_lora_rank=1536,

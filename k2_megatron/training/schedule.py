@@ -1,8 +1,8 @@
 """K2's pretraining schedule as data: warmup-stable-decay learning rate, batch size in tokens, YaRN settings.
 
-K2 report (shared/K2_REFERENCE.md section 3): 500-step linear warm-up to 2e-4, 2e-4 constant for 10T tokens,
-cosine decay to 2e-5 over 5.5T tokens, weight decay 0.1, global batch ~67M tokens at context 4096; then a
-long-context stage with YaRN (factor 32 over the original 4096 positions).
+Kimi K2 technical report (arXiv:2507.20534), pre-training recipe: 500-step linear warm-up to 2e-4, 2e-4
+constant for 10T tokens, cosine decay to 2e-5 over 5.5T tokens, weight decay 0.1, global batch ~67M tokens at
+context 4096; then a long-context stage with YaRN (factor 32 over the original 4096 positions).
 
 Convention: ``lr(step)`` is the learning rate of optimizer step ``step`` (0-based), so with W warm-up steps,
 S stable steps and D decay steps:

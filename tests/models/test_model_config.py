@@ -155,7 +155,7 @@ def test_config_is_a_dataclass_with_validation():
 
 
 def test_reads_a_release_style_kimi_k2_config_json():
-    release = {  # the K2 release layout (shared/K2_REFERENCE.md section 1), with keys we carry unchanged
+    release = {  # moonshotai/Kimi-K2-Instruct's config.json, with keys we carry unchanged
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2", "vocab_size": 163840,
         "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
         "num_nextn_predict_layers": 0, "num_attention_heads": 64, "num_key_value_heads": 64,
