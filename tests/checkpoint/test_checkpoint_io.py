@@ -56,6 +56,7 @@ def test_expected_shapes_of_the_full_k2():
         expected_hf_shapes(cfg, expert_layout="x")
 
 
+@pytest.mark.slow
 def test_reads_what_transformers_save_pretrained_writes(tmp_path):
     from tests.helpers.model import k2_like_tiny_config, make_hf_model
 

@@ -84,6 +84,7 @@ def test_fp8_import_matches_float64_reference(fp8_src, tmp_path):
     assert all(t.dtype == torch.bfloat16 for n, t in bf16.items() if n != bias and "correction_bias" not in n)
 
 
+@pytest.mark.slow
 def test_fp8_export_passes_fp8_through_and_round_trips(fp8_src, tmp_path):
     src, tensors = fp8_src
     convert_hf_to_hf(src, tmp_path / "same", fp8_export=True, max_shard_size="1MB")
@@ -158,6 +159,7 @@ print(json.dumps({"summary": stats.summary(), "peak": stats.peak_bytes, "method"
 """
 
 
+@pytest.mark.slow
 def test_streaming_peak_memory_is_bounded_by_the_largest_group(tmp_path):
     import subprocess
     import sys
@@ -215,6 +217,7 @@ def test_cli(tmp_path, capsys):
         cli.main(["sideways", "--src", src, "--dst", str(tmp_path / "z")])
 
 
+@pytest.mark.slow
 def test_tools_script_runs_with_a_progress_bar(tmp_path):
     import subprocess
     import sys

@@ -161,6 +161,7 @@ def test_export_rejects_ranks_that_break_merge_order(tmp_path):
         tk.export_tiktoken_ranks(tk.BPETokenizer(str(tmp_path / "bad.json")), str(tmp_path / "bad.model"))
 
 
+@pytest.mark.slow
 def test_default_tokenizer_is_cached(tmp_path, monkeypatch):
     first = tk.default_tokenizer(512, cache_dir=str(tmp_path))
     assert first.vocab_size == 512 and first.path.startswith(str(tmp_path))

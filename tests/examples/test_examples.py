@@ -2,6 +2,8 @@
 
 import importlib.util
 
+import pytest
+
 from tests.helpers import REPO_ROOT
 
 EXAMPLES = REPO_ROOT / "examples"
@@ -14,6 +16,7 @@ def load(name):
     return module
 
 
+@pytest.mark.slow
 def test_muonclip_toy_learns_and_qk_clip_caps_the_max_logit():
     toy = load("muonclip_toy")
     clipped = toy.train(steps=120, tau=15.0, log_every=0)

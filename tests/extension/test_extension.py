@@ -9,6 +9,7 @@ import pytest
 from k2_megatron import _extension
 
 
+@pytest.mark.slow
 def test_without_extension_every_op_runs_the_reference():
     """As on a machine where _C was not built: import it as missing and use the public ops."""
     code = textwrap.dedent("""
@@ -39,6 +40,7 @@ def test_arch_compatibility(arch, cc, runs):
     assert _extension._arch_runs_on(arch, *cc) == runs
 
 
+@pytest.mark.slow
 def test_main_prints_status():
     out = subprocess.run([sys.executable, "-m", "k2_megatron"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

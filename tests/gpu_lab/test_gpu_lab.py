@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO_ROOT
 
 
@@ -104,6 +106,7 @@ def _run_gpu_check_smoke(repo, tmp_path):
     return proc, steps
 
 
+@pytest.mark.slow
 def test_gpu_check_uses_a_matching_prebuilt_library_and_gives_the_tree_its_own_back(tmp_path):
     repo, own = _gpu_check_copy(tmp_path)
     proc, steps = _run_gpu_check_smoke(repo, tmp_path)
@@ -113,6 +116,7 @@ def test_gpu_check_uses_a_matching_prebuilt_library_and_gives_the_tree_its_own_b
     assert [p.name for p in own.parent.glob("_C*.so")] == [own.name]
 
 
+@pytest.mark.slow
 def test_gpu_check_refuses_a_prebuilt_library_of_another_torch(tmp_path):
     repo, own = _gpu_check_copy(tmp_path, torch_version="2.0.0+cu000")
     proc, steps = _run_gpu_check_smoke(repo, tmp_path)

@@ -54,6 +54,7 @@ def test_options_validate_and_map_to_megatron():
         MemoryOptions(fp8_activations="yes")
 
 
+@pytest.mark.slow
 def test_pretrain_config_memory_section(tmp_path):
     cfg = load_config(None, ["memory.fp8_activations=true", "memory.recompute=[layernorm,swiglu]"])
     assert cfg.memory.options() == MemoryOptions(True, ("layernorm", "swiglu"))
@@ -155,12 +156,14 @@ def tiny_runs():
     return cfg, runs
 
 
+@pytest.mark.slow
 def test_forward_is_bit_identical(tiny_runs):
     _, runs = tiny_runs
     for name, run in runs.items():
         assert torch.equal(run["out"], runs["none"]["out"]), name
 
 
+@pytest.mark.slow
 def test_recompute_gradients_are_identical(tiny_runs):
     _, runs = tiny_runs
     ref = runs["none"]["grads"]
@@ -171,6 +174,7 @@ def test_recompute_gradients_are_identical(tiny_runs):
             assert torch.equal(grads[k], ref[k]), (name, k)
 
 
+@pytest.mark.slow
 def test_fp8_gradients_close_to_bf16_storage(tiny_runs):
     _, runs = tiny_runs
     ref = runs["none"]["grads"]
@@ -186,6 +190,7 @@ def test_fp8_gradients_close_to_bf16_storage(tiny_runs):
                 assert torch.equal(grads[k], ref[k]), k
 
 
+@pytest.mark.slow
 def test_saved_bytes_per_layer(tiny_runs):
     cfg, runs = tiny_runs
     tokens = BATCH * SEQ
@@ -291,6 +296,7 @@ def _train(tmp_path, name, iters, *extra):
 K2_MEMORY = ("memory.fp8_activations=true", "memory.recompute=[layernorm,mla_up_proj,swiglu]")
 
 
+@pytest.mark.slow
 def test_cpu_training_with_fp8_storage_tracks_bf16(tmp_path):
     """20 pretraining steps of k2-tiny (bf16, CPU) with FP8 storage + recomputation vs none: train losses
     within 0.01 nats at every step."""
@@ -305,6 +311,7 @@ def test_cpu_training_with_fp8_storage_tracks_bf16(tmp_path):
     assert ref != fp8  # FP8 storage changes the gradients
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("K2_ACTIVATION_MEMORY_200_STEPS") != "1",
                     reason="~80 s: set K2_ACTIVATION_MEMORY_200_STEPS=1 to run the issue's 200-step comparison")
 def test_200_steps_with_fp8_storage_end_within_margin(tmp_path):

@@ -16,6 +16,8 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 import pytest
 import torch
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 SEQ, MICRO_BATCH, MICROBATCHES = 16, 2, 4
 # (tensor, pipeline, expert parallel, virtual pipeline stages, layers of the first pipeline stage)
 LAYOUTS = {"TP2": (2, 1, 1, None, None), "PP2": (1, 2, 1, None, None), "EP2": (1, 1, 2, None, None),

@@ -16,6 +16,8 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 import pytest
 import torch
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 SEQ, MICRO_BATCH, GLOBAL_MICROBATCHES, STEPS, SAVE_AT = 16, 2, 4, 3, 2
 LR, WD, TAU = 1e-2, 0.1, 0.15  # k2-tiny's max logits start near 0.1-0.2: some heads clip at every step
 # name -> (tensor, pipeline, expert parallel) for the world size that runs it

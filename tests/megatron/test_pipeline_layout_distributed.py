@@ -15,6 +15,8 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 import pytest
 import torch
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 SEQ, MICRO_BATCH, MICROBATCHES = 16, 2, 4
 NUM_LAYERS = 5
 # layout -> 1-based layer numbers held by (pp rank 0, pp rank 1), chunk by chunk

@@ -122,6 +122,7 @@ def _check_backward(b, s, h, causal, d_qk, d_v, dtype):
         assert_close_to(got, want, TOL[dtype]["grad"], f"d{name}", floor=1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_gradcheck_float64(causal):
     q, k, v = make_qkv(2, 7, 2, 6, 5, torch.float64, seed=1, requires_grad=True)

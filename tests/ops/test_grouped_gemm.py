@@ -174,6 +174,7 @@ def test_gradients_match_float64_loop(e, k, n, t, load, dtype, trans_b):
             assert (w.grad[ex] == 0).all()  # experts without tokens get exactly zero
 
 
+@pytest.mark.slow
 def test_gradcheck_float64():
     sizes = torch.tensor([3, 0, 4, 2])
     gen = torch.Generator().manual_seed(3)
@@ -392,6 +393,7 @@ def test_unpermute_one_gradient_only(need):
     assert (permuted.grad is None) == (need == "probs") and (probs.grad is None) == (need == "permuted")
 
 
+@pytest.mark.slow
 def test_permute_unpermute_gradcheck():
     idx = routing(10, 3, 4, seed=11, distinct=False)
     tokens = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)

@@ -21,6 +21,8 @@ from tests.helpers.model import require_no_cuda
 
 from k2_megatron.training.config import load_config
 
+pytestmark = pytest.mark.slow  # every test trains k2-tiny for a few steps
+
 from tests.helpers import REPO_ROOT
 
 
@@ -134,6 +136,7 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
         pretrain(_cfg(tmp_path / "other", "train.iters=2", f"checkpoint.load={tmp_path / 'nowhere'}"))
 
 
+@pytest.mark.distributed
 def test_two_process_torchrun_matches_one_process(tmp_path):
     """`torchrun --nproc-per-node 2` (gloo, data-parallel 2 with ZeRO-1 over the two ranks): the same global
     batches as one process, so the same losses up to the order of the gradient reduction."""
