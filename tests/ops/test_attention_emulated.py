@@ -23,8 +23,9 @@ from tests.helpers import REPO_ROOT
 
 CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (CUDA_INCLUDE / "cuda_bf16.h").exists(),
-                                reason=f"CUDA headers not found at {CUDA_INCLUDE} (set CUDA_HOME)")
+pytestmark = [pytest.mark.slow,  # builds the emulated kernels (a C++ extension) first
+              pytest.mark.skipif(not (CUDA_INCLUDE / "cuda_bf16.h").exists(),
+                                 reason=f"CUDA headers not found at {CUDA_INCLUDE} (set CUDA_HOME)")]
 
 
 @pytest.fixture(scope="module")
