@@ -5,7 +5,7 @@ memory above the model's own (weights + gradients) during forward + backward, an
 none / fp8 / recompute / offload / all; beside each, the dry-run planner's prediction
 (k2_megatron.training.plan.activation_bytes_per_token summed over the layers; logits and loss excluded).
 CPU (no GPU needed; what the tests measure): bytes saved for backward per decoder layer, counted with
-saved-tensor hooks (the tests' SavedActivationMeter, tests/_activation_meter.py), k2-tiny by default; CPU
+saved-tensor hooks (the tests' SavedActivationMeter, tests/helpers/activation_meter.py), k2-tiny by default; CPU
 offload is not available there.
 
     python -m benchmarks.activation_memory                       # GPU if there is one, else the CPU count
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -112,8 +111,7 @@ def run_gpu(cfg, seq: int, iters: int, sets: list[str]) -> list[dict]:
 
 
 def run_cpu(cfg, seq: int, sets: list[str]) -> list[dict]:
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from _activation_meter import SavedActivationMeter
+    from tests.helpers.activation_meter import SavedActivationMeter  # run from the repository root
 
     rows = []
     tokens, pos = _batch(cfg, seq, "cpu")

@@ -60,8 +60,7 @@ class _ByteCounter:
 
 
 def _variant(name, cfg, counter, steps):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from _model_helpers import make_batches, train_step_losses
+    from tests.helpers.model import make_batches, train_step_losses
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 

@@ -6,7 +6,7 @@ Computed analytically from the K2Config and the parallel layout (nothing is buil
 made): building each rank's stage on the meta device was tried, but megatron-core's CPU initialisation
 materialises some weights (the 163,840 x 7,168 embedding alone is 4.7 GB in fp32), so it is neither free nor
 fast. The per-layer parameter formulas below are checked against real megatron-core K2 models in
-tests/test_pretrain_plan.py (every parameter of k2-tiny and of a 2-stage / 2-expert-rank split).
+tests/training/test_pretrain_plan.py (every parameter of k2-tiny and of a 2-stage / 2-expert-rank split).
 
 Layout: the run's k2_megatron.config.ParallelLayout (megatron-core's: world = TP x PP x DP; experts split over
 EP ranks taken inside DP x TP; expert data-parallel size = world / (PP x EP)) and its split of the layers into
