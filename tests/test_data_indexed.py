@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from _data_helpers import bytes_touched, needs_proc_accounting
 from k2_megatron.data import corpus_texts
 from k2_megatron.data import dataset as ds
 from k2_megatron.data import indexed as ix
@@ -517,30 +518,13 @@ def test_corrupt_compressed_input_names_the_file(tmp_path):
 
 # ----- the unigram baseline reads a bounded amount -----
 
-def _bytes_touched(fn):
-    """Bytes read by read() calls plus growth of the peak resident set (memory-mapped reads) while fn runs."""
-    def rchar():
-        with open("/proc/self/io") as f:
-            return int(next(line for line in f if line.startswith("rchar")).split()[1])
-
-    def status_kib(field):
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith(field + ":")).split()[1])
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak resident set size to the current one
-    rss, r0 = status_kib("VmRSS"), rchar()
-    result = fn()
-    return result, rchar() - r0 + (status_kib("VmHWM") - rss) * 1024
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc accounting")
+@needs_proc_accounting
 def test_unigram_baseline_reads_a_bounded_amount(tmp_path):
     tok = CharTokenizer(101)
     big = str(tmp_path / "big")
     _fabricate_index(big, 1, tokens_per_sequence=2**31 - 1)  # 4 GiB of token id 0, no counts stored beside
     valid = pp.write_indexed_dataset(["abd"], tok, str(tmp_path / "valid")).path_prefix
-    baseline, touched = _bytes_touched(lambda: ds.unigram_baseline(big, valid, 101))
+    baseline, touched = bytes_touched(lambda: ds.unigram_baseline(big, valid, 101))
     assert touched < 128 * 2**20, touched
     # counted on 2^24 sampled tokens, all id 0: each of a, b, d, eod has probability 1 / (2^24 + 101)
     assert ds.UNIGRAM_SAMPLE_TOKENS == 2**24 and baseline == pytest.approx(math.log(2**24 + 101), rel=1e-12)

@@ -101,13 +101,40 @@ def _preprocess(argv) -> dict:
     return {"tokenizer": repr(tokenizer), **stats}
 
 
+def _build_index(argv) -> dict:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} build-index", description="Build megatron-core's GPT dataset indices (document, sample, "
+        "shuffle and blending indices) offline into --index-dir, for a training run to load at startup "
+        "(k2_megatron.data.dataset_index). An index of at least --train-samples samples of the same data "
+        "already there is reused.")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer spec, as the run's data.tokenizer")
+    parser.add_argument("--seq-length", type=int, required=True, help="the run's data.seq_length")
+    parser.add_argument("--train-prefix", nargs="+", required=True, help="training dataset prefixes")
+    parser.add_argument("--train-weights", nargs="+", type=float, default=None, help="blend weights")
+    parser.add_argument("--valid-prefix", nargs="+", default=None, help="held-out dataset prefixes")
+    parser.add_argument("--valid-samples", type=int, default=None, help="default: one pass over the held-out data")
+    parser.add_argument("--train-samples", type=int, required=True,
+                        help="training samples to cover (train.iters x global batch size, or more: a run of "
+                             "fewer samples reuses the index)")
+    parser.add_argument("--seed", type=int, default=1234, help="the run's data.seed (default: %(default)s)")
+    parser.add_argument("--index-dir", required=True, help="directory of the indices (shared storage)")
+    parser.add_argument("--cache-dir", default=None, help="tokenizer cache folder (for default tokenizers)")
+    args = parser.parse_args(argv)
+    from k2_megatron.data.dataset_index import build_dataset_index
+
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(args.tokenizer, cache_dir=args.cache_dir)
+    index = build_dataset_index(tokenizer, args.seq_length, args.train_prefix, args.valid_prefix,
+                                train_samples=args.train_samples, index_dir=args.index_dir,
+                                train_weights=args.train_weights, valid_samples=args.valid_samples, seed=args.seed)
+    return {**vars(index), "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["build-index"]:
-            from k2_megatron.data.dataset_index import build_index_main
-
-            result = build_index_main(argv[1:], prog=f"{PROG} build-index")
+            result = _build_index(argv[1:])
         else:
             result = _preprocess(argv)
     except KeyboardInterrupt:

@@ -7,9 +7,11 @@
     stream = SampleStream(train_ds, micro_batch_size, dp_rank=r, dp_size=dp)   # state_dict / load_state_dict
     baseline = unigram_baseline(data.train_prefix, data.valid_prefix, data.tokenizer.vocab_size)
     preprocess_sharded(input_files, tokenizer, "out/train", workers=8)   # -> out/train.shards/, a prefix like any other
+    build_dataset_index(tokenizer, seq_length, "out/train", train_samples=n, index_dir=d)   # offline, once
+    train_ds, valid_ds = load_dataset_index(tokenizer, seq_length, "out/train", train_samples=n, index_dir=d)
 
-Modules that need megatron-core (preprocess, dataset) are imported on first use of their names, so the corpus
-and tokenizer helpers load without it.
+The modules behind ``preprocess``, ``dataset`` and ``dataset_index`` names (megatron-core, multiprocessing) are
+imported on first use of those names, so the corpus, tokenizer and indexed-file helpers load without megatron.
 """
 
 import importlib
@@ -31,6 +33,8 @@ _LAZY = {
     "k2_megatron.data.dataset": ("DEFAULT_SEED", "DatasetExhaustedError", "SampleStream",
                                  "build_pretraining_datasets", "collate_samples", "resolve_blend", "token_counts",
                                  "unigram_baseline", "validation_batches"),
+    "k2_megatron.data.dataset_index": ("DatasetIndex", "DatasetIndexError", "build_dataset_index",
+                                       "load_dataset_index"),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 
