@@ -104,6 +104,7 @@ def test_prebuilt_index_loads_without_building(tmp_path, bpe, data, capsys):
     assert code == 0 and more["built"] and os.path.basename(more["path"]) == "samples-9000"
     with _building_forbidden():
         assert len(_load(bpe, data, index_dir, 7000)[0]) == more["train_length"]  # the smallest that covers
+        assert _load(bpe, data, index_dir, 4000)[0].unique_description_hash == ref_train.unique_description_hash
         pinned, _ = _load(bpe, data, index_dir, 4000, built_samples=6000)  # a checkpoint's own index
         assert pinned.unique_description_hash == ref_train.unique_description_hash
     assert sorted(os.listdir(os.path.dirname(built["path"]))) == ["definition.json", "samples-6000",

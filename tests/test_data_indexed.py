@@ -532,7 +532,7 @@ def test_unigram_baseline_reads_a_bounded_amount(tmp_path):
 
 def test_unigram_baseline_from_stored_or_sampled_counts(tmp_path, bpe, prefixes):
     exact = ds.unigram_baseline(*prefixes, bpe.vocab_size)
-    counts, is_exact = ds.token_counts(prefixes[0], bpe.vocab_size)
+    counts, is_exact = ds.token_counts(prefixes[0], bpe.vocab_size, max_sample_tokens=1)  # stored: no sampling
     assert is_exact and counts.sum() == os.path.getsize(prefixes[0] + ".bin") // 2
     # without the stored counts: the whole dataset read when it fits the budget (exact), else a sample
     for prefix in prefixes:
