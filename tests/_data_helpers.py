@@ -28,3 +28,21 @@ def bytes_touched(fn):
         tracemalloc.stop()
     mapped = (proc("/proc/self/status", "VmHWM:") - rss) * 1024
     return result, proc("/proc/self/io", "rchar:") - rchar + mapped + allocated
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """A 512-id byte-level BPE trained on three plays of the bundled corpus (a second or two); a test module
+    uses it by importing it."""
+    from k2_megatron.data import corpus_texts
+    from k2_megatron.data.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(corpus_texts("train")[:3], 512, str(tmp_path_factory.mktemp("tok") / "tok.json"))
+
+
+def write_jsonl(path, docs) -> str:
+    """JSON lines, one {"text": doc} per document; returns the path as a string."""
+    import json
+
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return str(path)

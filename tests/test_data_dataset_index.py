@@ -12,31 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from _data_helpers import bytes_touched, needs_proc_accounting
+from _data_helpers import bpe, bytes_touched, needs_proc_accounting, write_jsonl  # noqa: F401 (bpe: a fixture)
 from k2_megatron.data import corpus_texts
 from k2_megatron.data import dataset as ds
 from k2_megatron.data import dataset_index as di
 from k2_megatron.data import preprocess as pp
-from k2_megatron.data.tokenizer import train_bpe_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 64
 
 
 @pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    return train_bpe_tokenizer(corpus_texts("train")[:3], 512, str(tmp_path_factory.mktemp("tok") / "tok.json"))
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory, bpe):
     """A sharded training dataset (4 inputs, parts of <= 300 paragraphs) and a held-out one."""
     out = tmp_path_factory.mktemp("data")
-    inputs = []
-    for k, play in enumerate(corpus_texts("train")[:4]):
-        path = out / f"in{k}.jsonl"
-        path.write_text("".join(json.dumps({"text": p}) + "\n" for p in play.split("\n\n")), encoding="utf-8")
-        inputs.append(str(path))
+    inputs = [write_jsonl(out / f"in{k}.jsonl", play.split("\n\n")) for k, play in enumerate(corpus_texts("train")[:4])]
     pp.preprocess_sharded(inputs, bpe, str(out / "train"), max_documents=300)
     valid = pp.write_indexed_dataset(corpus_texts("valid")[:1], bpe, str(out / "valid")).path_prefix
     return str(out / "train"), valid

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from _data_helpers import bytes_touched, needs_proc_accounting
+from _data_helpers import bpe, bytes_touched, needs_proc_accounting, write_jsonl  # noqa: F401 (bpe: a fixture)
 from k2_megatron.data import corpus_texts
 from k2_megatron.data import dataset as ds
 from k2_megatron.data import indexed as ix
 from k2_megatron.data import preprocess as pp
-from k2_megatron.data.tokenizer import TextTokenizer, train_bpe_tokenizer
+from k2_megatron.data.tokenizer import TextTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 64
@@ -49,11 +49,6 @@ class CharTokenizer(TextTokenizer):
     @property
     def unique_identifiers(self):
         return {"class": "CharTokenizer", "vocab_size": self._vocab_size}
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    return train_bpe_tokenizer(corpus_texts("train")[:3], 512, str(tmp_path_factory.mktemp("tok") / "tok.json"))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +93,8 @@ def test_preprocess_tool_end_to_end(tmp_path, bpe, capsys):
     for i, ids in enumerate(expected):
         assert data[i].dtype == np.uint16 and data[i].tolist() == ids
         assert bpe.decode(data[i].tolist()[:-1]) == [d for d in docs if d][i]
-    assert sorted(os.listdir(tmp_path / "out")) == ["corpus.bin", "corpus.idx", "corpus.token_counts.npy"]  # no temporaries
+    # no temporary files left
+    assert sorted(os.listdir(tmp_path / "out")) == ["corpus.bin", "corpus.idx", "corpus.token_counts.npy"]
 
 
 def test_preprocess_dtype_and_eod_options(tmp_path):
@@ -410,9 +406,7 @@ def test_writing_holds_no_memory_per_document(tmp_path):
 # ----- sharded preprocessing (one indexed file per input, worker processes) -----
 
 def _jsonl(tmp_path, name, docs):
-    path = tmp_path / name
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    return str(path)
+    return write_jsonl(tmp_path / name, docs)
 
 
 def _documents(prefix):

@@ -50,7 +50,7 @@ def __getattr__(name):
 
 __all__ = ["CORPUS_DIR", "HELD_OUT_DOCUMENTS", "corpus_fingerprint", "corpus_path", "corpus_texts",
            "iter_corpus_documents", "MAX_BLEND_DATASETS", "MAX_DOCUMENTS_PER_FILE", "DatasetLimitError",
-           "IndexedDatasetWriter", "check_indexed_dataset", "dataset_shards", "BPE_EOD_TOKEN", "DEFAULT_VOCAB_SIZE", "K2_EOD_TOKEN",
-           "K2_NUM_RESERVED_SPECIAL_TOKENS", "K2_PAT_STR", "BPETokenizer", "TextTokenizer", "TiktokenTokenizer",
-           "default_cache_dir", "default_tokenizer", "export_tiktoken_ranks", "load_tiktoken_ranks",
-           "load_tokenizer", "train_bpe_tokenizer", *_LAZY_NAMES]
+           "IndexedDatasetWriter", "check_indexed_dataset", "dataset_shards", "BPE_EOD_TOKEN", "DEFAULT_VOCAB_SIZE",
+           "K2_EOD_TOKEN", "K2_NUM_RESERVED_SPECIAL_TOKENS", "K2_PAT_STR", "BPETokenizer", "TextTokenizer",
+           "TiktokenTokenizer", "default_cache_dir", "default_tokenizer", "export_tiktoken_ranks",
+           "load_tiktoken_ranks", "load_tokenizer", "train_bpe_tokenizer", *_LAZY_NAMES]
