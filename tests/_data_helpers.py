@@ -46,3 +46,20 @@ def write_jsonl(path, docs) -> str:
 
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     return str(path)
+
+
+class DyingTokenizer:
+    """Tokenizes like CharTokenizer but kills its own process on the document "die" (a worker killed, as by the
+    out-of-memory killer); importable by spawned worker processes."""
+
+    name = "dying"
+    vocab_size = 300
+    eod = 299
+    unique_identifiers = {"class": "DyingTokenizer"}
+
+    def encode(self, text):
+        import signal
+
+        if text == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return [ord(ch) % 299 for ch in text]

@@ -501,6 +501,15 @@ def test_preprocess_tool_errors_are_one_line(tmp_path, bpe, capsys):
                                       "--output-prefix) before writing a sharded one there\n"), err
 
 
+def test_a_killed_worker_is_an_error_not_a_hang(tmp_path):
+    from _data_helpers import DyingTokenizer
+
+    inputs = [_jsonl(tmp_path, "a.jsonl", ["fine"] * 3), _jsonl(tmp_path, "b.jsonl", ["fine", "die"])]
+    with pytest.raises(RuntimeError, match="a worker process exited abruptly .* unfinished inputs"):
+        pp.preprocess_sharded(inputs, DyingTokenizer(), str(tmp_path / "out" / "x"), workers=2)
+    assert os.listdir(tmp_path / "out") == []  # the staging directory is gone
+
+
 def test_corrupt_compressed_input_names_the_file(tmp_path):
     path = tmp_path / "c.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:

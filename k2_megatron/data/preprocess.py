@@ -269,7 +269,10 @@ def _write_input_shards(job: _ShardJob, tokenizer: TextTokenizer | None = None) 
 
 def _run_jobs(jobs: list[_ShardJob], tokenizer: TextTokenizer, workers: int) -> Iterator[dict]:
     """Results of the jobs as they finish: in this process for one worker, else in ``workers`` spawned
-    processes (each with its own copy of the tokenizer); an error stops the others."""
+    processes (each with its own copy of the tokenizer); the first error stops the others."""
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
     if workers == 1:
         for job in jobs:
             yield _write_input_shards(job, tokenizer)
@@ -278,7 +281,9 @@ def _run_jobs(jobs: list[_ShardJob], tokenizer: TextTokenizer, workers: int) -> 
     saved = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
     os.environ.update(TOKENIZERS_PARALLELISM="false", RAYON_NUM_THREADS="1")
     try:
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker, initargs=(tokenizer,))
+        pending = {executor.submit(_write_input_shards, job): job for job in jobs}
     finally:
         for k, v in saved.items():
             if v is None:
@@ -286,11 +291,19 @@ def _run_jobs(jobs: list[_ShardJob], tokenizer: TextTokenizer, workers: int) -> 
             else:
                 os.environ[k] = v
     try:
-        yield from pool.imap_unordered(_write_input_shards, jobs)
-        pool.close()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                job = pending.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    raise RuntimeError(f"a worker process exited abruptly (killed, out of memory?) while tokenizing "
+                                       f"{job.path} or another of the {len(pending) + 1} unfinished inputs") from None
     finally:
-        pool.terminate()
-        pool.join()
+        for process in list(getattr(executor, "_processes", {}).values()):  # stop the others' work now
+            process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def preprocess_sharded(inputs: str | Iterable[str], tokenizer: TextTokenizer, output_prefix: str, *,
