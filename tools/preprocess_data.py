@@ -96,7 +96,9 @@ def _preprocess(argv) -> dict:
         stats = vars(preprocess_sharded(args.input, tokenizer, args.output_prefix, workers=args.workers,
                                         progress=_progress, **options))
         stats.pop("inputs")
-    stats["tokens_per_second"] = round(stats["tokens_per_second"])
+    for key in ("tokens_per_second", "worker_tokens_per_second", "tokens_per_cpu_second"):
+        if key in stats:
+            stats[key] = round(stats[key])
     stats["seconds"] = round(stats["seconds"], 2)
     return {"tokenizer": repr(tokenizer), **stats}
 

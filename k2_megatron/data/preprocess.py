@@ -207,8 +207,9 @@ class ShardedDatasetStats:
     dtype: str
     workers: int
     seconds: float
-    tokens_per_second: float
+    tokens_per_second: float          # tokens / wall-clock seconds of the whole run
     worker_tokens_per_second: float   # mean over inputs of tokens / seconds of the process that wrote it
+    tokens_per_cpu_second: float      # tokens / CPU seconds of the workers: a process's rate on a free core
     inputs: list = field(default_factory=list, repr=False)
 
 
@@ -234,7 +235,7 @@ def _init_worker(tokenizer: TextTokenizer) -> None:
 def _write_input_shards(job: _ShardJob, tokenizer: TextTokenizer | None = None) -> dict:
     """Tokenizes one input file into ``<staging>/<index>-<part>`` indexed files of at most max_documents each."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     encoder = _DocumentEncoder(tokenizer, append_eod=job.append_eod)
     counts = np.zeros(tokenizer.vocab_size, np.int64)
     shards, writer = [], None
@@ -264,7 +265,7 @@ def _write_input_shards(job: _ShardJob, tokenizer: TextTokenizer | None = None) 
     for shard in shards:  # the sum over the dataset is stored once; per-shard counts are not kept
         os.unlink(os.path.join(job.staging, shard["name"] + TOKEN_COUNTS_SUFFIX))
     return {"index": job.index, "input": job.path, "shards": shards, "skipped_empty": encoder.skipped_empty,
-            "token_counts": counts, "seconds": time.perf_counter() - t0}
+            "token_counts": counts, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
 
 
 def _run_jobs(jobs: list[_ShardJob], tokenizer: TextTokenizer, workers: int) -> Iterator[dict]:
@@ -350,11 +351,12 @@ def preprocess_sharded(inputs: str | Iterable[str], tokenizer: TextTokenizer, ou
         stats = ShardedDatasetStats(
             output_prefix, len(shards), sum(s["documents"] for s in shards), sum(s["tokens"] for s in shards),
             sum(r["skipped_empty"] for r in results), token_dtype(tokenizer.vocab_size).name,
-            min(workers, len(jobs)), seconds, 0.0, 0.0, [{k: v for k, v in r.items() if k != "token_counts"}
-                                                        for r in results])
+            min(workers, len(jobs)), seconds, 0.0, 0.0, 0.0, [{k: v for k, v in r.items() if k != "token_counts"}
+                                                             for r in results])
         stats.tokens_per_second = stats.tokens / max(seconds, 1e-9)
         stats.worker_tokens_per_second = float(np.mean([sum(s["tokens"] for s in r["shards"]) / max(r["seconds"], 1e-9)
                                                         for r in results]))
+        stats.tokens_per_cpu_second = stats.tokens / max(sum(r["cpu_seconds"] for r in results), 1e-9)
         np.save(os.path.join(staging, "token_counts.npy"), sum(r["token_counts"] for r in results))
         manifest = {"format": SHARDED_FORMAT, "version": 1, "tokenizer": tokenizer.unique_identifiers,
                     "dtype": stats.dtype, "documents": stats.documents, "tokens": stats.tokens,
