@@ -6,7 +6,8 @@
   checkpoint) agree in float32 to 2e-5 absolute (|logits| ~ 3; measured ~2e-6; the model parity tests use
   the same bound).
 - Layouts: BF16 HF -> megatron written by two gloo processes as TP2, PP2 and EP2 (each rank streams in only
-  its shard / stage) -> HF in one process: every tensor bit-identical (TP = PP = EP = 1: test_round_trip_bf16).
+  its shard / stage) -> HF in one process: every tensor bit-identical (TP = PP = EP = 1: test_round_trip_bf16);
+  under EP2 each rank reads only its own experts' tensors (and every dense one), counted at the reader.
 - FP8: our FP8 export -> megatron (bf16) -> FP8 export again gives the same q and scale_inv bits.
 - Bad input: a clear error, the output directory untouched.
 """
@@ -182,15 +183,27 @@ def _layout_worker(rank, world, init_file, hf_path, out_root, result_path):
 
         from k2_megatron.checkpoint.convert import convert_hf_to_megatron
         from k2_megatron.config import ParallelLayout
+        from k2_megatron.checkpoint.safetensors_io import HFCheckpoint
         from k2_megatron.megatron import init_distributed_cpu
 
+        read = []  # every tensor group this rank reads from the HF files
+        read_group = HFCheckpoint.read_group
+
+        def recording_read_group(self, group, **kwargs):
+            read.append(group[0])
+            return read_group(self, group, **kwargs)
+
+        HFCheckpoint.read_group = recording_read_group
         for name, (tp, pp, ep) in LAYOUTS.items():
             init_distributed_cpu(ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep),
                                  rank=rank, world_size=world, init_method=f"file://{init_file}")
+            read.clear()
             stats = convert_hf_to_megatron(hf_path, os.path.join(out_root, name))
-            results[name] = {"tensors": stats.tensors, "tp": parallel_state.get_tensor_model_parallel_world_size(),
+            results[name] = {"tensors": stats.tensors, "bytes_read": stats.bytes_read, "read": list(read),
+                             "tp": parallel_state.get_tensor_model_parallel_world_size(),
                              "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-                             "ep": parallel_state.get_expert_model_parallel_world_size()}
+                             "ep": parallel_state.get_expert_model_parallel_world_size(),
+                             "ep_rank": parallel_state.get_expert_model_parallel_rank()}
             torch.distributed.barrier()
     except BaseException as exc:  # report the error to the parent
         import traceback
@@ -199,12 +212,20 @@ def _layout_worker(rank, world, init_file, hf_path, out_root, result_path):
     torch.save(results, result_path)
 
 
+def _expert_of(name):
+    import re
+
+    m = re.match(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.", name)
+    return None if m is None else int(m.group(1))
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_round_trip_through_sharded_layouts(hf_dir, tmp_path):
     from tests.helpers.model import run_gloo_workers
 
     from k2_megatron.checkpoint.convert import convert_hf_to_hf, convert_megatron_to_hf
+    from k2_megatron.checkpoint.safetensors_io import HFCheckpoint
 
     bf16_dir = tmp_path / "bf16"
     convert_hf_to_hf(hf_dir, bf16_dir, dtype="bf16")  # BF16 tensors, bf16 megatron parameters
@@ -219,6 +240,42 @@ def test_round_trip_through_sharded_layouts(hf_dir, tmp_path):
             assert sum(res[name]["tensors"] for res in results) == len(src)
         convert_megatron_to_hf(tmp_path / name, tmp_path / f"{name}_hf")
         assert _same(src, _raw(tmp_path / f"{name}_hf")) == [], name
+    # EP2: each rank reads its own experts (4 of the 8 per layer) and every dense tensor, nothing twice
+    ckpt = HFCheckpoint(bf16_dir)
+    groups = {g[0]: g for g in ckpt.groups()}
+    per_rank = ckpt.config.n_routed_experts // 2
+    expert_bytes = 0
+    for res in results:
+        ep_rank, read = res["EP2"]["ep_rank"], res["EP2"]["read"]
+        want = {n for n in groups if _expert_of(n) is None or _expert_of(n) // per_rank == ep_rank}
+        assert len(read) == len(set(read)) and set(read) == want, sorted(set(read) ^ want)[:6]
+        assert res["EP2"]["bytes_read"] == sum(ckpt.group_bytes(groups[n]) for n in want)
+        expert_bytes += sum(ckpt.group_bytes(groups[n]) for n in read if _expert_of(n) is not None)
+    assert expert_bytes == sum(ckpt.group_bytes(g) for n, g in groups.items() if _expert_of(n) is not None)
+
+
+def test_adapter_maps_one_ranks_experts():
+    from tests.helpers.model import full_megatron_state_dict, k2_like_tiny_config
+
+    from k2_megatron.checkpoint.hf_adapter import StateDictMismatch, hf_to_megatron, megatron_to_hf
+
+    cfg = k2_like_tiny_config()
+    meg = full_megatron_state_dict(cfg)
+    fused = megatron_to_hf(meg, cfg, expert_layout="fused")
+    per_expert = megatron_to_hf(meg, cfg, expert_layout="per_expert")
+    mine = range(4, 8)
+    others = {k for k in per_expert if _expert_of(k) is not None and _expert_of(k) not in mine}
+    only_mine = {k: v for k, v in per_expert.items() if k not in others}
+    for hf in (fused, only_mine):  # a fused stack is sliced; per-expert tensors of other experts are not needed
+        part = hf_to_megatron(hf, cfg, experts=mine)
+        assert part.keys() == meg.keys()
+        for k, v in part.items():
+            want = meg[k][4:8] if k.endswith(("linear_fc1_weight", "linear_fc2_weight")) else meg[k]
+            assert torch.equal(v, want), k
+    with pytest.raises(StateDictMismatch, match="unexpected"):
+        hf_to_megatron(per_expert, cfg, experts=mine)  # strict: other ranks' experts are not this rank's
+    with pytest.raises(ValueError, match="not a contiguous range of the 8 experts"):
+        hf_to_megatron(fused, cfg, experts=range(6, 10))
 
 
 @pytest.mark.slow

@@ -1,19 +1,24 @@
-"""Indexed datasets (tools/preprocess_data.py), deterministic resumable sample streams, the unigram baseline."""
+"""Indexed datasets (tools/preprocess_data.py), deterministic resumable sample streams, the unigram baseline;
+megatron's int32 limits, sharded preprocessing in worker processes, bounded memory and bounded startup reads."""
 
 import importlib.util
 import gzip
 import json
 import math
 import os
+import struct
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
+from tests.helpers.data import bpe, bytes_touched, needs_proc_accounting, write_jsonl  # noqa: F401 (bpe: a fixture)
 from k2_megatron.data import corpus_texts
 from k2_megatron.data import dataset as ds
+from k2_megatron.data import indexed as ix
 from k2_megatron.data import preprocess as pp
-from k2_megatron.data.tokenizer import TextTokenizer, train_bpe_tokenizer
+from k2_megatron.data.tokenizer import TextTokenizer
 
 from tests.helpers import REPO_ROOT
 
@@ -45,11 +50,6 @@ class CharTokenizer(TextTokenizer):
     @property
     def unique_identifiers(self):
         return {"class": "CharTokenizer", "vocab_size": self._vocab_size}
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    return train_bpe_tokenizer(corpus_texts("train")[:3], 512, str(tmp_path_factory.mktemp("tok") / "tok.json"))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,8 @@ def test_preprocess_tool_end_to_end(tmp_path, bpe, capsys):
     for i, ids in enumerate(expected):
         assert data[i].dtype == np.uint16 and data[i].tolist() == ids
         assert bpe.decode(data[i].tolist()[:-1]) == [d for d in docs if d][i]
-    assert sorted(os.listdir(tmp_path / "out")) == ["corpus.bin", "corpus.idx"]  # no temporary files left
+    # no temporary files left
+    assert sorted(os.listdir(tmp_path / "out")) == ["corpus.bin", "corpus.idx", "corpus.token_counts.npy"]
 
 
 def test_preprocess_dtype_and_eod_options(tmp_path):
@@ -285,3 +286,270 @@ def test_package_exports():
                                  "write_indexed_dataset", "validation_batches", "iter_corpus_documents"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         data.nope
+
+
+# ----- megatron-core's limits (int32 document ids, int16 blend index) -----
+
+def _fabricate_index(prefix, sequences, *, tokens_per_sequence=1, dtype=np.uint16):
+    """A megatron indexed dataset of ``sequences`` documents as sparse files (no disk used, nothing written but
+    the header and the last entries): the .idx megatron reads, and a .bin of the right size."""
+    itemsize = np.dtype(dtype).itemsize
+    with open(prefix + ".idx", "wb") as f:
+        f.write(struct.pack("<9sQBQQ", b"MMIDIDX\x00\x00", 1, {2: 8, 4: 4}[itemsize], sequences, sequences + 1))
+        header = f.tell()
+        f.truncate(header + sequences * 12 + (sequences + 1) * 8)  # lengths, offsets, document boundaries
+        f.seek(header)
+        f.write(struct.pack("<i", tokens_per_sequence))  # only the first sequence's length is non-zero
+        f.seek(header + sequences * 12 + sequences * 8)
+        f.write(struct.pack("<q", sequences))  # the last document boundary
+    with open(prefix + ".bin", "wb") as f:
+        f.truncate(tokens_per_sequence * itemsize)
+
+
+def test_files_past_megatrons_int32_document_ids_are_refused(tmp_path, bpe):
+    big = str(tmp_path / "big")
+    _fabricate_index(big, 2**31)  # one more document than int32 ids address
+    with pytest.raises(ix.DatasetLimitError, match=r"2147483648 documents in one indexed file.*at most 2147483647"):
+        ix.check_indexed_dataset(big)
+    # what the training startup calls: refused from the 34-byte header, before megatron builds (and wraps) its
+    # int32 document index
+    with pytest.raises(ix.DatasetLimitError, match="--workers N"):
+        ds.build_pretraining_datasets(bpe, SEQ, big, train_samples=10, path_to_cache=str(tmp_path / "c"))
+    with pytest.raises(ix.DatasetLimitError, match="2147483648 documents"):
+        ds.unigram_baseline(big, big, bpe.vocab_size)
+    assert not (tmp_path / "c").exists()
+    ok = str(tmp_path / "ok")
+    _fabricate_index(ok, 2**31 - 1)  # the largest count megatron indexes
+    assert ix.check_indexed_dataset(ok).sequences == 2**31 - 1
+    ix.check_document_count("x", 2**31 - 1)
+    with pytest.raises(ix.DatasetLimitError, match="int32"):
+        ix.check_document_count("x", 2**40)
+    ix.check_blend_size("x", 32766)
+    with pytest.raises(ix.DatasetLimitError, match="a blend of 32767 indexed files.*int16"):
+        ix.check_blend_size("train_prefixes", 32767)
+
+
+def test_writer_stops_at_the_document_limit(tmp_path):
+    tok = CharTokenizer(300)
+    with pytest.raises(ix.DatasetLimitError, match="max_documents=2"):
+        pp.write_indexed_dataset(["a", "b", "c"], tok, str(tmp_path / "x"), max_documents=2)
+    assert os.listdir(tmp_path) == []  # nothing half-written
+    with pytest.raises(ValueError, match="max_documents"):
+        ix.IndexedDatasetWriter(str(tmp_path / "y"), np.uint16, max_documents=2**31)
+    with pytest.raises(ix.DatasetLimitError, match="max_documents=1"):
+        pp.preprocess_files(_jsonl(tmp_path, "in.jsonl", ["a", "b"]), tok, str(tmp_path / "z"), max_documents=1)
+
+
+def test_writer_is_byte_identical_to_megatrons_builder(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 70_000, rng.integers(0, 40)).astype(np.int32) for _ in range(500)]
+    builder = IndexedDatasetBuilder(str(tmp_path / "m.bin"), dtype=np.int32)
+    for d in docs:
+        builder.add_document(d, [len(d)])
+    builder.finalize(str(tmp_path / "m.idx"))
+    # tiny buffers: every flush path runs (documents larger than the token buffer, several length chunks)
+    with ix.IndexedDatasetWriter(str(tmp_path / "k"), np.int32, vocab_size=70_000, buffer_tokens=16,
+                                 buffer_documents=7) as writer:
+        for d in docs:
+            writer.add(d)
+        writer.commit()
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"m{suffix}").read_bytes() == (tmp_path / f"k{suffix}").read_bytes(), suffix
+    counts = np.load(tmp_path / "k.token_counts.npy")
+    assert np.array_equal(counts, np.bincount(np.concatenate(docs), minlength=70_000))
+    with pytest.raises(ValueError, match="token id 70000 outside"):
+        with ix.IndexedDatasetWriter(str(tmp_path / "v"), np.int32, vocab_size=70_000) as writer:
+            writer.add([70_000])  # an error inside the with block removes the temporary files
+    assert sorted(os.listdir(tmp_path)) == ["k.bin", "k.idx", "k.token_counts.npy", "m.bin", "m.idx"]
+
+
+def _peak_traced_bytes(fn):
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_writing_holds_no_memory_per_document(tmp_path):
+    # megatron's IndexedDatasetBuilder keeps Python lists of every length and offset (~70 bytes a document);
+    # our writer's memory is its buffers (small ones here, so that both runs fill them many times)
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    doc = np.array([5, 7], dtype=np.uint16)
+
+    def ours(n):
+        def run():
+            with ix.IndexedDatasetWriter(str(tmp_path / f"k{n}"), np.uint16, vocab_size=300, buffer_tokens=512,
+                                         buffer_documents=256) as writer:
+                for _ in range(n):
+                    writer.add(doc)
+                writer.commit()
+        return run
+
+    def megatrons(n):
+        def run():
+            builder = IndexedDatasetBuilder(str(tmp_path / f"m{n}.bin"), dtype=np.uint16)
+            for _ in range(n):
+                builder.add_document(doc, [2])
+            builder.finalize(str(tmp_path / f"m{n}.idx"))
+        return run
+
+    growth = _peak_traced_bytes(ours(10_000)) - _peak_traced_bytes(ours(1_000))
+    assert growth < 50_000, growth
+    reference = _peak_traced_bytes(megatrons(10_000)) - _peak_traced_bytes(megatrons(1_000))
+    assert reference > 400_000, reference  # the bound above does tell a per-document list apart
+
+
+# ----- sharded preprocessing (one indexed file per input, worker processes) -----
+
+def _jsonl(tmp_path, name, docs):
+    return write_jsonl(tmp_path / name, docs)
+
+
+def _documents(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    data = IndexedDataset(prefix)
+    return [data[i].tolist() for i in range(len(data))]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sharded_preprocessing_equals_one_file(tmp_path, bpe, workers):
+    plays = corpus_texts("train")[:3]
+    inputs = [_jsonl(tmp_path, f"in{k}.jsonl", play.split("\n\n")[:40 + 7 * k]) for k, play in enumerate(plays)]
+    single = pp.preprocess_files(inputs, bpe, str(tmp_path / "one"))
+    seen = []
+    stats = pp.preprocess_sharded(inputs, bpe, str(tmp_path / "out" / "train"), workers=workers, max_documents=16,
+                                  progress=lambda result, done, total: seen.append((result["input"], done, total)))
+    manifest = ix.read_manifest(str(tmp_path / "out" / "train"))
+    names = [s["name"] for s in manifest["shards"]]
+    # each input split into parts of <= 16 documents, in input order
+    per_input = [sum(1 for line in open(path) if json.loads(line)["text"]) for path in inputs]
+    parts = [[min(16, n - p) for p in range(0, n, 16)] for n in per_input]
+    assert names == [f"{k:05d}-{p:03d}" for k, sizes in enumerate(parts) for p in range(len(sizes))]
+    assert [s["documents"] for s in manifest["shards"]] == [n for sizes in parts for n in sizes]
+    assert len(names) >= 8 and single.documents == sum(per_input)
+    shards = ix.dataset_shards(str(tmp_path / "out" / "train"))
+    assert [sum(len(d) for d in _documents(s.prefix)) for s in shards] == [s["tokens"] for s in manifest["shards"]]
+    assert [d for s in shards for d in _documents(s.prefix)] == _documents(single.path_prefix)
+    assert (stats.documents, stats.tokens, stats.shards, stats.workers) == (single.documents, single.tokens,
+                                                                            len(names), workers)
+    assert stats.tokens_per_second > 0 and stats.tokens_per_cpu_second > 0
+    assert sorted(done for _, done, _ in seen) == [1, 2, 3]
+    assert np.array_equal(np.load(tmp_path / "out" / "train.shards" / "token_counts.npy"),
+                          np.load(tmp_path / "one.token_counts.npy"))
+    assert os.listdir(tmp_path / "out") == ["train.shards"]  # no temporaries
+    assert sorted(os.listdir(tmp_path / "out" / "train.shards")) == sorted(
+        ["manifest.json", "token_counts.npy"] + [f"{n}.{e}" for n in names for e in ("bin", "idx")])
+
+
+def test_a_blend_of_shards_trains(tmp_path, bpe, prefixes):
+    plays = corpus_texts("train")[:4]
+    inputs = [_jsonl(tmp_path, f"in{k}.jsonl", play.split("\n\n")) for k, play in enumerate(plays)]
+    prefix = str(tmp_path / "train")
+    pp.preprocess_sharded(inputs, bpe, prefix, max_documents=400)
+    shards = ix.dataset_shards(prefix)
+    files, weights = ds.resolve_blend("train_prefixes", prefix)
+    assert files == [s.prefix for s in shards] and len(files) > 4
+    assert weights == pytest.approx([s.tokens for s in shards])  # blended by tokens, as one dataset would be
+    train, valid = ds.build_pretraining_datasets(bpe, SEQ, prefix, prefixes[1], train_samples=8000,
+                                                 path_to_cache=str(tmp_path / "c"))
+    one_epoch = sum(s.tokens for s in shards) // SEQ
+    assert one_epoch < 8000 <= len(train)  # several epochs of every shard
+    per_shard = np.bincount(np.asarray(train.dataset_index), minlength=len(shards))
+    expected = 8000 * np.array(weights) / sum(weights)
+    assert np.all(np.abs(per_shard - expected) <= 1 + 0.01 * expected), (per_shard, expected)
+    batch = ds.SampleStream(train, 4).next_batch()
+    assert batch["tokens"].shape == (4, SEQ) and int(batch["tokens"].max()) < bpe.vocab_size
+    # valid from a sharded prefix: one pass, no weights
+    assert ds.resolve_blend("valid_prefixes", prefix, weighted=False) == (files, None)
+
+
+def _run_tool(args, capsys):
+    code = _load_tool().main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_preprocess_tool_errors_are_one_line(tmp_path, bpe, capsys):
+    good = _jsonl(tmp_path, "good.jsonl", ["fine", "also fine"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "ok"}\n{"text": "caf\xe9 au lait"}\n')
+    text = tmp_path / "bad.txt"
+    text.write_bytes(b"line one\nline two\n\xff third\n")
+    base = ["--tokenizer", f"bpe:{bpe.path}", "--output-prefix", str(tmp_path / "out" / "x")]
+    cases = [([good, str(bad)], [], f"{bad}:3: not valid UTF-8 (byte 0xe9 at column 14)"),
+             ([good, str(bad)], ["--workers", "2"], f"{bad}:3: not valid UTF-8 (byte 0xe9 at column 14)"),
+             ([good, str(text)], [], f"{text}:3: not valid UTF-8 (byte 0xff at column 1)"),
+             ([good, str(tmp_path / "missing.jsonl")], ["--workers", "2"],
+              f"{tmp_path / 'missing.jsonl'}: no such input file")]
+    for inputs, extra, message in cases:
+        code, out, err = _run_tool(["--input", *inputs, *base, *extra], capsys)
+        assert (code, out) == (2, "") and "Traceback" not in err
+        # one line (after the progress lines of the inputs that were done, with --workers)
+        assert err.splitlines()[-1] == f"preprocess_data.py: error: {message}", err
+        assert sum(line.startswith("preprocess_data.py") for line in err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []  # nothing half-written
+    code, out, _ = _run_tool(["--input", good, good, *base], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["documents"] == 4 and report["tokens_per_second"] > 0 and report["workers"] == 1
+    # a sharded dataset is not written over a single-file one at the same prefix (nor the other way round)
+    code, _, err = _run_tool(["--input", good, *base, "--workers", "1"], capsys)
+    assert code == 2 and err.endswith("an indexed dataset is at this prefix; remove it (or choose another "
+                                      "--output-prefix) before writing a sharded one there\n"), err
+
+
+def test_a_killed_worker_is_an_error_not_a_hang(tmp_path):
+    from tests.helpers.data import DyingTokenizer
+
+    inputs = [_jsonl(tmp_path, "a.jsonl", ["fine"] * 3), _jsonl(tmp_path, "b.jsonl", ["fine", "die"])]
+    with pytest.raises(RuntimeError, match="a worker process exited abruptly .* unfinished inputs"):
+        pp.preprocess_sharded(inputs, DyingTokenizer(), str(tmp_path / "out" / "x"), workers=2)
+    assert os.listdir(tmp_path / "out") == []  # the staging directory is gone
+
+
+def test_corrupt_compressed_input_names_the_file(tmp_path):
+    path = tmp_path / "c.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(2000)))
+    path.write_bytes(path.read_bytes()[:-40])  # truncated
+    with pytest.raises(ValueError, match=rf"{path}: cannot read after line \d+: "):
+        list(pp.iter_documents(str(path)))
+
+
+# ----- the unigram baseline reads a bounded amount -----
+
+@needs_proc_accounting
+def test_unigram_baseline_reads_a_bounded_amount(tmp_path):
+    tok = CharTokenizer(101)
+    big = str(tmp_path / "big")
+    _fabricate_index(big, 1, tokens_per_sequence=2**31 - 1)  # 4 GiB of token id 0, no counts stored beside
+    valid = pp.write_indexed_dataset(["abd"], tok, str(tmp_path / "valid")).path_prefix
+    baseline, touched = bytes_touched(lambda: ds.unigram_baseline(big, valid, 101))
+    assert touched < 128 * 2**20, touched
+    # counted on 2^24 sampled tokens, all id 0: each of a, b, d, eod has probability 1 / (2^24 + 101)
+    assert ds.UNIGRAM_SAMPLE_TOKENS == 2**24 and baseline == pytest.approx(math.log(2**24 + 101), rel=1e-12)
+
+
+def test_unigram_baseline_from_stored_or_sampled_counts(tmp_path, bpe, prefixes):
+    exact = ds.unigram_baseline(*prefixes, bpe.vocab_size)
+    counts, is_exact = ds.token_counts(prefixes[0], bpe.vocab_size, max_sample_tokens=1)  # stored: no sampling
+    assert is_exact and counts.sum() == os.path.getsize(prefixes[0] + ".bin") // 2
+    # without the stored counts: the whole dataset read when it fits the budget (exact), else a sample
+    for prefix in prefixes:
+        os.replace(prefix + ".token_counts.npy", str(tmp_path / os.path.basename(prefix)))
+    try:
+        recounted, is_exact = ds.token_counts(prefixes[0], bpe.vocab_size)
+        assert is_exact and np.array_equal(recounted, counts)
+        assert ds.unigram_baseline(*prefixes, bpe.vocab_size) == pytest.approx(exact, rel=1e-12)
+        sampled, is_exact = ds.token_counts(prefixes[0], bpe.vocab_size, max_sample_tokens=counts.sum() // 8)
+        assert not is_exact and sampled.sum() == counts.sum() // 8 // 256 * 256
+        estimate = ds.unigram_baseline(*prefixes, bpe.vocab_size, max_sample_tokens=int(counts.sum() // 8))
+        assert abs(estimate - exact) < 0.1, (estimate, exact)
+    finally:
+        for prefix in prefixes:
+            os.replace(str(tmp_path / os.path.basename(prefix)), prefix + ".token_counts.npy")

@@ -2,6 +2,8 @@
 
 import base64
 import json
+import random
+import time
 
 import pytest
 
@@ -201,3 +203,50 @@ def test_tiktoken_splits_long_runs_like_k2(exported, monkeypatch):
     cut = tik.encode(text)
     assert cut == [i for p in pieces for i in tik._enc.encode(p)] and tik.decode(cut) == text
     assert len(whole) <= len(cut)
+
+
+def _reference_split(text, max_chars, max_run):
+    """split_long_runs by definition, one character at a time: chunks of max_chars, then every maximal run of
+    more than max_run same-class characters (str.isspace) cut after each max_run characters."""
+    pieces = []
+    for start in range(0, max(len(text), 1), max_chars):
+        chunk = text[start:start + max_chars]
+        cut, run_start = 0, 0
+        for i in range(1, len(chunk) + 1):
+            if i == len(chunk) or chunk[i].isspace() != chunk[run_start].isspace():
+                for pos in range(run_start + max_run, i, max_run):
+                    pieces.append(chunk[cut:pos])
+                    cut = pos
+                run_start = i
+        pieces.append(chunk[cut:])
+    return pieces
+
+
+def test_split_long_runs_matches_its_definition():
+    rng = random.Random(0)
+    alphabet = ["a", "中", "+", " ", "\n", "\t", "\u3000", "\x1c", "\x85", "\u00a0", "é"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet[:3]) * rng.randint(1, 9) + rng.choice(alphabet[3:]) * rng.randint(0, 9)
+                       for _ in range(rng.randint(0, 12)))
+        max_chars, max_run = rng.randint(1, 40), rng.randint(1, 6)
+        assert tk.split_long_runs(text, max_chars, max_run) == _reference_split(text, max_chars, max_run), text
+
+
+def _chars_per_second(text):
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        tk.split_long_runs(text)
+        best = min(best, time.perf_counter() - t0)
+    return len(text) / best
+
+
+def test_split_long_runs_is_linear_in_the_run_length():
+    # runs of 500 and of 5000 non-whitespace characters (below the 25k cut: one piece each way); a search that
+    # restarts at every position of a run (quadratic) is ~10x slower per character on the longer runs
+    short, long = ("x" * 499 + " ") * 400, ("x" * 4999 + " ") * 40
+    assert tk.split_long_runs(short) == [short] and tk.split_long_runs(long) == [long]
+    ratios = []
+    for _ in range(3):  # interleaved, best of each: load on the machine hits both alike
+        ratios.append(_chars_per_second(short) / _chars_per_second(long))
+    assert min(ratios) < 3.0, ratios
