@@ -12,10 +12,10 @@ import torch
 
 from k2_megatron import _extension
 from k2_megatron.ops import grouped_gemm, permute, unpermute
+from k2_megatron.ops.reference import grouped_gemm as ref
 
-# The modules by full name (k2_megatron.ops and .reference export functions with the modules' names).
+# The op module by full name (k2_megatron.ops exports the function grouped_gemm under the module's name).
 gg_mod = importlib.import_module("k2_megatron.ops.grouped_gemm")
-ref = importlib.import_module("k2_megatron.ops.reference.grouped_gemm")
 
 requires_ext = pytest.mark.skipif(not _extension.op_registered("grouped_gemm"),
                                   reason="k2_megatron._C not built (or built without the grouped_gemm schemas)")
