@@ -1,6 +1,7 @@
 """Pretraining: the K2 schedule (warmup-stable-decay lr, batch size in tokens, YaRN settings), the run config,
-the loop (``k2_megatron.training.pretrain``: ``pretrain(cfg)`` and the ``k2-pretrain`` command, ``main``),
-atomic checkpoints (``checkpoint``), run logging and plots (``logging``) and the dry-run memory planner (``plan``).
+the loop (``k2_megatron.training.pretrain``: ``pretrain(cfg)`` and the ``k2-pretrain`` command, ``main``; its
+atomic checkpoints are k2_megatron.checkpoint.megatron), run logging and plots (``logging``) and the dry-run memory
+planner (``plan``).
 """
 
 from k2_megatron.training.config import ConfigError, PretrainConfig, load_config

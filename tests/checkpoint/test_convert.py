@@ -26,8 +26,8 @@ from tests.helpers.checkpoint import (
     write_hf_checkpoint,
 )
 from k2_megatron.checkpoint.convert import PeakMemory, compare_hf_checkpoints, convert_hf_to_hf, resolve_dtype
-from k2_megatron.checkpoint.fp8 import is_fp8_quantized_in_release
-from k2_megatron.checkpoint.safetensors_io import HFCheckpoint
+from k2_megatron.checkpoint.hf.fp8 import is_fp8_quantized_in_release
+from k2_megatron.checkpoint.hf.safetensors_io import HFCheckpoint
 
 from tests.helpers import REPO_ROOT
 
@@ -147,7 +147,7 @@ _MEMORY_SCRIPT = r"""
 import json, sys
 import torch
 from k2_megatron.checkpoint.convert import PeakMemory, convert_hf_to_hf
-from k2_megatron.checkpoint.safetensors_io import HFCheckpoint
+from k2_megatron.checkpoint.hf.safetensors_io import HFCheckpoint
 src, warm, out = sys.argv[1:4]
 convert_hf_to_hf(warm, out + "_warm")  # lazy imports and first-use allocations outside the measurement
 stats = convert_hf_to_hf(src, out, dtype="bf16", max_shard_size="5GB")  # one output shard: nothing buffered

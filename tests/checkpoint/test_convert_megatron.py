@@ -44,7 +44,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _raw(path) -> dict:
-    from k2_megatron.checkpoint.safetensors_io import HFCheckpoint
+    from k2_megatron.checkpoint.hf.safetensors_io import HFCheckpoint
 
     ckpt = HFCheckpoint(path)
     return {n: t for g in ckpt.groups() for n, t in ckpt.read_group(g, dequantize=False)}
@@ -113,7 +113,7 @@ def test_bad_inputs_leave_the_output_untouched(hf_dir, tmp_path):
     import shutil
 
     from k2_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
-    from k2_megatron.checkpoint.safetensors_io import CheckpointError
+    from k2_megatron.checkpoint.errors import CheckpointError
 
     out = tmp_path / "out"
     out.mkdir()
@@ -144,7 +144,7 @@ def test_megatron_checkpoint_checked_against_its_config_before_writing(hf_dir, t
         convert_megatron_to_hf,
         read_megatron_index,
     )
-    from k2_megatron.checkpoint.safetensors_io import CheckpointError
+    from k2_megatron.checkpoint.errors import CheckpointError
 
     convert_hf_to_megatron(hf_dir, tmp_path / "meg")
     _, _, stored = read_megatron_index(tmp_path / "meg")
