@@ -51,6 +51,7 @@ def fp8_src(tmp_path_factory):
     return path, tensors
 
 
+@pytest.mark.slow
 def test_fp8_import_matches_float64_reference(fp8_src, tmp_path):
     src, tensors = fp8_src
     ckpt = HFCheckpoint(src)
@@ -198,6 +199,7 @@ def test_peak_memory_sees_an_allocation():
     assert mem.peak_bytes >= 60 * 2**20, (mem.peak_bytes, mem.method)
 
 
+@pytest.mark.slow
 def test_cli(tmp_path, capsys):
     from k2_megatron.checkpoint import convert_cli as cli
 

@@ -22,6 +22,8 @@ import torch
 
 from tests.helpers.checkpoint import leftovers, snapshot
 
+pytestmark = pytest.mark.slow  # converts a transformers model through megatron
+
 LOGIT_ATOL = 2e-5
 
 
@@ -58,7 +60,6 @@ def _same(a: dict, b: dict) -> list[str]:
     return [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(bits(a[k]), bits(b[k]))]
 
 
-@pytest.mark.slow
 def test_round_trip_fp32_and_logits(hf_dir, tmp_path):
     from k2_megatron.checkpoint.convert import compare_logits, convert_hf_to_megatron, convert_megatron_to_hf
 
@@ -86,7 +87,6 @@ def test_round_trip_bf16(hf_dir, tmp_path):
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "kimi_k2"
 
 
-@pytest.mark.slow
 def test_fp8_export_survives_megatron(hf_dir, tmp_path):
     from k2_megatron.checkpoint.convert import (
         compare_logits,
@@ -198,7 +198,6 @@ def _layout_worker(rank, world, init_file, hf_path, out_root, result_path):
     torch.save(results, result_path)
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_round_trip_through_sharded_layouts(hf_dir, tmp_path):
     from tests.helpers.model import run_gloo_workers
@@ -220,7 +219,6 @@ def test_round_trip_through_sharded_layouts(hf_dir, tmp_path):
         assert _same(src, _raw(tmp_path / f"{name}_hf")) == [], name
 
 
-@pytest.mark.slow
 def test_cli_megatron_directions_with_logit_validation(hf_dir, tmp_path, capsys):
     from k2_megatron.checkpoint import convert_cli
 

@@ -46,6 +46,7 @@ def test_forward_mixed_sizes(dtype, b, s, h, d_qk, d_v, causal):
     _check_forward(b, s, h, causal, d_qk, d_v, dtype)
 
 
+@pytest.mark.slow
 def test_forward_4096_causal():
     _check_forward(1, 4096, 1, True, 192, 128, torch.float32)
 
@@ -341,6 +342,7 @@ def _opcheck_cases():
     ]
 
 
+@pytest.mark.slow
 @requires_extension
 @pytest.mark.parametrize("case", range(6))
 def test_opcheck(case):
