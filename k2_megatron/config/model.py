@@ -236,7 +236,7 @@ def config_from_hf(hf: dict | str | os.PathLike) -> K2Config:
     expect("num_key_value_heads", lambda v: v == hf.get("num_attention_heads"), "MLA has one KV head per head")
     # DeepSeek-V3 releases (and every DeepseekV3Config saved with its defaults) have one multi-token-prediction
     # layer. It is not part of the model built here: the main model converts, the MTP tensors are the checkpoint
-    # readers' business (k2_megatron.checkpoint.safetensors_io.mtp_layer_index).
+    # readers' business (k2_megatron.checkpoint.hf.safetensors_io.expected_mtp_shapes).
     expect("num_nextn_predict_layers", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
            "a non-negative number of multi-token-prediction layers")
     expect("attention_bias", lambda v: v is False, "attention projections have no bias")

@@ -221,10 +221,10 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from k2_megatron.checkpoint.errors import CheckpointError, CheckpointMismatchError
+    from k2_megatron.checkpoint.megatron import latest_checkpoint, load_checkpoint, save_checkpoint
     from k2_megatron.data import SampleStream, build_pretraining_datasets, unigram_baseline, validation_batches
     from k2_megatron.megatron.optimizer import MuonClipConfig, get_muonclip_optimizer
-    from k2_megatron.training.checkpoint import (CheckpointError, CheckpointMismatchError, latest_checkpoint,
-                                                 load_checkpoint, save_checkpoint)
     from k2_megatron.training.logging import RunLogger, plot_history
     from k2_megatron.training.schedule import set_lr
 
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         from k2_megatron.training.plan import dry_run
 
         return dry_run(cfg, world_size=args.world_size)
-    from k2_megatron.training.checkpoint import CheckpointError
+    from k2_megatron.checkpoint.errors import CheckpointError
 
     try:
         pretrain(cfg)

@@ -12,10 +12,10 @@ import torch
 
 from k2_megatron import _extension
 from k2_megatron.ops import grouped_gemm, permute, unpermute
+from k2_megatron.ops.reference import grouped_gemm as ref
 
-# The modules by full name (k2_megatron.ops and .reference export functions with the modules' names).
+# The op module by full name (k2_megatron.ops exports the function grouped_gemm under the module's name).
 gg_mod = importlib.import_module("k2_megatron.ops.grouped_gemm")
-ref = importlib.import_module("k2_megatron.ops.reference.grouped_gemm")
 
 requires_ext = pytest.mark.skipif(not _extension.op_registered("grouped_gemm"),
                                   reason="k2_megatron._C not built (or built without the grouped_gemm schemas)")
@@ -73,18 +73,19 @@ def make_inputs(e, k, n, sizes, dtype, trans_b, device="cpu", seed=0):
 
 # E, K, N, T, load: the issue's grid (E in {1, 8, 24, 384}; K, N in {128, 2048} plus 7168 and odd sizes
 # where cheap on CPU), zero-token experts and all tokens on one expert.
+# The largest cases take seconds each on a CPU: slow (the fast loop keeps the others).
 FWD_CASES = [
     (1, 128, 128, 37, "random"),
     (8, 128, 128, 300, "random"),
     (8, 128, 2048, 200, "zeros"),
     (8, 2048, 128, 200, "one"),
-    (4, 2048, 2048, 48, "random"),
+    pytest.param(4, 2048, 2048, 48, "random", marks=pytest.mark.slow),
     (24, 128, 128, 100, "random"),
     (24, 2048, 128, 300, "zeros"),
-    (384, 128, 128, 1000, "random"),
-    (384, 2048, 32, 300, "random"),
-    (2, 7168, 128, 40, "random"),
-    (2, 128, 7168, 40, "random"),
+    pytest.param(384, 128, 128, 1000, "random", marks=pytest.mark.slow),
+    pytest.param(384, 2048, 32, 300, "random", marks=pytest.mark.slow),
+    pytest.param(2, 7168, 128, 40, "random", marks=pytest.mark.slow),
+    pytest.param(2, 128, 7168, 40, "random", marks=pytest.mark.slow),
     (5, 7, 13, 29, "random"),
     (3, 129, 65, 1, "random"),
     (7, 1, 1, 20, "zeros"),
@@ -142,9 +143,9 @@ GRAD_CASES = [
     (8, 128, 128, 200, "zeros"),
     (8, 96, 160, 50, "one"),
     (24, 128, 64, 100, "random"),
-    (384, 32, 16, 400, "random"),
+    pytest.param(384, 32, 16, 400, "random", marks=pytest.mark.slow),
     (5, 7, 13, 29, "random"),
-    (3, 2048, 128, 24, "random"),
+    pytest.param(3, 2048, 128, 24, "random", marks=pytest.mark.slow),
 ]
 
 

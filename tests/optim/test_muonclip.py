@@ -119,6 +119,7 @@ def test_default_split():
     assert all(g["lr"] == 0.01 for g in groups)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_matches_float64_algorithm_fp32_newton_schulz(steps, nesterov):
@@ -135,6 +136,7 @@ def test_matches_float64_algorithm_fp32_newton_schulz(steps, nesterov):
         torch.testing.assert_close(p.detach().double(), ref.w[n], rtol=0, atol=2e-6, msg=n)
 
 
+@pytest.mark.slow
 def test_matches_float64_algorithm_bf16_newton_schulz():
     """The paper's setting (Newton-Schulz in bf16): each Muon update within 10% of the exact one."""
     model = make_toy()
@@ -316,6 +318,7 @@ def test_optimizer_applies_qk_clip_after_the_update():
 # ---- state --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_state_dict_round_trip_is_exact():
     model = make_toy()
     opt = MuonClip(muon_param_groups(model), lr=0.01)

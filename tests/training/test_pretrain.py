@@ -89,7 +89,7 @@ def test_sigterm_checkpoint_and_bit_identical_resume(tmp_path):
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
-    from k2_megatron.training.checkpoint import latest_checkpoint
+    from k2_megatron.checkpoint.megatron import latest_checkpoint
     from k2_megatron.training.pretrain import pretrain
 
     class Crash(RuntimeError):
@@ -111,7 +111,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
 
 
 def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
-    from k2_megatron.training.checkpoint import CheckpointCorruptError, CheckpointMismatchError
+    from k2_megatron.checkpoint.errors import CheckpointCorruptError, CheckpointMismatchError
     from k2_megatron.training.pretrain import pretrain
 
     base = pretrain(_cfg(tmp_path / "run", "train.iters=4"))
