@@ -47,6 +47,21 @@ def full_megatron_state_dict(cfg: K2Config, seed: int = 0) -> dict:
     return {k: v.clone() for k, v in hf_to_megatron(make_hf_model(cfg, seed).state_dict(), cfg).items()}
 
 
+def loaded_k2_model(cfg: K2Config, full: dict, **build_kwargs):
+    """This rank's build_k2_model(cfg, **build_kwargs) loaded with the whole state dict ``full``, router biases frozen
+    (their update follows the load balance, which a reference computation does not repeat)."""
+    from k2_megatron.checkpoint import load_megatron_state_dict
+    from k2_megatron.megatron import build_k2_model
+    from k2_megatron.megatron.moe import K2Router
+
+    model = build_k2_model(cfg, **build_kwargs)
+    load_megatron_state_dict(model, full)
+    for m in model.modules():
+        if isinstance(m, K2Router):
+            m.freeze_bias()
+    return model
+
+
 def make_batches(cfg: K2Config, num: int, micro_batch: int, seq: int, seed: int = 7):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -100,6 +115,27 @@ def teardown_megatron() -> None:
     from k2_megatron.megatron import teardown_distributed_cpu
 
     teardown_distributed_cpu()
+
+
+def report_to_parent(body, result_path: str, *args) -> None:
+    """A spawned worker's entry (see run_gloo_bodies): ``body(*args)`` with TorchDynamo off and one thread, its result
+    dict (or the error it raised) saved to ``result_path`` for the parent."""
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    torch.set_num_threads(1)
+    try:
+        out = body(*args)
+    except BaseException as exc:  # the parent fails the test with it
+        import traceback
+
+        out = {"error": "".join(traceback.format_exception(exc))}
+    torch.save(out, result_path)
+
+
+def run_gloo_bodies(body, world: int, args_for_rank, *, timeout: float = 300) -> list[dict]:
+    """run_gloo_workers for a ``body(*args_for_rank(rank))`` that returns its rank's result dict (a module-level
+    function: spawned processes import it)."""
+    return run_gloo_workers(report_to_parent, world, lambda r, path: (body, path, *args_for_rank(r)),
+                            timeout=timeout)
 
 
 def run_gloo_workers(target, world: int, args_for_rank, *, timeout: float = 300) -> list[dict]:
