@@ -77,12 +77,14 @@ def _loss_func(loss_mask, output_tensor):
     return loss, {"lm loss": loss.detach().clone()}  # megatron divides `loss` in place
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(data_iterator, model, return_schedule_plan: bool = False):
     batch = next(data_iterator)
     tokens, labels = batch["tokens"], batch["labels"]
     position_ids = torch.arange(tokens.shape[1])[None].expand_as(tokens)
-    output = model(tokens, position_ids, None, labels=labels)
-    return output, partial(_loss_func, torch.ones_like(labels, dtype=torch.float32))
+    loss = partial(_loss_func, torch.ones_like(labels, dtype=torch.float32))
+    if return_schedule_plan:  # megatron's combined 1F1B (overlap_moe_expert_parallel_comm)
+        return model.build_schedule_plan(tokens, position_ids, None, labels=labels), loss
+    return model(tokens, position_ids, None, labels=labels), loss
 
 
 def train_step_losses(model, batches, seq: int, micro_batch: int) -> list[float]:
