@@ -38,7 +38,10 @@ class ModelSection:
     overrides: dict = field(default_factory=dict)  # K2Config field overrides (vocab_size follows the tokenizer)
     params_dtype: str = "float32"           # float32 (CPU) or bfloat16 (GPU: bf16 weights, fp32 master + grads)
     bias_update_rate: float = 1e-2          # aux-loss-free expert-bias step per global batch (K2 scale: 1e-3)
-    yarn_factor: float | None = None        # long-context stage: YaRN factor over original_max_position_embeddings
+    # RoPE of this training stage (presets are plain RoPE at their pretraining context, as K2 pretrains): null for
+    # plain RoPE; a long-context stage sets YaRN's factor over yarn_original_max_position_embeddings (default: the
+    # preset's context), e.g. K2's 32 over 4096 (examples/configs/k2_long_context.yaml)
+    yarn_factor: float | None = None
     yarn_original_max_position_embeddings: int | None = None
 
 
@@ -270,8 +273,8 @@ class PretrainConfig:
         if self.model.yarn_factor is not None:
             original = self.model.yarn_original_max_position_embeddings or (
                 cfg.rope_scaling or {}).get("original_max_position_embeddings", cfg.max_position_embeddings)
-            yarn = YarnConfig(factor=self.model.yarn_factor, original_max_position_embeddings=int(original))
-            cfg = cfg.replace(rope_scaling=yarn.rope_scaling(), max_position_embeddings=yarn.max_position_embeddings)
+            cfg = cfg.with_yarn(YarnConfig(factor=self.model.yarn_factor,
+                                           original_max_position_embeddings=int(original)))
         if self.data.seq_length > cfg.max_position_embeddings:
             raise ConfigError(f"data.seq_length={self.data.seq_length} exceeds the model's max_position_embeddings="
                               f"{cfg.max_position_embeddings} (set model.yarn_factor for a long-context stage)")

@@ -10,13 +10,17 @@ from functools import partial
 
 import torch
 
-from k2_megatron.config import K2Config, config_to_hf, get_preset
+from k2_megatron.config import K2Config, YarnConfig, config_to_hf, get_preset
+
+# The K2 release's RoPE at toy scale: YaRN factor 32 over k2-tiny's 128-token pretraining context.
+TINY_RELEASE_YARN = YarnConfig(factor=32.0, original_max_position_embeddings=128)
 
 
 def k2_like_tiny_config(**overrides) -> K2Config:
-    """K2-like at toy scale: dense first layer, MoE + shared expert, sigmoid routing, YaRN, q/kv LoRA,
-    q.k head dim 24 and v head dim 16 (the 192/128 ratio)."""
-    return get_preset("k2-tiny", **overrides)
+    """K2-like at toy scale, configured as the release is: dense first layer, MoE + shared expert, sigmoid routing,
+    YaRN (unless ``rope_scaling`` is overridden), q/kv LoRA, q.k head dim 24 and v head dim 16 (the 192/128 ratio)."""
+    cfg = get_preset("k2-tiny", **overrides)
+    return cfg if "rope_scaling" in overrides else cfg.with_yarn(TINY_RELEASE_YARN)
 
 
 def make_hf_model(cfg: K2Config, seed: int = 0):
