@@ -123,6 +123,30 @@ def teardown_megatron() -> None:
     teardown_distributed_cpu()
 
 
+def torchrun_pretrain(out_dir, nproc: int, overrides: list[str], *, timeout: float = 300) -> tuple[str, list[float]]:
+    """examples/pretrain_k2.py under ``torchrun --nproc-per-node nproc`` on the CPU (gloo) with ``overrides``:
+    (its stdout, the per-step training losses from out_dir/metrics.jsonl); fails the test if it fails."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--master-addr", "127.0.0.1", "--master-port", str(port),
+                           str(REPO_ROOT / "examples" / "pretrain_k2.py"), f"output.dir={out_dir}", *overrides],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return proc.stdout, [r["loss"] for r in rows if r["kind"] == "train"]
+
+
 def report_to_parent(body, result_path: str, *args) -> None:
     """A spawned worker's entry (see run_gloo_bodies): ``body(*args)`` with TorchDynamo off and one thread, its result
     dict (or the error it raised) saved to ``result_path`` for the parent."""
