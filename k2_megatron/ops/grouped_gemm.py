@@ -133,19 +133,25 @@ def _check_sizes_values(op: str, batch_sizes: torch.Tensor, total: int) -> None:
                          f"got {int(batch_sizes.sum())}")
 
 
-def _check_grouped_gemm(x, w, batch_sizes, trans_b) -> None:
-    op = "grouped_gemm"
+def _check_gemm_operands(op: str, x, other_name: str, other, other_ndim: int, batch_sizes, trans_b) -> None:
+    """What grouped_gemm and grouped_gemm_wgrad share: x [T, K], the other operand (w or dy) of x's dtype and device,
+    int64 batch_sizes [E] on the host or x's device, a bool trans_b."""
     check_tensor(op, "x", x, ndim=2)
-    check_tensor(op, "w", w, ndim=3)
+    check_tensor(op, other_name, other, ndim=other_ndim)
     check_tensor(op, "batch_sizes", batch_sizes, ndim=1, dtypes=(torch.int64,))
     if not isinstance(trans_b, bool):
         raise TypeError(f"{op}: trans_b must be a bool, got {type(trans_b).__name__}")
-    if w.dtype != x.dtype:
-        raise TypeError(f"{op}: w must have the dtype of x ({x.dtype}), got {w.dtype}")
-    check_same_device(op, "w", w, "x", x)
+    if other.dtype != x.dtype:
+        raise TypeError(f"{op}: {other_name} must have the dtype of x ({x.dtype}), got {other.dtype}")
+    check_same_device(op, other_name, other, "x", x)
     if batch_sizes.device.type != "cpu" and batch_sizes.device != x.device:
         raise ValueError(f"{op}: batch_sizes must be on the host (cpu) or on x's device ({x.device}), "
                          f"got {batch_sizes.device}")
+
+
+def _check_grouped_gemm(x, w, batch_sizes, trans_b) -> None:
+    op = "grouped_gemm"
+    _check_gemm_operands(op, x, "w", w, 3, batch_sizes, trans_b)
     if w.shape[0] == 0:
         raise ValueError(f"{op}: w must hold at least one expert, got shape {tuple(w.shape)}")
     if batch_sizes.shape[0] != w.shape[0]:
@@ -187,6 +193,22 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, *,
     if not torch.compiler.is_compiling():
         _check_sizes_values("grouped_gemm", batch_sizes, x.shape[0])
     return _GROUPED_GEMM.reference(x, w, batch_sizes, trans_b)
+
+
+def grouped_gemm_wgrad(x: torch.Tensor, dy: torch.Tensor, batch_sizes: torch.Tensor, *,
+                       trans_b: bool = False) -> torch.Tensor:
+    """The weight gradient of ``out = grouped_gemm(x, w, batch_sizes, trans_b=trans_b)`` for the output gradient
+    ``dy``: dw[e] = x_e^T dy_e, [E, K, N] (dy_e^T x_e, [E, N, K], with ``trans_b``); experts without rows get zeros.
+    For a delayed weight-gradient pass (the backward computing dx only, dw later): the same kernels and reference as
+    grouped_gemm's backward. x [T, K], dy [T, N] of one float dtype and device, batch_sizes int64 [E] summing to T.
+    """
+    op = "grouped_gemm_wgrad"
+    _check_gemm_operands(op, x, "dy", dy, 2, batch_sizes, trans_b)
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: dy must have one row per row of x ({x.shape[0]}), got shape {tuple(dy.shape)}")
+    if batch_sizes.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_sizes_values(op, batch_sizes, x.shape[0])
+    return _grouped_gemm_wgrad(x, dy, batch_sizes, trans_b)
 
 
 # ---------------------------------------------------------------------------------------------------------

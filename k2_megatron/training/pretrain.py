@@ -91,12 +91,15 @@ def _prepare_data(cfg: PretrainConfig):
     return result
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(data_iterator, model, return_schedule_plan: bool = False):
     batch = next(data_iterator)
     dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     tokens = batch["tokens"].to(dev, non_blocking=True)
     labels = batch["labels"].to(dev, non_blocking=True)
     loss_mask = batch["loss_mask"].to(dev, non_blocking=True).float()
+    if return_schedule_plan:  # megatron's combined 1F1B (EP all-to-all overlap) runs the layers itself
+        plan = model.build_schedule_plan(tokens, batch["position_ids"].to(dev), None, labels=labels)
+        return plan, partial(_loss_func, loss_mask)
     output = model(tokens, batch["position_ids"].to(dev), None, labels=labels)
     return output, partial(_loss_func, loss_mask)
 
@@ -120,12 +123,16 @@ def _build_model(cfg: PretrainConfig, k2cfg):
         activation_memory.check_supported(memory)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    overlap = cfg.parallel
     tc = to_transformer_config(k2cfg, layout, params_dtype=dtype, bias_update_rate=cfg.model.bias_update_rate,
+                               overlap_moe_expert_parallel_comm=overlap.overlap_moe_expert_parallel_comm,
+                               delay_wgrad_compute=overlap.delay_wgrad_compute,
                                **activation_memory.transformer_config_overrides(memory))
     # Always megatron's DistributedOptimizer (ZeRO-1; at DP=1 nothing is sharded): one code path for every
     # data-parallel size, and each matrix's Newton-Schulz done once per data-parallel group.
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
-                                               overlap_grad_reduce=False, bucket_size=None)
+                                               overlap_grad_reduce=False, bucket_size=None,
+                                               delay_wgrad_compute=overlap.delay_wgrad_compute)
     chunks = []
     vpp = layout.virtual_stages if layout.virtual_stages > 1 else None
     for vp in range(vpp or 1):

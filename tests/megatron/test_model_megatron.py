@@ -304,7 +304,7 @@ def test_full_k2_transformer_config_for_a_release_scale_layout():
     assert (tc.num_moe_experts, tc.moe_router_topk, tc.moe_ffn_hidden_size) == (384, 8, 2048)
     assert tc.moe_shared_expert_intermediate_size == 2048 and tc.moe_router_topk_scaling_factor == 2.827
     assert tc.moe_router_score_function == "sigmoid" and tc.moe_router_enable_expert_bias
-    assert (tc.rope_type, tc.rotary_base, tc.rotary_scaling_factor, tc.mscale_all_dim) == ("yarn", 50000.0, 32.0, 1.0)
+    assert (tc.rope_type, tc.rotary_base, tc.rotary_scaling_factor, tc.mscale_all_dim) == ("rope", 50000.0, 1.0, 0.0)
     assert tc.sequence_parallel and tc.expert_tensor_parallel_size == 1 and tc.bf16
     assert (tc.num_layers_in_first_pipeline_stage, tc.num_layers_in_last_pipeline_stage) == (3, 2)
 
