@@ -245,7 +245,10 @@ def check_wgmma_serialized(report: dict) -> list[str]:
 
 
 def check_wgmma_fence_order(report: dict) -> list[str]:
-    return [f"{r['kernel']} ({r['arch']} PTX): {v}" for r in report["ptx"] for v in r["fence_violations"]]
+    with_ptx = {r["mangled"] for r in report["ptx"] if r["arch"] == "compute_90a"}
+    missing = [f"{r['kernel']}: no sm_90a PTX embedded to check" for r in report["kernels"]
+               if r["arch"] == "sm_90a" and r["HGMMA"] > 0 and r["mangled"] not in with_ptx]
+    return missing + [f"{r['kernel']} ({r['arch']} PTX): {v}" for r in report["ptx"] for v in r["fence_violations"]]
 
 
 def check_ptx_fallback(report: dict, ptx_arch: str | None) -> list[str]:
