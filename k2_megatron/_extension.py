@@ -105,15 +105,19 @@ GENERATIONS = ((8, 0, "A100"), (8, 6, "A10, RTX 30xx"), (8, 9, "L4, L40S, RTX 40
                (10, 0, "B200, B300"), (12, 0, "RTX 50xx, RTX PRO 6000"))
 
 
+def built_for() -> str:
+    """What code k2_megatron._C holds, e.g. "SASS sm_80, sm_90a; compute_80 PTX"."""
+    ptx = f"compute_{ptx_arch()} PTX" if ptx_arch() else "no PTX"
+    return f"SASS {', '.join(f'sm_{a}' for a in compiled_archs())}; {ptx}"
+
+
 def kernel_path(major: int, minor: int) -> str:
     """Which kernels the ops run on a GPU of compute capability major.minor with this build, and why."""
     if _C is None:
         return "reference (pure PyTorch): k2_megatron._C is not built"
     image = kernel_image(major, minor)
     if image is None:
-        ptx = f", compute_{ptx_arch()} PTX" if ptx_arch() else ", no PTX"
-        return (f"reference (pure PyTorch): k2_megatron._C has no code for sm_{major}{minor} "
-                f"(SASS {', '.join(f'sm_{a}' for a in compiled_archs())}{ptx})")
+        return f"reference (pure PyTorch): no code for sm_{major}{minor} in k2_megatron._C ({built_for()})"
     by_reason: dict[str, list[str]] = {}
     for family, (on_sm90a, elsewhere, env) in SM90A_FAMILIES.items():
         sm90a, why = _C.choose_kernels(major, minor, env)
@@ -148,6 +152,9 @@ def kernels_status() -> str:
     name = torch.cuda.get_device_name(index)
     major, minor = torch.cuda.get_device_capability(index)
     if not _device_supported(index):
-        return (f"reference (pure PyTorch) for every op: {name} is sm_{major}{minor}, k2_megatron._C was built for "
-                f"{archs}; rebuild with K2_CUDA_ARCHS including {major}{minor}{'a' if major >= 9 else ''}")
-    return f"CUDA kernels on {name} (sm_{major}{minor}); k2_megatron._C built for {archs}, CUDA {torch.version.cuda}"
+        fix = ("the kernels need compute capability 8.0 or newer" if major < 8 else
+               f"rebuild with K2_CUDA_ARCHS including {major}{minor}, or 80 (its PTX runs on any newer GPU)")
+        return (f"reference (pure PyTorch) for every op: {name} is sm_{major}{minor}, k2_megatron._C has "
+                f"{built_for()}; {fix}")
+    return (f"CUDA kernels on {name} (sm_{major}{minor}) from {kernel_path(major, minor)}; k2_megatron._C built for "
+            f"{archs}, CUDA {torch.version.cuda}")
