@@ -63,23 +63,18 @@ __device__ __forceinline__ void wgmma_wait_all() {
 #endif
 }
 
-// Pins the registers of `x` here: the compiler moves no write of them below this point and no read of them
-// above it (CUTLASS's warpgroup_fence_operand; volatile asm statements keep their order).
-template <int N>
-__device__ __forceinline__ void fence_operands(float (&x)[N][4]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(x[i][j])::"memory");
-  }
-}
+// Pins register x here: the compiler moves no write of it below this point and no read of it above it
+// (CUTLASS's warpgroup_fence_operand; volatile asm statements keep their order).
+__device__ __forceinline__ void pin_register(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void pin_register(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
 
-template <int N>
-__device__ __forceinline__ void fence_operands(uint32_t (&x)[N][4]) {
+// pin_register() for every register of a fragment array (accumulators, A operands).
+template <typename E, int N>
+__device__ __forceinline__ void fence_operands(E (&x)[N][4]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(x[i][j])::"memory");
+    for (int j = 0; j < 4; ++j) pin_register(x[i][j]);
   }
 }
 
