@@ -5,7 +5,8 @@ and nvcc is found; otherwise the package installs without it and every op runs i
 reference. Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
 
 Environment variables (also in the README):
-  K2_CUDA_ARCHS        semicolon-separated SM list, default "80;90a" (e.g. "90a" for H100/H200 only)
+  K2_CUDA_ARCHS        semicolon-separated SM list, default "80;90a" (e.g. "90a" for H100/H200 only); the PTX of
+                       the highest arch without 'a' is embedded too, for newer GPUs (Blackwell) to JIT-compile
   K2_SKIP_CUDA_BUILD=1 install the pure-PyTorch package only
   MAX_JOBS             parallel compile jobs (ninja)
   CUDA_HOME            CUDA toolkit root (default: /usr/local/cuda, else the nvcc on PATH)
@@ -59,6 +60,20 @@ def parse_cuda_archs(spec):
     return archs
 
 
+def gencode_flags(archs):
+    """nvcc -gencode flags: SASS for every arch, with the arch's PTX embedded next to it. GPUs newer than every
+    SASS target (Blackwell: sm_100, sm_120) JIT-compile the PTX of the highest plain arch (ptx_fallback_arch);
+    the PTX of an 'a' arch runs on that exact SM only, where its SASS is taken: it is kept so that
+    tools/inspect_sass.py can check the code the SASS was assembled from (wgmma register fences)."""
+    return [f"-gencode=arch=compute_{a},code={code}_{a}" for a in archs for code in ("sm", "compute")]
+
+
+def ptx_fallback_arch(archs):
+    """The arch whose embedded PTX later GPUs run: the highest one without the 'a' suffix ("" if none)."""
+    plain = [a for a in archs if not a.endswith("a")]
+    return max(plain, key=int) if plain else ""
+
+
 def find_cutlass_include():
     """The CUTLASS include directory: $CUTLASS_INCLUDE_DIR, else cutlass_library/source/include of the
     nvidia-cutlass wheel (located with find_spec: importing cutlass_library would pull in its dependencies)."""
@@ -109,10 +124,12 @@ def _extensions():
     cutlass_include = find_cutlass_include()
     archs = parse_cuda_archs(os.environ.get("K2_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
     # Explicit -gencode flags: torch then adds none of its own and never asks a GPU what it is.
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    defines = [f"-DK2_CUDA_ARCHS={'_'.join(archs)}"]
+    gencode = gencode_flags(archs)
+    defines = [f"-DK2_CUDA_ARCHS={'_'.join(archs)}", f"-DK2_CUDA_PTX_ARCH={ptx_fallback_arch(archs)}"]
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True))
-    _log(f"building k2_megatron._C with nvcc {nvcc_major}.{nvcc_minor} ({cuda_home}) for sm_{', sm_'.join(archs)}; "
+    ptx = ptx_fallback_arch(archs)
+    _log(f"building k2_megatron._C with nvcc {nvcc_major}.{nvcc_minor} ({cuda_home}) for sm_{', sm_'.join(archs)} "
+         f"({f'compute_{ptx} PTX for newer GPUs' if ptx else 'no PTX for newer GPUs'}); "
          f"{len(sources)} sources, MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, CUTLASS {cutlass_include}")
     ext = CUDAExtension(
         name="k2_megatron._C",

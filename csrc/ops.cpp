@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <utility>
 
 #include "attention/attention.h"
 #include "attention/host.h"
@@ -54,12 +55,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "k2_megatron CUDA kernels; the operators are under torch.ops.k2_megatron";
   // SM architectures this library was compiled for, as "80_90a" (K2_CUDA_ARCHS at build time).
   m.def("cuda_archs", []() { return std::string(K2_STRINGIFY(K2_CUDA_ARCHS)); });
+  // The virtual architecture whose PTX is embedded for GPUs without matching SASS, e.g. "80"; "" for none.
+  m.def("cuda_ptx_arch", []() { return std::string(K2_STRINGIFY(K2_CUDA_PTX_ARCH)); });
   // (d_qk, d_v) pairs the CUDA attention kernels are compiled for; other head dims run the reference.
   m.def("attention_head_dims", &k2::attention::supported_head_dims);
   // Whether a family's sm_90a kernels run on CUDA device `device` (csrc/common/arch.h); `force_sm80_env` is the
   // family's override variable, e.g. "K2_ATTENTION_KERNEL".
   m.def("use_sm90a_kernels", [](int device, const std::string& force_sm80_env) {
     return k2::use_sm90a_kernels("k2_megatron._C.use_sm90a_kernels", device, force_sm80_env.c_str());
+  });
+  // The same choice for a GPU of compute capability major.minor, with its reason: (sm90a, why).
+  m.def("choose_kernels", [](int major, int minor, const std::string& force_sm80_env) {
+    const k2::KernelChoice choice = k2::choose_kernels(major, minor, force_sm80_env.c_str());
+    return std::make_pair(choice.sm90a, choice.why);
   });
   // benchmarks/attention.py: the dense attention forward with the max-logit tracking off (CUDA only).
   m.def("_attention_forward_without_max_logits", &k2::attention::forward_without_max_logits);

@@ -24,23 +24,41 @@ def extension_loaded() -> bool:
 
 
 def compiled_archs() -> list[str]:
-    """SM architectures the extension was built for, e.g. ["80", "90a"]; [] when it is not built."""
+    """SM architectures the extension has machine code (SASS) for, e.g. ["80", "90a"]; [] when it is not built."""
     return _C.cuda_archs().split("_") if _C is not None else []
+
+
+def ptx_arch() -> str | None:
+    """The virtual architecture whose PTX the extension embeds, e.g. "80" (JIT-compiled by the CUDA driver on GPUs
+    without matching SASS); None when it embeds none or is not built."""
+    return (_C.cuda_ptx_arch() or None) if _C is not None else None
 
 
 def _arch_runs_on(arch: str, major: int, minor: int) -> bool:
     # SASS for an 'a' (architecture-specific) target runs only on that exact SM; plain SASS runs on any
-    # later minor revision of the same major (sm_80 code on sm_86/sm_89). No PTX is embedded.
+    # later minor revision of the same major (sm_80 code on sm_86/sm_89).
     number = int(arch.rstrip("a"))
     if arch.endswith("a"):
         return number == major * 10 + minor
     return number // 10 == major and number % 10 <= minor
 
 
+def kernel_image(major: int, minor: int) -> str | None:
+    """What the CUDA driver loads the kernels from on a GPU of compute capability major.minor: "sm_80 SASS",
+    "compute_80 PTX, JIT-compiled" (any GPU at least as new as the PTX, e.g. Blackwell) or None (nothing runs).
+    SASS is preferred over PTX, as the driver does."""
+    sass = [a for a in compiled_archs() if _arch_runs_on(a, major, minor)]
+    if sass:
+        return f"sm_{max(sass, key=lambda a: int(a.rstrip('a')))} SASS"
+    ptx = ptx_arch()
+    if ptx is not None and major * 10 + minor >= int(ptx):
+        return f"compute_{ptx} PTX, JIT-compiled by the driver at first use"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _device_supported(index: int) -> bool:
-    major, minor = torch.cuda.get_device_capability(index)
-    return any(_arch_runs_on(a, major, minor) for a in compiled_archs())
+    return kernel_image(*torch.cuda.get_device_capability(index)) is not None
 
 
 def use_kernels(t: torch.Tensor) -> bool:
@@ -75,6 +93,44 @@ def sm90a_kernels(t: torch.Tensor, force_sm80_env: str) -> bool:
     return _C.use_sm90a_kernels(index, force_sm80_env)
 
 
+# Kernel families with an sm_90a variant: name -> (their sm_90a kernels, their sm_80 kernels, the environment
+# variable that selects the sm_80 ones on sm_90). The choice is csrc/common/arch.cpp's (k2_megatron._C.choose_kernels).
+SM90A_FAMILIES = {
+    "attention": ("wgmma", "mma.sync", "K2_ATTENTION_KERNEL"),
+    "grouped GEMM": ("CUTLASS 3 TMA + wgmma", "CUTLASS 2 mma.sync", "K2_GROUPED_GEMM_KERNEL"),
+}
+SAME_EVERYWHERE = "Newton-Schulz mma.sync; permute, unpermute, FP8 tiles on CUDA cores"
+# One compute capability per GPU generation the report covers, with examples.
+GENERATIONS = ((8, 0, "A100"), (8, 6, "A10, RTX 30xx"), (8, 9, "L4, L40S, RTX 40xx"), (9, 0, "H100, H200"),
+               (10, 0, "B200, B300"), (12, 0, "RTX 50xx, RTX PRO 6000"))
+
+
+def built_for() -> str:
+    """What code k2_megatron._C holds, e.g. "SASS sm_80, sm_90a; compute_80 PTX"."""
+    ptx = f"compute_{ptx_arch()} PTX" if ptx_arch() else "no PTX"
+    return f"SASS {', '.join(f'sm_{a}' for a in compiled_archs())}; {ptx}"
+
+
+def kernel_path(major: int, minor: int) -> str:
+    """Which kernels the ops run on a GPU of compute capability major.minor with this build, and why."""
+    if _C is None:
+        return "reference (pure PyTorch): k2_megatron._C is not built"
+    image = kernel_image(major, minor)
+    if image is None:
+        return f"reference (pure PyTorch): no code for sm_{major}{minor} in k2_megatron._C ({built_for()})"
+    by_reason: dict[str, list[str]] = {}
+    for family, (on_sm90a, elsewhere, env) in SM90A_FAMILIES.items():
+        sm90a, why = _C.choose_kernels(major, minor, env)
+        by_reason.setdefault(why, []).append(f"{family} {on_sm90a if sm90a else elsewhere}")
+    families = "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items())
+    return f"{image}: {families}; {SAME_EVERYWHERE}"
+
+
+def kernel_paths_report() -> list[str]:
+    """kernel_path() for every GPU generation of GENERATIONS, one line each."""
+    return [f"sm_{major}{minor} ({examples}): {kernel_path(major, minor)}" for major, minor, examples in GENERATIONS]
+
+
 def kernels_available() -> bool:
     """True when the CUDA kernels run on the current CUDA device."""
     return _C is not None and torch.cuda.is_available() and _device_supported(torch.cuda.current_device())
@@ -96,6 +152,9 @@ def kernels_status() -> str:
     name = torch.cuda.get_device_name(index)
     major, minor = torch.cuda.get_device_capability(index)
     if not _device_supported(index):
-        return (f"reference (pure PyTorch) for every op: {name} is sm_{major}{minor}, k2_megatron._C was built for "
-                f"{archs}; rebuild with K2_CUDA_ARCHS including {major}{minor}{'a' if major >= 9 else ''}")
-    return f"CUDA kernels on {name} (sm_{major}{minor}); k2_megatron._C built for {archs}, CUDA {torch.version.cuda}"
+        fix = ("the kernels need compute capability 8.0 or newer" if major < 8 else
+               f"rebuild with K2_CUDA_ARCHS including {major}{minor}, or 80 (its PTX runs on any newer GPU)")
+        return (f"reference (pure PyTorch) for every op: {name} is sm_{major}{minor}, k2_megatron._C has "
+                f"{built_for()}; {fix}")
+    return (f"CUDA kernels on {name} (sm_{major}{minor}) from {kernel_path(major, minor)}; k2_megatron._C built for "
+            f"{archs}, CUDA {torch.version.cuda}")

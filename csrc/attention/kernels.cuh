@@ -33,6 +33,11 @@ namespace attention {
 constexpr int kBlockM = 64;   // queries per block
 constexpr int kBlockN = 64;   // keys per block
 constexpr int kThreads = 128;  // 4 warps x 16 rows
+// The backward goes through a block's 64 x 64 (key, query) pairs in chunks of 32 columns (queries in the dK/dV
+// kernel, keys in the dQ kernel): S, P, dP and dS of one chunk sit in registers next to the dK and dV (or dQ)
+// accumulators, which keeps the largest case (d_qk 192, d_v 128: 160 accumulators per thread) below 255
+// registers without spilling. Every accumulator sums the same products in the same order as unchunked.
+constexpr int kChunk = 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Where sequence `batch` lives: its lengths and the starts of its rows.
@@ -124,8 +129,7 @@ __device__ __forceinline__ void attention_forward(const Params& p, unsigned char
     cp_async_commit();
 
     float acc[kBlockN / 8][4];
-    zero(acc);
-    Tiles::template nt<DQK>(acc, s_q, s_k, warp, lane);
+    Tiles::template nt<DQK, kBlockN>(acc, s_q, s_k, 0, warp, lane);
     const bool needs_mask = n0 + kBlockN > s.len_k || (p.causal && n0 + kBlockN - 1 > m0 + s.len_k - s.len_q);
     if (needs_mask) {
 #pragma unroll
@@ -173,7 +177,7 @@ __device__ __forceinline__ void attention_forward(const Params& p, unsigned char
                                               p.k.row_stride, s.len_k - n0 - kBlockN);
       cp_async_commit();
     }
-    Tiles::template rs<DV>(o, acc, s_v, lane);
+    Tiles::template rs<DV, kBlockN>(o, acc, s_v, 0, lane);
   }
 
   // Epilogue: out = O / l, lse = scale * max + log(l), per-head max logit.
@@ -320,32 +324,35 @@ __device__ __forceinline__ void attention_backward_dkdv(const Params& p, unsigne
     Tiles::publish();
     block_sync();  // K, V, Q and the row statistics are in; dO may still be in flight
 
-    float pt[kBlockM / 8][4];  // S^T, then P^T: rows = this warp's keys, columns = the block's queries
-    zero(pt);
-    Tiles::template nt<DQK>(pt, s_k, s_q, warp, lane);
+#pragma unroll 1
+    for (int c0 = 0; c0 < kBlockM; c0 += kChunk) {  // the block's queries [c0, c0 + kChunk)
+      float pt[kChunk / 8][4];  // S^T, then P^T: rows = this warp's keys, columns = the chunk's queries
+      Tiles::template nt<DQK, kChunk>(pt, s_k, s_q, c0, warp, lane);
 #pragma unroll
-    for (int nt = 0; nt < kBlockM / 8; ++nt) {
+      for (int nt = 0; nt < kChunk / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * t + (e % 2);
-        const int key = key_lo + (e / 2) * 8;
-        pt[nt][e] = visible(p, s, m0 + col, key) ? exp2f(pt[nt][e] * scale_log2 - s_lse[col]) : 0.f;
+        for (int e = 0; e < 4; ++e) {
+          const int col = c0 + nt * 8 + 2 * t + (e % 2);
+          const int key = key_lo + (e / 2) * 8;
+          pt[nt][e] = visible(p, s, m0 + col, key) ? exp2f(pt[nt][e] * scale_log2 - s_lse[col]) : 0.f;
+        }
       }
-    }
-    cp_async_wait<0>();
-    Tiles::publish();
-    block_sync();  // dO landed
-    Tiles::template rs<DV>(dv, pt, s_do, lane);
+      if (c0 == 0) {
+        cp_async_wait<0>();
+        Tiles::publish();
+        block_sync();  // dO landed
+      }
+      Tiles::template rs<DV, kChunk>(dv, pt, s_do, c0, lane);
 
-    float dst[kBlockM / 8][4];  // dP^T, then dS^T
-    zero(dst);
-    Tiles::template nt<DV>(dst, s_v, s_do, warp, lane);
+      float dst[kChunk / 8][4];  // dP^T, then dS^T
+      Tiles::template nt<DV, kChunk>(dst, s_v, s_do, c0, warp, lane);
 #pragma unroll
-    for (int nt = 0; nt < kBlockM / 8; ++nt) {
+      for (int nt = 0; nt < kChunk / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - s_delta[nt * 8 + 2 * t + (e % 2)]);
+        for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - s_delta[c0 + nt * 8 + 2 * t + (e % 2)]);
+      }
+      Tiles::template rs<DQK, kChunk>(dk, dst, s_q, c0, lane);
     }
-    Tiles::template rs<DQK>(dk, dst, s_q, lane);
   }
 
   cp_async_wait<0>();
@@ -408,30 +415,33 @@ __device__ __forceinline__ void attention_backward_dq(const Params& p, unsigned 
     Tiles::publish();
     block_sync();  // Q, dO and K landed; V may still be in flight
 
-    float ps[kBlockN / 8][4];  // S, then P, then dS
-    zero(ps);
-    Tiles::template nt<DQK>(ps, s_q, s_k, warp, lane);
+#pragma unroll 1
+    for (int c0 = 0; c0 < kBlockN; c0 += kChunk) {  // the block's keys [c0, c0 + kChunk)
+      float ps[kChunk / 8][4];  // S, then P, then dS
+      Tiles::template nt<DQK, kChunk>(ps, s_q, s_k, c0, warp, lane);
 #pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+      for (int nt = 0; nt < kChunk / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int half = e / 2;
-        const int key = n0 + nt * 8 + 2 * t + (e % 2);
-        ps[nt][e] = visible(p, s, row_lo + 8 * half, key) ? exp2f(ps[nt][e] * scale_log2 - row_lse[half]) : 0.f;
+        for (int e = 0; e < 4; ++e) {
+          const int half = e / 2;
+          const int key = n0 + c0 + nt * 8 + 2 * t + (e % 2);
+          ps[nt][e] = visible(p, s, row_lo + 8 * half, key) ? exp2f(ps[nt][e] * scale_log2 - row_lse[half]) : 0.f;
+        }
       }
-    }
-    cp_async_wait<0>();
-    Tiles::publish();
-    block_sync();  // V landed
-    float dp[kBlockN / 8][4];
-    zero(dp);
-    Tiles::template nt<DV>(dp, s_do, s_v, warp, lane);
+      if (c0 == 0) {
+        cp_async_wait<0>();
+        Tiles::publish();
+        block_sync();  // V landed
+      }
+      float dp[kChunk / 8][4];
+      Tiles::template nt<DV, kChunk>(dp, s_do, s_v, c0, warp, lane);
 #pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+      for (int nt = 0; nt < kChunk / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ps[nt][e] *= dp[nt][e] - row_delta[e / 2];
+        for (int e = 0; e < 4; ++e) ps[nt][e] *= dp[nt][e] - row_delta[e / 2];
+      }
+      Tiles::template rs<DQK, kChunk>(dq, ps, s_k, c0, lane);
     }
-    Tiles::template rs<DQK>(dq, ps, s_k, lane);
   }
 
   cp_async_wait<0>();

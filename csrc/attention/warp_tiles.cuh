@@ -70,6 +70,15 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
                                     [](int row, int col) { return swizzle<D>(row, col); });
 }
 
+// x, as the result of an (empty) volatile asm statement: what is computed from it is computed after this
+// point of the program. Passed through at the start of the warp GEMMs, it keeps the compiler from hoisting the
+// per-lane shared-memory offsets of all their ldmatrix out of the backward's loops, where they stayed live
+// (some 40 registers) next to 160 accumulators and spilled.
+__device__ __forceinline__ int computed_here(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
 template <int N>
 __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 #pragma unroll
@@ -78,33 +87,36 @@ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 
 // Each warp owns 16 rows of the left operand; the shared tiles are swizzled [rows x D] row-major.
 //
-// acc[16 x 8*NT] += A[a_row0:a_row0+16, 0:KD] * B[0:8*NT, 0:KD]^T, both operands read from shared memory
-// with their reduction dimension contiguous (S = Q K^T, S^T = K Q^T, dP = dO V^T, dP^T = V dO^T).
+// acc[16 x 8*NT] += A[a_row0:a_row0+16, 0:KD] * B[b_row0:b_row0+8*NT, 0:KD]^T, both operands read from shared
+// memory with their reduction dimension contiguous (S = Q K^T, S^T = K Q^T, dP = dO V^T, dP^T = V dO^T).
 template <int KD, int NT, typename T>
 __device__ __forceinline__ void warp_gemm_nt(float (&acc)[NT][4], const T* a_tile, int a_row0, const T* b_tile,
-                                             int lane) {
+                                             int b_row0, int lane) {
   static_assert(NT % 2 == 0, "B is read 16 rows at a time");
-#pragma unroll
+  lane = computed_here(lane);
+#pragma unroll 1  // a loop, not 12 unrolled steps whose fragments the compiler would load ahead
   for (int ks = 0; ks < KD / 16; ++ks) {
     uint32_t a[4];
     ldmatrix_x4(a, a_tile + swizzle<KD>(a_row0 + (lane % 16), ks * 16 + (lane / 16) * 8));
 #pragma unroll
     for (int np = 0; np < NT / 2; ++np) {
       uint32_t b[4];
-      ldmatrix_x4(b, b_tile + swizzle<KD>(np * 16 + (lane % 8) + (lane / 16) * 8, ks * 16 + ((lane / 8) % 2) * 8));
+      ldmatrix_x4(b, b_tile + swizzle<KD>(b_row0 + np * 16 + (lane % 8) + (lane / 16) * 8,
+                                          ks * 16 + ((lane / 8) % 2) * 8));
       mma_16816<T>(acc[2 * np], a, b[0], b[1]);
       mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
     }
   }
 }
 
-// acc[16 x ND] += P[16 x 8*KT] * B[0:8*KT, 0:ND] with P in registers in the C layout of warp_gemm_nt (fp32,
-// rounded to T here) and B read from shared memory with its output dimension contiguous (O += P V,
-// dV += P^T dO, dK += dS^T Q, dQ += dS K).
+// acc[16 x ND] += P[16 x 8*KT] * B[b_row0:b_row0+8*KT, 0:ND] with P in registers in the C layout of
+// warp_gemm_nt (fp32, rounded to T here) and B read from shared memory with its output dimension contiguous
+// (O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K).
 template <int ND, int KT, typename T>
 __device__ __forceinline__ void warp_gemm_rs(float (&acc)[ND / 8][4], const float (&p)[KT][4], const T* b_tile,
-                                             int lane) {
+                                             int b_row0, int lane) {
   static_assert(KT % 2 == 0 && ND % 16 == 0, "16-wide k and n steps");
+  lane = computed_here(lane);
 #pragma unroll
   for (int kk = 0; kk < KT / 2; ++kk) {
     const uint32_t a[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
@@ -112,7 +124,8 @@ __device__ __forceinline__ void warp_gemm_rs(float (&acc)[ND / 8][4], const floa
 #pragma unroll
     for (int dp = 0; dp < ND / 16; ++dp) {
       uint32_t b[4];
-      ldmatrix_x4_trans(b, b_tile + swizzle<ND>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 16 + (lane / 16) * 8));
+      ldmatrix_x4_trans(b, b_tile + swizzle<ND>(b_row0 + kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                                dp * 16 + (lane / 16) * 8));
       mma_16816<T>(acc[2 * dp], a, b[0], b[1]);
       mma_16816<T>(acc[2 * dp + 1], a, b[2], b[3]);
     }
@@ -158,8 +171,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // The block-level products of the attention kernels on sm_80-class tensor cores (mma.sync; also valid on
-// sm_90): each warp computes its own 16 rows. Sm90Tiles (warpgroup_tiles.cuh) has the same interface with
-// wgmma. All tiles are 64 rows.
+// sm_90 and later): each warp computes its own 16 rows. Sm90Tiles (warpgroup_tiles.cuh) has the same
+// interface with wgmma. All tiles are 64 rows.
 struct Sm80Tiles {
   template <int ROWS, int D, int THREADS, typename T>
   __device__ __forceinline__ static void load(T* smem, const T* gmem, int64_t row_stride, int valid_rows) {
@@ -167,16 +180,20 @@ struct Sm80Tiles {
   }
   // After this thread's cp.async wait, before the barrier that publishes the tiles: nothing to do here.
   __device__ __forceinline__ static void publish() {}
-  // acc[rows of this thread, 64] += A B^T, A and B [64 x KD] tiles (S = Q K^T, S^T = K Q^T, dP = dO V^T, ...).
-  template <int KD, typename T>
-  __device__ __forceinline__ static void nt(float (&acc)[8][4], const T* a_tile, const T* b_tile, int warp, int lane) {
-    warp_gemm_nt<KD, 8>(acc, a_tile, warp * 16, b_tile, lane);
+  // acc[rows of this thread, N] = A B^T: A a [64 x KD] tile, B rows [b_row0, b_row0 + N) of a [64 x KD] tile
+  // (S = Q K^T, S^T = K Q^T, dP = dO V^T, ...).
+  template <int KD, int N, typename T>
+  __device__ __forceinline__ static void nt(float (&acc)[N / 8][4], const T* a_tile, const T* b_tile, int b_row0,
+                                            int warp, int lane) {
+    zero(acc);
+    warp_gemm_nt<KD, N / 8>(acc, a_tile, warp * 16, b_tile, b_row0, lane);
   }
-  // acc[rows of this thread, ND] += P B, P [64 x 64] in registers, B a [64 x ND] tile (O += P V, dQ += dS K, ...).
-  template <int ND, typename T>
-  __device__ __forceinline__ static void rs(float (&acc)[ND / 8][4], const float (&p)[8][4], const T* b_tile,
-                                            int lane) {
-    warp_gemm_rs<ND, 8>(acc, p, b_tile, lane);
+  // acc[rows of this thread, ND] += P B: P [64 x K] in registers, B rows [b_row0, b_row0 + K) of a [64 x ND]
+  // tile (O += P V, dQ += dS K, ...).
+  template <int ND, int K, typename T>
+  __device__ __forceinline__ static void rs(float (&acc)[ND / 8][4], const float (&p)[K / 8][4], const T* b_tile,
+                                            int b_row0, int lane) {
+    warp_gemm_rs<ND, K / 8>(acc, p, b_tile, b_row0, lane);
   }
 };
 

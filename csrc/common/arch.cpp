@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 #include <string_view>
 
 #define K2_ARCH_STRINGIFY_IMPL(x) #x
@@ -33,14 +34,22 @@ int device_attribute(const char* op, cudaDeviceAttr attr, int device) {
 
 }  // namespace
 
+KernelChoice choose_kernels(int major, int minor, const char* force_sm80_env) {
+  const char* forced = std::getenv(force_sm80_env);
+  if (forced != nullptr && std::string_view(forced) == "sm80") {
+    return {false, std::string(force_sm80_env) + "=sm80 selects the sm_80 kernels"};
+  }
+  if (major != 9 || minor != 0) return {false, "wgmma exists on sm_90a (compute capability 9.0) only"};
+  if (!built_for_sm90a()) return {false, "the library has no sm_90a code (K2_CUDA_ARCHS)"};
+  return {true, "compute capability 9.0 and a library built for sm_90a"};
+}
+
 bool use_sm90a_kernels(const char* op, int device, const char* force_sm80_env) {
   const int major = device_attribute(op, cudaDevAttrComputeCapabilityMajor, device);
   const int minor = device_attribute(op, cudaDevAttrComputeCapabilityMinor, device);
   TORCH_CHECK(major >= 8, op, ": the CUDA kernels need compute capability 8.0 or newer, device ", device, " is ",
               major, ".", minor);
-  const char* forced = std::getenv(force_sm80_env);
-  const bool force_sm80 = forced != nullptr && std::string_view(forced) == "sm80";
-  return major == 9 && minor == 0 && built_for_sm90a() && !force_sm80;
+  return choose_kernels(major, minor, force_sm80_env).sm90a;
 }
 
 int sm_count(const char* op, int device) { return device_attribute(op, cudaDevAttrMultiProcessorCount, device); }

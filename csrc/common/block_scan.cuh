@@ -1,4 +1,4 @@
-// Exclusive prefix sum over n values in one thread block, for per-expert offsets (E up to a few hundred).
+// Prefix sums and sums over n values in one thread block, for per-expert offsets (E up to a few hundred).
 #pragma once
 
 #include <cstdint>
@@ -30,6 +30,24 @@ __device__ __forceinline__ int64_t block_run_exclusive_sum(int n, Value value, i
   int64_t start = inclusive - local;
   for (int w = 0; w < warp; ++w) start += warp_totals[w];
   return start;
+}
+
+// The sum of value(0), ..., value(n - 1), returned to every thread of the block (THREADS threads, a multiple of
+// 32). Every thread of the block must call it (it synchronises the block).
+template <int THREADS, typename Value>
+__device__ __forceinline__ int64_t block_sum(int n, Value value) {
+  static_assert(THREADS % 32 == 0, "whole warps");
+  __shared__ int64_t warp_sums[THREADS / 32];
+  int64_t sum = 0;
+  for (int i = threadIdx.x; i < n; i += THREADS) sum += value(i);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+  __syncthreads();
+  int64_t total = 0;
+#pragma unroll
+  for (int w = 0; w < THREADS / 32; ++w) total += warp_sums[w];
+  return total;
 }
 
 }  // namespace k2

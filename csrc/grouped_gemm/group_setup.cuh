@@ -56,6 +56,22 @@ __device__ __forceinline__ GroupProblem make_group_problem(const GroupedGemmArgs
   return p;
 }
 
+// The rows [first, first + size) of a that an expert's problem covers, given the sum `start` of the (negative
+// counting as 0) sizes before it: rows past T are dropped, so that sizes summing past T never reach memory
+// outside the tensors. The one definition for the GEMM problems and for the zeroing of empty wgrad experts.
+struct GroupRows {
+  int64_t first, size;
+};
+
+// Rows an entry of batch_sizes counts for: negative sizes count as 0.
+__host__ __device__ __forceinline__ int64_t counted_rows(int64_t batch_size) { return batch_size > 0 ? batch_size : 0; }
+
+__host__ __device__ __forceinline__ GroupRows clamp_group_rows(int64_t start, int64_t batch_size, int64_t rows) {
+  const int64_t first = start < rows ? start : rows;
+  const int64_t size = counted_rows(batch_size);
+  return {first, size < rows - first ? size : rows - first};
+}
+
 constexpr int kGroupSetupThreads = 256;
 
 // Exclusive prefix sum of the (clamped) batch sizes in one block; write(e, problem) for every expert.
@@ -66,14 +82,12 @@ __global__ void __launch_bounds__(kGroupSetupThreads) build_group_problems_kerne
   const int64_t* sizes = args.batch_sizes;
   int begin, end;
   int64_t start = block_run_exclusive_sum<kGroupSetupThreads>(
-      args.num_groups, [sizes](int e) { return max(sizes[e], int64_t{0}); }, begin, end);
+      args.num_groups, [sizes](int e) { return counted_rows(sizes[e]); }, begin, end);
 
   for (int e = begin; e < end; ++e) {
-    const int64_t size = max(args.batch_sizes[e], int64_t{0});
-    // Clamp to the rows of a: sizes summing past T never reach memory outside the tensors.
-    const int64_t first = min(start, args.rows);
-    write(e, make_group_problem(args, e, first, min(size, args.rows - first)));
-    start += size;
+    const GroupRows group = clamp_group_rows(start, sizes[e], args.rows);
+    write(e, make_group_problem(args, e, group.first, group.size));
+    start += counted_rows(sizes[e]);
   }
 }
 

@@ -12,7 +12,7 @@
 // The problem sizes and operand pointers of every expert are built on the device from batch_sizes by a
 // one-block kernel, so no host synchronisation happens. Sizes are clamped so that nothing outside a's
 // rows is ever touched: negative sizes count as 0 and rows past T are dropped (such input is a caller
-// error; the op layer checks host sizes). In kWgrad, experts without rows get exactly zero d[e].
+// error; the op layer checks host sizes). In kWgrad, experts without rows (after clamping) get exactly zero d[e].
 //
 // Requirements (checked by the host code, csrc/grouped_gemm/grouped_gemm.cpp): all tensors contiguous
 // bf16 with 16-byte aligned base pointers, K and N positive multiples of 8 (16-byte rows, as TMA and the
@@ -42,8 +42,8 @@ struct GroupedGemmArgs {
   int sm_count;
 };
 
-// One specialisation per (architecture, layout), each defined in its own .cu file (sm90_forward_kn.cu,
-// sm80_wgrad.cu, ...) so that ninja compiles them in parallel.
+// One specialisation per (architecture, layout), each defined in its own .cu file (instantiations/, generated
+// from one arch x layout table by generate_instantiations.py) so that ninja compiles them in parallel.
 //   *_workspace_size: device bytes a launch needs (per-expert arrays and the CUTLASS workspace).
 //   launch_*: enqueues on `stream`; workspace holds those bytes, 256-byte aligned. Returns the first launch
 //   error (cudaSuccess when every kernel launched).
@@ -56,8 +56,9 @@ size_t grouped_gemm_sm80_workspace_size(int num_groups, int sm_count);
 template <GroupedGemmLayout L>
 cudaError_t launch_grouped_gemm_sm80(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream);
 
-// kWgrad helper: d[e] = 0 for every expert e with batch_sizes[e] <= 0 (d is [num_groups, k, n] bf16);
-// the GEMM kernels skip those experts (a CUTLASS mainloop with no k-tiles leaves its tile unwritten).
+// kWgrad helper: d[e] = 0 for every expert e without rows after clamping (batch_sizes[e] <= 0, or the rows
+// before it already reach T; d is [num_groups, k, n] bf16): the GEMM kernels skip those experts (a CUTLASS
+// mainloop with no k-tiles leaves its tile unwritten).
 cudaError_t launch_zero_empty_groups(const GroupedGemmArgs& args, cudaStream_t stream);
 
 }  // namespace k2

@@ -3,7 +3,8 @@
 // problem visitor runs in GroupScheduleMode::kDeviceOnly: every persistent block reads the problem sizes
 // from device memory (built by build_group_problems_kernel), so no host copy of them is needed.
 //
-// Included by one .cu file per operand layout (sm80_*.cu), so that ninja compiles them in parallel.
+// Included by one generated .cu file per operand layout (instantiations/sm80_*.cu, written by
+// generate_instantiations.py), so that ninja compiles them in parallel.
 #pragma once
 
 // CUTLASS is built as in its release builds, without its host and device assert()s.

@@ -3,7 +3,8 @@
 // Problem shapes, operand pointers and strides live only on the device (no host problem shapes), built by
 // build_group_problems_kernel; the scheduler then launches one CTA per SM and walks every expert's tiles.
 //
-// Included by one .cu file per operand layout (sm90_*.cu), so that ninja compiles them in parallel.
+// Included by one generated .cu file per operand layout (instantiations/sm90_*.cu, written by
+// generate_instantiations.py), so that ninja compiles them in parallel.
 #pragma once
 
 // CUTLASS is built as in its release builds, without its host and device assert()s.

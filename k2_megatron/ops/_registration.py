@@ -16,6 +16,8 @@ import torch
 from k2_megatron import _extension
 
 NAMESPACE = "k2_megatron"
+# Every op by name, as registered below (the GPU tests forbid their reference paths through it).
+REGISTERED_OPS: dict[str, "RegisteredOp"] = {}
 
 
 class RegisteredOp:
@@ -49,6 +51,7 @@ def register_op(name: str, *, reference: Callable, fake: Callable, backward: Cal
     if (backward is None) != (setup_context is None):
         raise TypeError(f"register_op({name!r}): give both backward and setup_context, or neither")
     op = RegisteredOp(name, reference, backward, setup_context)
+    REGISTERED_OPS[name] = op
     if _extension.op_registered(name):
         torch.library.register_fake(op.qualname, fake)
         torch.library.register_kernel(op.qualname, "cpu", reference)

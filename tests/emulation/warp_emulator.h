@@ -333,6 +333,8 @@ inline void fence_proxy_async() {}
 inline void wgmma_fence() {}
 inline void wgmma_commit() {}
 inline void wgmma_wait_all() {}
+template <typename Array>
+inline void fence_operands(Array&) {}  // a compiler-ordering device: nothing to emulate
 
 namespace wgmma_emulation {
 
@@ -372,26 +374,27 @@ inline float mn_major(const Descriptor& d, int k, int n) {
 
 }  // namespace wgmma_emulation
 
-// Every thread computes its own m64n64 accumulator fragment: rows 16 (warp % 4) + g (+ 8), columns 8j + 2t (+1).
-template <typename T>
-inline void wgmma_m64n64k16_ss(float (&acc)[8][4], uint64_t desc_a, uint64_t desc_b) {
+// Every thread computes its own m64nN accumulator fragment: rows 16 (warp % 4) + g (+ 8), columns 8j + 2t (+1).
+// kAccumulate false: scale-d = 0, the old accumulator values are ignored.
+template <int N, bool kAccumulate, typename T>
+inline void wgmma_ss(float (&acc)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
   namespace we = wgmma_emulation;
   const we::Descriptor a = we::decode(desc_a), b = we::decode(desc_b);
   const int lane = k2emu::lane_id(), warp = static_cast<int>(k2emu::self().index.x / 32) % 4;
   const int g = lane / 4, t = lane % 4;
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < N / 8; ++j) {
     for (int e = 0; e < 4; ++e) {
       const int row = 16 * warp + g + 8 * (e / 2), col = 8 * j + 2 * t + e % 2;
       float sum = 0.f;
       for (int k = 0; k < 16; ++k) sum += we::k_major<T>(a, row, k) * we::k_major<T>(b, col, k);
-      acc[j][e] += sum;
+      acc[j][e] = kAccumulate ? acc[j][e] + sum : sum;
     }
   }
 }
 
 // A from registers: the warp's lanes exchange their m16n8k16 A fragments (rows of this warp only).
 template <typename T>
-inline void wgmma_m64n64k16_rs(float (&acc)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+inline void wgmma_rs(float (&acc)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
   namespace we = wgmma_emulation;
   const we::Descriptor b = we::decode(desc_b);
   float A[16][16];

@@ -18,6 +18,7 @@ from k2_megatron.ops.reference import attention as ref
 
 from tests.helpers.attention import (TOL, assert_close_to, check_within_2x_sdpa, make_qkv, naive_attention,
                                      naive_grads, planted_logits)
+from tests.helpers.gpu import launched_kernels, reference_forbidden, require_cuda_kernel
 
 requires_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason="k2_megatron._C is not built")
 
@@ -303,24 +304,48 @@ def test_strided_sbhd_inputs(dtype):
     torch.testing.assert_close(kv_sb.grad.transpose(0, 1), torch.cat([kc.grad, vc.grad], -1), rtol=1e-5, atol=1e-5)
 
 
-def test_reference_path_without_extension(monkeypatch):
-    """Without k2_megatron._C (or on a GPU without the kernel), the autograd.Function over the reference runs:
-    same results as the registered operator."""
+def _route_results(registered: bool, monkeypatch, q, k, v, cu):
+    """out, max_logits, varlen out, varlen max_logits and the gradients of one loss, with the op layer routed
+    through the registered operator (registered) or the autograd.Function over the reference."""
+    monkeypatch.setattr(attention_op, "_use_registered_op", lambda q, v: registered)
+    out, ml = mla_attention(q, k, v)
+    out_v, ml_v = mla_attention_varlen(q[0], k[0], v[0], cu, cu, 19, 19)
+    assert not ml.requires_grad and not ml_v.requires_grad
+    grads = torch.autograd.grad(out.sum() + out_v.square().sum(), (q, k, v))
+    return (out, ml, out_v, ml_v) + grads
+
+
+@pytest.mark.parametrize("registered", [True, False], ids=["registered_op", "reference_function"])
+def test_both_routes_match_float64(registered, monkeypatch):
+    """Both routes of the op layer (the registered operator, whose CPU kernel is the reference; the autograd
+    Function over the reference, taken without k2_megatron._C or on a GPU without the kernel) against float64
+    attention: dense and varlen outputs, max logits and the gradients."""
+    if registered and not _extension.extension_loaded():
+        pytest.skip("k2_megatron._C is not built: there is no registered operator to route through")
     q, k, v = make_qkv(2, 30, 3, 192, 128, torch.float32, requires_grad=True)
     cu = torch.tensor([0, 11, 30], dtype=torch.int32)
-    results = []
-    for registered in (True, False):
-        if registered and not _extension.extension_loaded():
-            continue
-        monkeypatch.setattr(attention_op, "_use_registered_op", lambda q, v, r=registered: r)
-        out, ml = mla_attention(q, k, v)
-        out_v, ml_v = mla_attention_varlen(q[0], k[0], v[0], cu, cu, 19, 19)
-        grads = torch.autograd.grad(out.sum() + out_v.square().sum(), (q, k, v))
-        assert not ml.requires_grad and not ml_v.requires_grad
-        results.append((out, ml, out_v, ml_v) + grads)
-    expected = naive_attention(q, k, v, True, 192 ** -0.5)
-    assert_close_to(results[-1][0], expected[0], TOL[torch.float32]["out"], "out")
-    for a, b in zip(results[0], results[-1]):
+    got = _route_results(registered, monkeypatch, q, k, v, cu)
+    scale = 192 ** -0.5
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64, _, ml64 = naive_attention(q64, k64, v64, True, scale)
+    pieces = [naive_attention(*(t[:1, a:b] for t in (q64, k64, v64)), True, scale) for a, b in ((0, 11), (11, 30))]
+    out_v64 = torch.cat([o[0] for o, _, _ in pieces])
+    ml_v64 = torch.maximum(pieces[0][2], pieces[1][2])
+    grads64 = torch.autograd.grad(out64.sum() + out_v64.square().sum(), (q64, k64, v64))
+    tol = TOL[torch.float32]
+    for name, value, want, t in [("out", got[0], out64, tol["out"]), ("max_logits", got[1], ml64, tol["max_logits"]),
+                                 ("varlen out", got[2], out_v64, tol["out"]),
+                                 ("varlen max_logits", got[3], ml_v64, tol["max_logits"])] + \
+            [(f"d{n}", g, w, tol["grad"]) for n, g, w in zip("qkv", got[4:], grads64)]:
+        assert_close_to(value, want, t, name)
+
+
+@pytest.mark.skipif(not _extension.extension_loaded(), reason="k2_megatron._C is not built: one route only")
+def test_registered_op_equals_reference_function(monkeypatch):
+    """Where both routes exist they are the same computation: bit-identical results."""
+    q, k, v = make_qkv(2, 30, 3, 192, 128, torch.float32, requires_grad=True)
+    cu = torch.tensor([0, 11, 30], dtype=torch.int32)
+    for a, b in zip(_route_results(True, monkeypatch, q, k, v, cu), _route_results(False, monkeypatch, q, k, v, cu)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -436,48 +461,148 @@ def test_bad_input_varlen(case):
 
 
 # -------------------------------------------------------------------------------------------------- CUDA
+#
+# The rule of tests/helpers/gpu.py: on a GPU with k2_megatron._C built, every op call below must run the CUDA
+# kernels (a fallback to the reference fails). Each test runs both kernel families: "default" (wgmma on an
+# sm_90 GPU with a 90a build, mma.sync elsewhere) and "sm80" (K2_ATTENTION_KERNEL=sm80: mma.sync everywhere).
+
+ATTENTION_REFERENCES = ("mla_attention_fwd", "mla_attention_bwd", "mla_attention_varlen_fwd",
+                        "mla_attention_varlen_bwd")
+
+
+@pytest.fixture(params=["default", "sm80"])
+def attention_kernel(request, monkeypatch):
+    """Selects a kernel family; its value is the family expected on this GPU: "wgmma" or "mma.sync"."""
+    if request.param == "sm80":
+        monkeypatch.setenv("K2_ATTENTION_KERNEL", "sm80")
+    else:
+        monkeypatch.delenv("K2_ATTENTION_KERNEL", raising=False)
+    probe = torch.empty(0, device="cuda", dtype=torch.bfloat16)
+    require_cuda_kernel("mla_attention_fwd", probe)
+    require_cuda_kernel("mla_attention_bwd", probe)
+    return "wgmma" if _extension.sm90a_kernels(probe, "K2_ATTENTION_KERNEL") else "mma.sync"
+
+
+def kernels_only():
+    """No call in the block may fall back to the attention reference."""
+    return reference_forbidden(*ATTENTION_REFERENCES)
+
+
+def test_kernels_only_catches_a_fallback(monkeypatch):
+    """The guard of the GPU tests fails a call that falls back to the reference (here forced on CPU): it patches
+    what the op layer really calls."""
+    monkeypatch.setattr(attention_op, "_use_registered_op", lambda q, v: False)
+    q, k, v = make_qkv(1, 5, 2, 16, 16, torch.float32, requires_grad=True)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    for call in (lambda: mla_attention(q, k, v), lambda: mla_attention_varlen(q[0], k[0], v[0], cu, cu, 5, 5)):
+        with kernels_only(), pytest.raises(AssertionError, match="fell back to its reference"):
+            call()
+    out, _ = mla_attention(q, k, v)
+    with kernels_only(), pytest.raises(AssertionError, match="fell back to its reference"):
+        out.sum().backward()
+
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("forward_kernel", ["default", "sm80"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d_qk,d_v", HEAD_DIMS + [(128, 128)])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("b,s,h", [(1, 1, 1), (3, 17, 3), (1, 128, 16), (2, 1000, 3), (1, 4096, 16)], ids=str)
-def test_cuda_matches_float64_within_2x_sdpa(b, s, h, causal, d_qk, d_v, dtype, forward_kernel, monkeypatch):
-    """On CUDA (kernel where registered, else the reference): error at most 2x that of SDPA in the same
-    precision, forward and backward; max_logits as exact as float32 allows. "sm80" forces the mma.sync
-    kernels (K2_ATTENTION_KERNEL=sm80), so a Hopper GPU checks both the wgmma and the mma.sync kernels."""
-    if forward_kernel == "sm80":
-        monkeypatch.setenv("K2_ATTENTION_KERNEL", "sm80")
+def test_cuda_matches_float64_within_2x_sdpa(b, s, h, causal, d_qk, d_v, dtype, attention_kernel):
+    """Error at most 2x that of SDPA in the same precision, forward and backward; max_logits as exact as float32
+    allows."""
     q, k, v = (t.cuda().requires_grad_() for t in make_qkv(b, s, h, d_qk, d_v, dtype, seed=s + h))
     grad_out = torch.randn(b, s, h, d_v, device="cuda").to(dtype)
-    out, ml = mla_attention(q, k, v, causal=causal)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    with kernels_only():
+        out, ml = mla_attention(q, k, v, causal=causal)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
     check_within_2x_sdpa(out, ml, grads, q, k, v, grad_out, causal, 1.0 / math.sqrt(d_qk))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [True, False])
-def test_cuda_varlen_and_strided_match_reference(causal):
-    lens = [5, 0, 130, 1, 77]
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
-    q, k, v = (t[0] for t in make_qkv(1, sum(lens), 4, 192, 128, torch.bfloat16, seed=9))
-    out_ref, ml_ref = mla_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal)
-    out, ml = mla_attention_varlen(q.cuda(), k.cuda(), v.cuda(), cu.cuda(), cu.cuda(), max(lens), max(lens),
-                                   causal=causal)
-    assert_close_to(out.cpu(), out_ref.double(), 2 * TOL[torch.bfloat16]["out"], "varlen out")
-    torch.testing.assert_close(ml.cpu(), ml_ref, rtol=1e-5, atol=1e-5)
-    x = torch.randn(64, 2, 4, 192 + 192 + 128, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
-    q, k, v = x.split([192, 192, 128], dim=-1)
-    out, ml = mla_attention(q, k, v, causal=causal)
-    out_ref, ml_ref = mla_attention(q.cpu(), k.cpu(), v.cpu(), causal=causal)
-    assert_close_to(out.cpu(), out_ref.double(), 2 * TOL[torch.bfloat16]["out"], "strided out")
-    torch.testing.assert_close(ml.cpu(), ml_ref, rtol=1e-5, atol=1e-5)
+def test_cuda_launches_the_kernels_of_its_family(attention_kernel):
+    """The CUDA kernels that run (as the profiler sees them): the wgmma ones on sm_90 with a 90a build, the
+    mma.sync ones otherwise and with K2_ATTENTION_KERNEL=sm80; forward and backward."""
+    q, k, v = (t.cuda().requires_grad_() for t in make_qkv(2, 130, 3, 192, 128, torch.bfloat16))
+
+    def step():
+        out, _ = mla_attention(q, k, v)
+        torch.autograd.grad(out.float().square().sum(), (q, k, v))
+
+    names = launched_kernels(step)
+    for kernel in ("attention_forward", "attention_backward_dkdv", "attention_backward_dq"):
+        wgmma = [n for n in names if f"{kernel}_sm90_kernel" in n]
+        mma_sync = [n for n in names if f"{kernel}_kernel" in n]
+        assert (len(wgmma), len(mma_sync)) == ((1, 0) if attention_kernel == "wgmma" else (0, 1)), (kernel, names)
 
 
 @pytest.mark.gpu
-def test_cuda_max_logits_exact():
-    q, k, v = planted_logits(300, 3, 2, 64, 1, 150, 150, 149, 150, torch.bfloat16)
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_varlen_and_strided_match_float64(causal, attention_kernel):
+    """Packed sequences (an empty one, one token, block edges) and megatron's strided [s, b, h, d] views, against
+    float64 attention per sequence."""
+    lens = [5, 0, 130, 1, 77]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    q, k, v = (t[0] for t in make_qkv(1, sum(lens), 4, 192, 128, torch.bfloat16, seed=9))
+    with kernels_only():
+        out, ml = mla_attention_varlen(q.cuda(), k.cuda(), v.cuda(), cu.cuda(), cu.cuda(), max(lens), max(lens),
+                                       causal=causal)
+    expected_ml = torch.full((4,), float("-inf"), dtype=torch.float64)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if end == start:
+            continue
+        o64, _, ml64 = naive_attention(*(t[start:end].unsqueeze(0) for t in (q, k, v)), causal, 192 ** -0.5)
+        assert_close_to(out[start:end].cpu(), o64[0], 2 * TOL[torch.bfloat16]["out"], f"varlen out [{start}, {end})")
+        expected_ml = torch.maximum(expected_ml, ml64)
+    torch.testing.assert_close(ml.cpu().double(), expected_ml, rtol=1e-5, atol=1e-5)
+    x = torch.randn(64, 2, 4, 192 + 192 + 128, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
+    q, k, v = x.split([192, 192, 128], dim=-1)
+    with kernels_only():
+        out, ml = mla_attention(q, k, v, causal=causal)
+    o64, _, ml64 = naive_attention(q, k, v, causal, 192 ** -0.5)
+    assert_close_to(out, o64, 2 * TOL[torch.bfloat16]["out"], "strided out")
+    torch.testing.assert_close(ml.double(), ml64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("where", ["diagonal", "last_row", "last_row_diagonal"])
+def test_cuda_max_logits_exact(where, attention_kernel):
+    """Integer inputs make every logit exact in float32: the fused max equals the float64 max exactly, the
+    larger planted logit above the diagonal excluded by the causal mask; dense and packed."""
+    s, h, b, d, head = 300, 3, 2, 64, 1
+    row, col = {"diagonal": (150, 150), "last_row": (s - 1, 7), "last_row_diagonal": (s - 1, s - 1)}[where]
+    q, k, v = planted_logits(s, h, b, d, head, row, col, masked_row=row - 1, masked_col=row, dtype=torch.bfloat16)
     _, _, expected = naive_attention(q, k, v, True, 0.125)
-    _, ml = mla_attention(q.cuda(), k.cuda(), v.cuda(), causal=True, softmax_scale=0.125)
+    cu = torch.tensor([0, s, 2 * s], dtype=torch.int32, device="cuda")
+    with kernels_only():
+        _, ml = mla_attention(q.cuda(), k.cuda(), v.cuda(), causal=True, softmax_scale=0.125)
+        _, ml_varlen = mla_attention_varlen(*(t.cuda().flatten(0, 1) for t in (q, k, v)), cu, cu, s, s,
+                                            causal=True, softmax_scale=0.125)
     assert torch.equal(ml.cpu(), expected.float())
+    assert torch.equal(ml_varlen.cpu(), expected.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_backward_is_deterministic(causal, attention_kernel):
+    """The backward has no atomics: the same inputs give bit-identical dq, dk, dv, dense and packed, over
+    several key and query blocks (a float atomicAdd accumulation would differ between runs)."""
+    q, k, v = (t.cuda() for t in make_qkv(2, 1000, 3, 192, 128, torch.bfloat16, seed=12))
+    grad_out = torch.randn(2, 1000, 3, 128, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 1000, 2000], dtype=torch.int32, device="cuda")
+
+    def grads():
+        qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        with kernels_only():
+            out, _ = mla_attention(qs, ks, vs, causal=causal)
+            dense = torch.autograd.grad(out, (qs, ks, vs), grad_out)
+            out_v, _ = mla_attention_varlen(*(t.flatten(0, 1) for t in (qs, ks, vs)), cu, cu, 1000, 1000,
+                                            causal=causal)
+            packed = torch.autograd.grad(out_v, (qs, ks, vs), grad_out.flatten(0, 1))
+        return dense + packed
+
+    first = grads()
+    for _ in range(2):
+        for name, a, b in zip(("dq", "dk", "dv") * 2, first, grads()):
+            assert torch.equal(a, b), f"{name} differs between two identical backward passes"
+    for name, a, b in zip(("dq", "dk", "dv"), first[:3], first[3:]):
+        assert torch.equal(a, b), f"{name}: packed and dense differ"

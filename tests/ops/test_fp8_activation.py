@@ -8,7 +8,10 @@ import torch
 
 from k2_megatron import _extension
 from k2_megatron.ops import fp8_tile_dequantize, fp8_tile_quantize
+from k2_megatron.ops.reference import fp8 as reference
 from k2_megatron.ops.reference.fp8 import E4M3_MAX, FP32_TINY, TILE
+
+from tests.helpers.gpu import launched_kernels, reference_forbidden, require_cuda_kernel
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = [(1, 1), (3, 127), (2, 128), (5, 129), (2, 3, 300), (4, 512)]
@@ -132,7 +135,7 @@ def test_tiny_tiles_stay_finite():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_input(bad):
-    x = torch.randn(2, 300)
+    x = torch.randn(2, 300, generator=torch.Generator().manual_seed(3))
     x[1, 140] = bad
     with pytest.raises(ValueError, match=r"fp8_tile_quantize: x holds 1 non-finite value.*\(1, 140\)"):
         fp8_tile_quantize(x)
@@ -143,7 +146,9 @@ def test_non_finite_input(bad):
     finite = torch.ones_like(x, dtype=torch.bool)
     finite[1, TILE:2 * TILE] = False
     assert bool(torch.isfinite(y[finite]).all())
-    torch.testing.assert_close(y[0], x[0], rtol=2 ** -4, atol=0)
+    # e4m3 rounding: 2^-4 relative for normal values, half the subnormal spacing (2^-10 of the tile scale) below
+    bound = torch.maximum(x[0].abs() * 2 ** -4, s[0].repeat_interleave(TILE)[:300] * 2 ** -10)
+    assert bool(((y[0] - x[0]).abs() <= bound).all())
 
 
 def test_argument_errors():
@@ -183,26 +188,56 @@ def test_opcheck_registered_ops():
     assert q_meta.shape == q.shape and q_meta.dtype == q.dtype and s_meta.shape == s.shape == (3, 2)
 
 
+def kernels_only():
+    """No call in the block may fall back to the references (tests/helpers/gpu.py)."""
+    return reference_forbidden("fp8_tile_quantize", "fp8_tile_dequantize")
+
+
+def test_kernels_only_catches_a_fallback(monkeypatch):
+    """The guard of the GPU tests fails calls that fall back to the references (here forced on CPU)."""
+    monkeypatch.setattr(_extension, "dispatch_to_op", lambda name, t: False)
+    x = torch.randn(2, 200)
+    q, s = fp8_tile_quantize(x)
+    for call in (lambda: fp8_tile_quantize(x), lambda: fp8_tile_dequantize(q, s)):
+        with kernels_only(), pytest.raises(AssertionError, match="fell back to its reference"):
+            call()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES + [(4096, 7168), (3, 0)])
 def test_cuda_kernel_matches_reference_bitwise(shape, dtype):
-    from k2_megatron.ops.reference import fp8 as reference
-
-    if not _extension.kernels_available():
-        pytest.skip("k2_megatron._C kernels not built for this GPU")
     x = (torch.randn(shape) * 3).to(dtype)
     if x.numel():
         x.view(-1)[::97] = 0.0
-    q, s = fp8_tile_quantize(x.cuda())
+    require_cuda_kernel("fp8_tile_quantize", x.cuda())
+    require_cuda_kernel("fp8_tile_dequantize", x.cuda())
     q_ref, s_ref = reference.fp8_tile_quantize(x)
+    y_ref = {out_dtype: reference.fp8_tile_dequantize(q_ref, s_ref, out_dtype) for out_dtype in DTYPES}
+    with kernels_only():
+        q, s = fp8_tile_quantize(x.cuda())
+        y = {out_dtype: fp8_tile_dequantize(q, s, out_dtype) for out_dtype in DTYPES}
     assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
     assert torch.equal(s.cpu(), s_ref)
     for out_dtype in DTYPES:
-        y = fp8_tile_dequantize(q, s, out_dtype)
-        assert torch.equal(y.cpu(), reference.fp8_tile_dequantize(q_ref, s_ref, out_dtype))
+        assert torch.equal(y[out_dtype].cpu(), y_ref[out_dtype])
     if x.numel():  # non-finite tiles: NaN scale and NaN output, as the reference
         x.view(-1)[5] = float("nan")
-        q, s = fp8_tile_quantize(x.cuda(), check_finite=False)
+        with kernels_only():
+            q, s = fp8_tile_quantize(x.cuda(), check_finite=False)
         q_ref, s_ref = reference.fp8_tile_quantize(x)
         torch.testing.assert_close(s.cpu(), s_ref, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_cuda_launches_the_tile_kernels():
+    x = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16)
+    require_cuda_kernel("fp8_tile_quantize", x)
+
+    def round_trip():
+        with kernels_only():
+            fp8_tile_dequantize(*fp8_tile_quantize(x, check_finite=False))
+
+    names = launched_kernels(round_trip)
+    for kernel in ("fp8_tile_quantize_kernel", "fp8_tile_dequantize_kernel"):
+        assert any(kernel in n for n in names), (kernel, names)

@@ -4,6 +4,7 @@ Errors are measured as max|y - ref| / max|ref| against a float64 computation on 
 inputs, so they measure the op's arithmetic only: accumulation and one rounding of the result.
 """
 
+import contextlib
 import importlib
 import math
 
@@ -14,7 +15,9 @@ from k2_megatron import _extension
 from k2_megatron.ops import grouped_gemm, grouped_gemm_wgrad, permute, unpermute
 from k2_megatron.ops.reference import grouped_gemm as ref
 
-# The op module by full name (k2_megatron.ops exports the function grouped_gemm under the module's name).
+from tests.helpers.gpu import launched_kernels, reference_forbidden, require_cuda_kernel
+
+# The modules by full name (k2_megatron.ops and .reference export functions with the modules' names).
 gg_mod = importlib.import_module("k2_megatron.ops.grouped_gemm")
 
 requires_ext = pytest.mark.skipif(not _extension.op_registered("grouped_gemm"),
@@ -240,26 +243,53 @@ def test_backward_computes_only_what_is_needed(need, monkeypatch):
     assert (x.grad is None) == (need == "w") and (w.grad is None) == (need == "x")
 
 
-def test_reference_path_equals_op_path(monkeypatch):
-    """Without the extension the same functions run the references through torch.autograd.Function:
-    identical outputs and gradients."""
+def _moe_results(x, w, sizes, tokens, idx, probs):
+    """grouped_gemm, permute and unpermute (with their gradients) through whatever route the op layer takes."""
+    xs, ws, ts, ps = (t.clone().requires_grad_() for t in (x, w, tokens, probs))
+    out = grouped_gemm(xs, ws, torch.tensor(sizes), trans_b=True)
+    permuted, row_map, counts = permute(ts, idx, 4)
+    comb = unpermute(permuted * 2.0, row_map, ps)
+    (out.square().sum() + comb.square().sum()).backward()
+    return out, comb, counts, row_map, xs.grad, ws.grad, ts.grad, ps.grad
+
+
+def _moe_inputs():
     sizes = [5, 0, 7, 1]
     x, w = make_inputs(4, 12, 10, sizes, torch.float32, trans_b=True, seed=4)
-    tokens = torch.randn(9, 6)
-    idx = torch.randint(0, 4, (9, 3), generator=torch.Generator().manual_seed(5))
-    probs = torch.rand(9, 3)
+    gen = torch.Generator().manual_seed(5)
+    return x, w, sizes, torch.randn(9, 6, generator=gen), torch.randint(0, 4, (9, 3), generator=gen), \
+        torch.rand(9, 3, generator=gen)
 
-    def run():
-        xs, ws, ts, ps = (t.clone().requires_grad_() for t in (x, w, tokens, probs))
-        out = grouped_gemm(xs, ws, torch.tensor(sizes), trans_b=True)
-        permuted, row_map, counts = permute(ts, idx, 4)
-        comb = unpermute(permuted * 2.0, row_map, ps)
-        (out.square().sum() + comb.square().sum()).backward()
-        return out, comb, counts, row_map, xs.grad, ws.grad, ts.grad, ps.grad
 
-    first = run()
+@pytest.mark.parametrize("registered", [True, False], ids=["registered_ops", "reference_functions"])
+def test_both_routes_match_float64_loops(registered, monkeypatch):
+    """Both routes of the op layer (the registered operators, whose CPU kernels are the references; the autograd
+    Functions over the references, taken without k2_megatron._C) against the float64 loops written out here."""
+    if registered and not _extension.extension_loaded():
+        pytest.skip("k2_megatron._C is not built: there are no registered operators to route through")
+    if not registered:
+        monkeypatch.setattr(_extension, "dispatch_to_op", lambda name, t: False)
+    x, w, sizes, tokens, idx, probs = _moe_inputs()
+    out, comb, counts, row_map, dx, dw, dtokens, dprobs = _moe_results(x, w, sizes, tokens, idx, probs)
+    dx64, dw64 = _grads_float64(x, w, sizes, True, 2 * loop_float64(x, w, sizes, True))
+    _, want_map, want_counts = naive_permute(tokens, idx, 4)
+    t64, p64 = tokens.double().requires_grad_(), probs.double().requires_grad_()
+    comb64 = naive_unpermute(naive_permute(t64, idx, 4)[0] * 2.0, want_map, p64)
+    comb64.square().sum().backward()
+    assert rel_err(out, loop_float64(x, w, sizes, True)) < TOL[torch.float32]
+    assert rel_err(dx, dx64) < GRAD_TOL[torch.float32] and rel_err(dw, dw64) < GRAD_TOL[torch.float32]
+    assert torch.equal(counts, want_counts) and torch.equal(row_map, want_map)
+    assert rel_err(comb, comb64) < TOL[torch.float32]
+    assert rel_err(dtokens, t64.grad) < GRAD_TOL[torch.float32] and rel_err(dprobs, p64.grad) < GRAD_TOL[torch.float32]
+
+
+@pytest.mark.skipif(not _extension.extension_loaded(), reason="k2_megatron._C is not built: one route only")
+def test_registered_ops_equal_reference_functions(monkeypatch):
+    """Where both routes exist they are the same computation: identical outputs and gradients."""
+    inputs = _moe_inputs()
+    first = _moe_results(*inputs)
     monkeypatch.setattr(_extension, "dispatch_to_op", lambda name, t: False)
-    for a, b in zip(first, run()):
+    for a, b in zip(first, _moe_results(*inputs)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -584,10 +614,25 @@ def _cuda_kernel_registered(name: str) -> bool:
             and torch._C._dispatch_has_kernel_for_dispatch_key(f"k2_megatron::{name}", "CUDA"))
 
 
-def _require_kernel(name: str, t: torch.Tensor) -> None:
-    """Skips unless the CUDA kernel of `name` runs on t's device (checked at test time, not at import)."""
-    if not (_cuda_kernel_registered(name) and _extension.use_kernels(t)):
-        pytest.skip(f"no CUDA kernel of k2_megatron::{name} runs on {t.device}")
+def kernels_only():
+    """No call in the block may fall back to a reference (tests/helpers/gpu.py)."""
+    return reference_forbidden("grouped_gemm", "grouped_gemm_wgrad", "moe_permute", "moe_unpermute")
+
+
+def test_kernels_only_catches_a_fallback(monkeypatch):
+    """The guard of the GPU tests fails calls that fall back to the references (here forced on CPU): it patches
+    what the op layer really calls, forward and backward."""
+    monkeypatch.setattr(_extension, "dispatch_to_op", lambda name, t: False)
+    x, w = make_inputs(2, 8, 8, [3, 2], torch.float32, trans_b=False)
+    tokens, idx = torch.randn(4, 8), routing(4, 2, 3, seed=1)
+    calls = [lambda: grouped_gemm(x, w, torch.tensor([3, 2])), lambda: permute(tokens, idx, 3),
+             lambda: unpermute(torch.randn(8, 8), torch.arange(8).view(4, 2), None)]
+    for call in calls:
+        with kernels_only(), pytest.raises(AssertionError, match="fell back to its reference"):
+            call()
+    out = grouped_gemm(x, w.requires_grad_(), torch.tensor([3, 2]))
+    with kernels_only(), pytest.raises(AssertionError, match="fell back to its reference"):
+        out.sum().backward()
 
 
 # The two grouped-GEMM kernels: the device's default (sm90 on H100/H200, sm80 elsewhere) and the sm80 one
@@ -634,9 +679,10 @@ def _cuda_inputs(e, k, n, t, load, trans_b, seed=0):
 @pytest.mark.parametrize("e,k,n,t,load", CUDA_CASES, ids=lambda v: str(v))
 def test_cuda_kernel_forward_vs_float64(e, k, n, t, load, trans_b, gemm_kernel):
     sizes, x, w = _cuda_inputs(e, k, n, t, load, trans_b)
-    _require_kernel("grouped_gemm", x)
+    require_cuda_kernel("grouped_gemm", x)
     assert gg_mod.grouped_gemm_path(x, w) != "reference"
-    out = grouped_gemm(x, w, torch.tensor(sizes, device="cuda"), trans_b=trans_b)
+    with kernels_only():
+        out = grouped_gemm(x, w, torch.tensor(sizes, device="cuda"), trans_b=trans_b)
     assert out.shape == (t, n) and out.dtype == torch.bfloat16
     assert rel_err(out, loop_float64(x, w, sizes, trans_b)) < KERNEL_TOL
 
@@ -647,13 +693,14 @@ def test_cuda_kernel_forward_vs_float64(e, k, n, t, load, trans_b, gemm_kernel):
 def test_cuda_kernel_gradients_vs_float64(e, k, n, t, load, trans_b, gemm_kernel):
     """dx (a forward with the other w layout) and dw (the wgrad kernel), experts without tokens exactly 0."""
     sizes, x, w = _cuda_inputs(e, k, n, t, load, trans_b, seed=1)
-    _require_kernel("grouped_gemm_wgrad", x)
+    require_cuda_kernel("grouped_gemm_wgrad", x)
     # Leave NaNs in the memory the caching allocator hands out next: dw of an empty expert must be written.
     torch.full((2 * e * k * n,), float("nan"), device="cuda", dtype=torch.bfloat16)
     x.requires_grad_()
     w.requires_grad_()
     dy = torch.randn(t, n, generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16)
-    grouped_gemm(x, w, torch.tensor(sizes, device="cuda"), trans_b=trans_b).backward(dy)
+    with kernels_only():
+        grouped_gemm(x, w, torch.tensor(sizes, device="cuda"), trans_b=trans_b).backward(dy)
     dx64, dw64 = _grads_float64(x, w, sizes, trans_b, dy)
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
     assert rel_err(x.grad, dx64) < KERNEL_TOL
@@ -667,13 +714,14 @@ def test_cuda_kernel_gradients_vs_float64(e, k, n, t, load, trans_b, gemm_kernel
 @pytest.mark.parametrize("trans_b", [False, True], ids=["w_KN", "w_NK"])
 def test_cuda_host_and_device_batch_sizes_agree(trans_b, gemm_kernel):
     sizes, x, w = _cuda_inputs(8, 256, 128, 700, "zeros", trans_b)
-    _require_kernel("grouped_gemm", x)
+    require_cuda_kernel("grouped_gemm", x)
     dy = torch.randn(700, 128, device="cuda", dtype=torch.bfloat16)
     results = []
     for bs in (torch.tensor(sizes), torch.tensor(sizes, device="cuda")):
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-        out = grouped_gemm(xs, ws, bs, trans_b=trans_b)
-        out.backward(dy)
+        with kernels_only():
+            out = grouped_gemm(xs, ws, bs, trans_b=trans_b)
+            out.backward(dy)
         results.append((out, xs.grad, ws.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
@@ -684,35 +732,62 @@ def test_cuda_empty_experts_never_read(gemm_kernel):
     """Forward: the weights of experts without rows are never read (NaN there changes nothing)."""
     sizes = [0, 300, 0, 0, 129, 0, 1, 0]
     x, w = make_inputs(8, 256, 512, sizes, torch.bfloat16, trans_b=False, device="cuda")
-    _require_kernel("grouped_gemm", x)
+    require_cuda_kernel("grouped_gemm", x)
     bs = torch.tensor(sizes, device="cuda")
-    out = grouped_gemm(x, w, bs)
     w2 = w.clone()
     w2[[0, 2, 3, 5, 7]] = float("nan")
-    assert torch.equal(grouped_gemm(x, w2, bs), out)
+    with kernels_only():
+        out = grouped_gemm(x, w, bs)
+        assert torch.equal(grouped_gemm(x, w2, bs), out)
     assert rel_err(out, loop_float64(x, w, sizes, False)) < KERNEL_TOL
 
 
 @pytest.mark.gpu
-def test_cuda_kernels_are_the_path_taken(monkeypatch):
-    """With a kernel on this device, supported calls never reach the references (forward and backward)."""
+def test_cuda_kernels_are_the_path_taken(gemm_kernel):
+    """With a kernel on this device, supported calls never reach the references (forward and backward), and the
+    launched GEMM kernels are those of the selected family (the profiler's view)."""
     sizes = [5, 0, 70, 33]
     x, w = make_inputs(4, 64, 128, sizes, torch.bfloat16, trans_b=True, device="cuda")
     for op in ("grouped_gemm", "grouped_gemm_wgrad", "moe_permute", "moe_unpermute"):
-        _require_kernel(op, x)
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the reference ran although a CUDA kernel supports the call")
-
-    for name in ("grouped_gemm", "grouped_gemm_wgrad", "permute", "unpermute"):
-        monkeypatch.setattr(ref, name, forbidden)
+        require_cuda_kernel(op, x)
     x.requires_grad_()
     w.requires_grad_()
-    grouped_gemm(x, w, torch.tensor(sizes, device="cuda"), trans_b=True).square().sum().backward()
     tokens = torch.randn(40, 64, device="cuda", requires_grad=True)
     probs = torch.rand(40, 8, device="cuda", requires_grad=True)
-    permuted, row_map, _ = permute(tokens, routing(40, 8, 24, seed=19).cuda(), 24)
-    unpermute(permuted * 2.0, row_map, probs).square().sum().backward()
+
+    def step():
+        with kernels_only():
+            grouped_gemm(x, w, torch.tensor(sizes, device="cuda"), trans_b=True).square().sum().backward()
+            permuted, row_map, _ = permute(tokens, routing(40, 8, 24, seed=19).cuda(), 24)
+            unpermute(permuted * 2.0, row_map, probs).square().sum().backward()
+
+    names = launched_kernels(step)
+    family, other = ("sm90", "sm80") if _extension.sm90a_kernels(x, "K2_GROUPED_GEMM_KERNEL") else ("sm80", "sm90")
+    assert sum(f"grouped_gemm_{family}_kernel" in n for n in names) >= 3, names  # forward, dgrad, wgrad
+    assert not any(f"grouped_gemm_{other}_kernel" in n for n in names), names
+
+
+@pytest.mark.gpu
+def test_cuda_wgrad_sizes_past_the_rows(gemm_kernel):
+    """Device batch sizes that sum past T (unchecked: reading them would synchronise) are clamped: the experts
+    left without rows get dw exactly 0, also when their own size is positive, the others their clamped rows."""
+    t, k, n = 300, 128, 64
+    sizes, clamped = [200, 150, 100, 0], [200, 100, 0, 0]
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(t, k, generator=gen).to("cuda", torch.bfloat16)
+    dy = torch.randn(t, n, generator=gen).to("cuda", torch.bfloat16)
+    require_cuda_kernel("grouped_gemm_wgrad", x)
+    # Leave NaNs in the memory the caching allocator hands out next: dw of an expert without rows must be written.
+    torch.full((2 * 4 * k * n,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    dw = torch.ops.k2_megatron.grouped_gemm_wgrad(x, dy, torch.tensor(sizes, device="cuda"), False)
+    starts = [0, 200, 300, 300]
+    for e in range(4):
+        rows = slice(starts[e], starts[e] + clamped[e])
+        want = x[rows].double().T @ dy[rows].double()
+        if clamped[e] == 0:
+            assert torch.equal(dw[e], torch.zeros_like(dw[e])), f"expert {e} has no rows left but dw != 0"
+        else:
+            assert rel_err(dw[e], want) < KERNEL_TOL, f"expert {e}"
 
 
 @pytest.mark.gpu
@@ -749,9 +824,10 @@ def test_cuda_non_contiguous_operands(gemm_kernel):
     x, w = make_inputs(4, 64, 96, sizes, torch.bfloat16, trans_b=False, device="cuda")
     w_view = w.mT.contiguous().mT  # [E, K, N], non-contiguous
     xs, ws = x.clone().requires_grad_(), w_view.clone().requires_grad_()
-    out = grouped_gemm(xs, w_view, torch.tensor(sizes, device="cuda"))
+    with kernels_only():
+        out = grouped_gemm(xs, w_view, torch.tensor(sizes, device="cuda"))
+        grouped_gemm(xs, ws, torch.tensor(sizes, device="cuda")).sum().backward()
     assert rel_err(out, loop_float64(x, w, sizes, False)) < KERNEL_TOL
-    grouped_gemm(xs, ws, torch.tensor(sizes, device="cuda")).sum().backward()
     dx64, dw64 = _grads_float64(x, w, sizes, False, torch.ones(128, 96, device="cuda"))
     assert rel_err(xs.grad, dx64) < KERNEL_TOL and rel_err(ws.grad, dw64) < KERNEL_TOL
 
@@ -762,7 +838,7 @@ def test_cuda_no_host_sync_with_device_batch_sizes(gemm_kernel):
     sizes = [100, 0, 37, 300]
     x, w = make_inputs(4, 256, 128, sizes, torch.bfloat16, trans_b=False, device="cuda")
     for op in ("grouped_gemm", "grouped_gemm_wgrad", "moe_permute", "moe_unpermute"):
-        _require_kernel(op, x)
+        require_cuda_kernel(op, x)
     bs = torch.tensor(sizes, device="cuda")
     x.requires_grad_()
     w.requires_grad_()
@@ -773,10 +849,11 @@ def test_cuda_no_host_sync_with_device_batch_sizes(gemm_kernel):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        grouped_gemm(x, w, bs).backward(dy)
-        grouped_gemm(x.detach(), w.detach(), bs, trans_b=False)
-        permuted, row_map, counts = permute(tokens, idx, 24, check_indices=False)
-        unpermute(permuted, row_map, probs).float().square().sum().backward()
+        with kernels_only():
+            grouped_gemm(x, w, bs).backward(dy)
+            grouped_gemm(x.detach(), w.detach(), bs, trans_b=False)
+            permuted, row_map, counts = permute(tokens, idx, 24, check_indices=False)
+            unpermute(permuted, row_map, probs).float().square().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(counts.sum()) == 64 * 8
@@ -795,8 +872,10 @@ def test_cuda_permute_matches_cpu(t, k, e, h, dtype, index_dtype):
     """The counting sort gives exactly the reference's stable order, counts and rows."""
     idx = routing(t, k, e, seed=t + e, distinct=k <= e and dtype != torch.float64).to(index_dtype)
     tokens = torch.randn(t, h).to(dtype)
+    require_cuda_kernel("moe_permute", tokens.cuda())
     cpu = permute(tokens, idx, e)
-    gpu = permute(tokens.cuda(), idx.cuda(), e)
+    with kernels_only():
+        gpu = permute(tokens.cuda(), idx.cuda(), e)
     for a, b in zip(cpu, gpu):
         assert b.device.type == "cuda" and a.dtype == b.dtype
         assert torch.equal(a, b.cpu())
@@ -813,7 +892,10 @@ def test_cuda_unpermute_matches_cpu(dtype, probs_dtype):
     row_map = torch.randperm(t * k, generator=torch.Generator().manual_seed(21)).view(t, k)
     probs = None if probs_dtype is None else torch.rand(t, k).to(probs_dtype)
     want = unpermute(permuted, row_map, probs)
-    got = unpermute(permuted.cuda(), row_map.cuda(), None if probs is None else probs.cuda())
+    require_cuda_kernel("moe_unpermute", permuted.cuda())
+    # float64 is not a kernel case: it runs the reference on the GPU.
+    with kernels_only() if dtype != torch.float64 else contextlib.nullcontext():
+        got = unpermute(permuted.cuda(), row_map.cuda(), None if probs is None else probs.cuda())
     assert got.dtype == dtype and got.shape == (t, h)
     if dtype == torch.float64:
         torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
@@ -837,8 +919,11 @@ def test_cuda_permute_unpermute_gradients_and_determinism():
         out.square().sum().backward()
         return out, tk.grad, pr.grad
 
+    require_cuda_kernel("moe_permute", tokens.cuda())
+    require_cuda_kernel("moe_unpermute", tokens.cuda())
     cpu = run("cpu")
-    gpu = [run("cuda") for _ in range(2)]
+    with kernels_only():
+        gpu = [run("cuda") for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*gpu))  # bitwise deterministic on the GPU
     for a, b in zip(cpu, gpu[0]):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ from k2_megatron.ops import DEFAULT_COEFFICIENTS, newton_schulz
 from k2_megatron.ops.newton_schulz import flatten_coefficients
 from k2_megatron.ops.reference import newton_schulz as reference
 
+from tests.helpers.gpu import launched_kernels, reference_forbidden, require_cuda_kernel
 
 # Worst per-matrix relative Frobenius error against the float64 iteration. bf16 is loose by nature: the
 # quintic does not converge to a fixed point (singular values keep moving inside [0.68, 1.21]), so bf16
@@ -183,8 +184,16 @@ class TestRegisteredOp:
 # ---- CUDA kernel ------------------------------------------------------------------------------------------
 
 
-def _require_kernel(x):
-    assert _extension.use_kernels(x), f"a GPU is present but the kernels do not run on it: {k2_megatron.kernels_status()}"
+def kernels_only():
+    """No call in the block may fall back to the reference (tests/helpers/gpu.py)."""
+    return reference_forbidden("newton_schulz")
+
+
+def test_kernels_only_catches_a_fallback(monkeypatch):
+    """The guard of the GPU tests fails a call that falls back to the reference (here forced on CPU)."""
+    monkeypatch.setattr(_extension, "dispatch_to_op", lambda name, t: False)
+    with kernels_only(), pytest.raises(AssertionError, match="fell back to its reference"):
+        newton_schulz(torch.randn(2, 4, 6))
 
 
 @pytest.mark.gpu
@@ -194,10 +203,12 @@ def test_cuda_bf16_kernel_vs_float64(shape):
     """The kernel's bf16 error is at most ~2x that of the same-precision reference (plus a small floor)."""
     torch.manual_seed(4)
     x = torch.randn(shape, device="cuda")
-    _require_kernel(x)
+    require_cuda_kernel("newton_schulz", x)
     want = ns_float64(x)
     flat = flatten_coefficients(5, DEFAULT_COEFFICIENTS)
-    err_kernel = max_rel_err(newton_schulz(x.bfloat16()), want)
+    with kernels_only():
+        y = newton_schulz(x.bfloat16())
+    err_kernel = max_rel_err(y, want)
     err_torch = max_rel_err(reference.newton_schulz(x.bfloat16(), flat, 1e-7), want)
     assert err_kernel <= 2 * err_torch + 1e-2, (err_kernel, err_torch)
 
@@ -207,8 +218,10 @@ def test_cuda_bf16_kernel_vs_float64(shape):
 def test_cuda_fp32_vs_float64(shape):
     torch.manual_seed(5)
     x = torch.randn(shape, device="cuda")
-    _require_kernel(x)
-    assert max_rel_err(newton_schulz(x), ns_float64(x)) < REL_TOL[torch.float32]
+    require_cuda_kernel("newton_schulz", x)
+    with kernels_only():
+        y = newton_schulz(x)
+    assert max_rel_err(y, ns_float64(x)) < REL_TOL[torch.float32]
 
 
 @pytest.mark.gpu
@@ -216,13 +229,15 @@ def test_cuda_batched_zero_and_strided():
     torch.manual_seed(6)
     x = torch.randn(6, 40, 72, device="cuda", dtype=torch.bfloat16)
     x[2] = 0
-    _require_kernel(x)
-    y = newton_schulz(x)
+    require_cuda_kernel("newton_schulz", x)
+    with kernels_only():
+        y = newton_schulz(x)
+        singles = [newton_schulz(x[i]) for i in (0, 5)]
+        yt = newton_schulz(x.transpose(-2, -1))  # non-contiguous, tall
     assert torch.isfinite(y).all() and (y[2] == 0).all()
-    for i in (0, 5):
-        torch.testing.assert_close(y[i], newton_schulz(x[i]), rtol=2e-2, atol=2e-2)
-    xt = x.transpose(-2, -1)  # non-contiguous, tall
-    torch.testing.assert_close(newton_schulz(xt), y.transpose(-2, -1), rtol=2e-2, atol=2e-2)
+    for i, single in zip((0, 5), singles):
+        torch.testing.assert_close(y[i], single, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(yt, y.transpose(-2, -1), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
@@ -230,7 +245,19 @@ def test_cuda_polar_factor_bf16():
     s = torch.logspace(0, -2.6, 96, dtype=torch.float64)
     x, u, v = _matrix_with_singular_values(96, 160, s)
     xc = x.cuda().bfloat16()
-    _require_kernel(xc)
-    d = u.T @ newton_schulz(xc).double().cpu() @ v
+    require_cuda_kernel("newton_schulz", xc)
+    with kernels_only():
+        y = newton_schulz(xc)
+    d = u.T @ y.double().cpu() @ v
     kept = d.diagonal()[s / s.norm() >= 3e-3]
     assert 0.6 <= float(kept.min()) and float(kept.max()) <= 1.3
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_launches_the_syrk_kernel():
+    """The bf16 iteration runs the SYRK kernel (two per step; the profiler's view), not the reference."""
+    x = torch.randn(4, 96, 160, device="cuda", dtype=torch.bfloat16)
+    require_cuda_kernel("newton_schulz", x)
+    with kernels_only():
+        names = launched_kernels(lambda: newton_schulz(x))
+    assert sum("syrk_bf16_kernel" in n for n in names) >= 2 * 5, names
