@@ -104,10 +104,17 @@ def teardown_megatron() -> None:
 
 def run_gloo_workers(target, world: int, args_for_rank, *, timeout: float = 300) -> list[dict]:
     """Runs ``target(*args_for_rank(rank, result_path))`` in ``world`` spawned processes on the CPU (CUDA hidden:
-    gloo + cpu_compat even on a GPU machine), waits for them and returns each rank's result dict, which the
-    target saves to ``result_path``; fails the test on a missing result, a reported "error" or a bad exit code."""
+    gloo + cpu_compat even on a GPU machine) and returns each rank's result dict, which the target saves to
+    ``result_path`` (with torch.save; an "error" entry reports a failure).
+
+    Fails fast: as soon as any rank reports an error or exits without a result or with a non-zero code, or once
+    ``timeout`` seconds have passed since the start (one deadline for the whole group), every rank still running
+    is killed and the test fails naming the rank(s) and why. The others would otherwise wait in a collective for
+    the failed rank until their own timeouts."""
     import multiprocessing
+    import multiprocessing.connection
     import tempfile
+    import time
 
     ctx = multiprocessing.get_context("spawn")
     tmp = tempfile.mkdtemp(prefix="k2_gloo_results_")
@@ -115,22 +122,50 @@ def run_gloo_workers(target, world: int, args_for_rank, *, timeout: float = 300)
     procs = [ctx.Process(target=target, args=args_for_rank(r, paths[r])) for r in range(world)]
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    deadline = time.monotonic() + timeout
+    results: list[dict | None] = [None] * world
+    failures: list[str] = []
     try:
-        for p in procs:
-            p.start()
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            if hidden is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+        running = set(range(world))
+        while running and not failures:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                failures.append(f"timed out after {timeout:g} s with rank(s) {sorted(running)} still running "
+                                "(a deadlock?); killed them")
+                break
+            multiprocessing.connection.wait([procs[r].sentinel for r in running], timeout=remaining)
+            for r in sorted(running):
+                if procs[r].exitcode is None:
+                    continue
+                running.discard(r)
+                results[r], problem = _rank_result(paths[r], procs[r].exitcode)
+                if problem is not None:
+                    failures.append(f"rank {r}: {problem}")
     finally:
-        if hidden is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
-    for p in procs:
-        p.join(timeout=timeout)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
             p.join()
-    results = [torch.load(p, weights_only=False) if os.path.exists(p) else {"error": "no result file"} for p in paths]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r}: {res['error']}"
-        assert procs[r].exitcode == 0, f"rank {r} exit code {procs[r].exitcode}"
+    assert not failures, "\n".join(failures)
     return results
+
+
+def _rank_result(path: str, exitcode: int) -> tuple[dict | None, str | None]:
+    """(the result a rank saved, what went wrong with it or None)."""
+    if not os.path.exists(path):
+        return None, f"exited with code {exitcode} without a result (its traceback, if any, is on stderr)"
+    result = torch.load(path, weights_only=False)
+    if "error" in result:
+        return result, str(result["error"])
+    if exitcode != 0:
+        return result, f"exit code {exitcode} after saving its result"
+    return result, None
