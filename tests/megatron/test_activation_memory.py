@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import math
 
 import pytest

@@ -2,10 +2,6 @@
 records current_max_attn_logits exactly, the router routes as K2, forward + backward runs through
 megatron-core's forward_backward_func, and impossible layouts fail at construction."""
 
-import os
-
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import pytest
 import torch
 

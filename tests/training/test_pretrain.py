@@ -12,8 +12,6 @@ import json
 import os
 import signal
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import pytest
 import torch
 
