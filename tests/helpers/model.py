@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron's jit_fuser is torch.compile: seconds on a CPU
-
 from functools import partial
 
 import torch
@@ -84,6 +82,42 @@ def train_step_losses(model, batches, seq: int, micro_batch: int) -> list[float]
              model=model, num_microbatches=len(batches), seq_length=seq, micro_batch_size=micro_batch,
              forward_only=False)
     return [float(r["lm loss"]) for r in out]
+
+
+def load_tiny_model(cfg: K2Config, full: dict, layout=None, vp_stage: int | None = None):
+    """This rank's fp32 model (chunk) of ``cfg`` loaded with the whole state dict ``full``; router biases frozen
+    (their update follows the expert load, not a gradient, and no plain single-process reference computes it)."""
+    from k2_megatron.checkpoint import load_megatron_state_dict
+    from k2_megatron.megatron import build_k2_model
+    from k2_megatron.megatron.moe import K2Router
+
+    model = build_k2_model(cfg, layout=layout, vp_stage=vp_stage, params_dtype=torch.float32)
+    load_megatron_state_dict(model, full)
+    for m in model.modules():
+        if isinstance(m, K2Router):
+            m.freeze_bias()
+    return model
+
+
+def ddp_chunks_and_muonclip(cfg: K2Config, full: dict, layout=None, virtual_stages: int | None = None, *,
+                            clip_grad: float = 1.0, muonclip=None):
+    """This rank's fp32 chunks wrapped as k2-pretrain wraps them (megatron DDP, ZeRO-1 buffers, finalize_model_grads
+    after forward_backward_func) and their MuonClip optimizer (lr 1e-2, weight decay 0.1, ``clip_grad``;
+    Newton-Schulz in float32 unless ``muonclip`` says otherwise)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig
+
+    from k2_megatron.megatron.optimizer import MuonClipConfig, get_muonclip_optimizer
+
+    models = [load_tiny_model(cfg, full, layout, v) for v in (range(virtual_stages) if virtual_stages else [None])]
+    models[0].config.finalize_model_grads_func = finalize_model_grads
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
+                                               overlap_grad_reduce=False, bucket_size=None)
+    chunks = [DistributedDataParallel(m.config, ddp_config, m, disable_bucketing=i > 0) for i, m in enumerate(models)]
+    opt = get_muonclip_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, bf16=False,
+                                                 use_distributed_optimizer=True, clip_grad=clip_grad),
+                                 chunks, muonclip or MuonClipConfig(ns_dtype=torch.float32))
+    return chunks, opt
 
 
 def require_no_cuda() -> None:

@@ -33,47 +33,15 @@ GRAD_RTOL = 1e-5
 NORM_RTOL = 2e-6
 
 
-def _model(cfg, full, layout=None, vp_stage=None):
-    """This rank's fp32 k2-tiny (chunk) loaded with ``full``; router biases frozen (their update is not a gradient)."""
-    from k2_megatron.checkpoint import load_megatron_state_dict
-    from k2_megatron.megatron import build_k2_model
-    from k2_megatron.megatron.moe import K2Router
-
-    model = build_k2_model(cfg, layout=layout, vp_stage=vp_stage, params_dtype=torch.float32)
-    load_megatron_state_dict(model, full)
-    for m in model.modules():
-        if isinstance(m, K2Router):
-            m.freeze_bias()
-    return model
-
-
 def _reference(cfg, full, batches):
     """The whole batch on one process, no DDP: {name: gradient of the mean loss} and its global norm (float64)."""
-    from tests.helpers.model import train_step_losses
+    from tests.helpers.model import load_tiny_model, train_step_losses
 
-    model = _model(cfg, full)
+    model = load_tiny_model(cfg, full)
     train_step_losses(model, batches, SEQ, MICRO_BATCH)
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
     norm = float(torch.sqrt(sum(g.double().square().sum() for g in grads.values())))
     return grads, norm
-
-
-def _ddp_chunks(cfg, full, layout, vpp):
-    """DDP-wrapped chunks (ZeRO-1 buffers, as k2-pretrain builds them) and their MuonClip optimizer clipping at 1."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig
-
-    from k2_megatron.megatron.optimizer import MuonClipConfig, get_muonclip_optimizer
-
-    models = [_model(cfg, full, layout, v) for v in (range(vpp) if vpp else [None])]
-    models[0].config.finalize_model_grads_func = finalize_model_grads
-    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
-                                               overlap_grad_reduce=False, bucket_size=None)
-    chunks = [DistributedDataParallel(m.config, ddp_config, m, disable_bucketing=i > 0) for i, m in enumerate(models)]
-    opt = get_muonclip_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, bf16=False,
-                                                 use_distributed_optimizer=True, clip_grad=CLIP_GRAD),
-                                 chunks, MuonClipConfig(ns_dtype=torch.float32))
-    return chunks, opt
 
 
 def _gather_reduced_shards(chunk) -> None:
@@ -90,12 +58,13 @@ def _gather_reduced_shards(chunk) -> None:
 def _gradient_errors(cfg, full, layout, vpp, chunks, ref_grads) -> dict:
     """{parameter: (relative error, norm of the expected gradient)} of this rank's main_grads against the reference
     gradients sharded for this layout."""
+    from tests.helpers.model import load_tiny_model
     from megatron.core import parallel_state
 
     errors = {}
     for i, chunk in enumerate(chunks):
         _gather_reduced_shards(chunk)
-        expected = _model(cfg, {**full, **ref_grads}, layout, i if vpp else None)
+        expected = load_tiny_model(cfg, {**full, **ref_grads}, layout, i if vpp else None)
         want = dict(expected.named_parameters())
         stage = f"pp{parallel_state.get_pipeline_model_parallel_rank()}.chunk{i}"
         for name, p in chunk.module.named_parameters():
@@ -109,7 +78,8 @@ def _worker(rank, world, init_file, state_path, result_path):
     torch.set_num_threads(1)
     out = {}
     try:
-        from tests.helpers.model import k2_like_tiny_config, make_batches, train_step_losses
+        from tests.helpers.model import (ddp_chunks_and_muonclip, k2_like_tiny_config, make_batches,
+                                         train_step_losses)
         from megatron.core import parallel_state
 
         from k2_megatron.config import ParallelLayout
@@ -124,7 +94,7 @@ def _worker(rank, world, init_file, state_path, result_path):
             layout = ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
                                     virtual_pipeline_stages=vpp)
             init_distributed_cpu(layout, rank=rank, world_size=world, init_method=f"file://{init_file}")
-            chunks, opt = _ddp_chunks(cfg, full, layout, vpp)
+            chunks, opt = ddp_chunks_and_muonclip(cfg, full, layout, vpp, clip_grad=CLIP_GRAD)
             dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
             train_step_losses(chunks if vpp else chunks[0], batches[dp_rank::dp], SEQ, MICRO_BATCH)
             # before the step, which clips main_grad in place (the gathers change no rank's own shard)
