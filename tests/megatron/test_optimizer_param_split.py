@@ -11,6 +11,8 @@ Checked on a built k2-tiny (dense layer 0, MoE layers 1-3), through the distribu
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # builds k2-tiny on megatron in-process (~10 s with the imports)
+
 MUON, ADAMW = "muon", "adamw"
 # megatron name -> (optimizer, weight decay applied)
 MODEL = {
