@@ -15,7 +15,6 @@ cross-entropy losses do not depend on it, and Muon's orthogonalisation, Adam's n
 cancel it. These comparisons do.
 """
 
-import os
 
 import pytest
 import torch
@@ -73,49 +72,37 @@ def _gradient_errors(cfg, full, layout, vpp, chunks, ref_grads) -> dict:
     return errors
 
 
-def _worker(rank, world, init_file, state_path, result_path):
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"
-    torch.set_num_threads(1)
-    out = {}
-    try:
-        from tests.helpers.model import (ddp_chunks_and_muonclip, k2_like_tiny_config, make_batches,
-                                         train_step_losses)
-        from megatron.core import parallel_state
+def _run(rank, world, init_file, state_path) -> dict:
+    from tests.helpers.model import ddp_chunks_and_muonclip, k2_like_tiny_config, make_batches, train_step_losses
+    from megatron.core import parallel_state
 
-        from k2_megatron.config import ParallelLayout
-        from k2_megatron.megatron import init_distributed_cpu
+    from k2_megatron.config import ParallelLayout
+    from k2_megatron.megatron import init_distributed_cpu
 
-        cfg, full = k2_like_tiny_config(), torch.load(state_path)
-        batches = make_batches(cfg, MICROBATCHES, MICRO_BATCH, SEQ, seed=11)
-        init_distributed_cpu(rank=rank, world_size=world, init_method=f"file://{init_file}")
-        ref_grads, ref_norm = _reference(cfg, full, batches)
-        out["reference_norm"] = ref_norm
-        for name, (tp, pp, ep, vpp) in LAYOUTS.items():
-            layout = ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
-                                    virtual_pipeline_stages=vpp)
-            init_distributed_cpu(layout, rank=rank, world_size=world, init_method=f"file://{init_file}")
-            chunks, opt = ddp_chunks_and_muonclip(cfg, full, layout, vpp, clip_grad=CLIP_GRAD)
-            dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-            train_step_losses(chunks if vpp else chunks[0], batches[dp_rank::dp], SEQ, MICRO_BATCH)
-            # before the step, which clips main_grad in place (the gathers change no rank's own shard)
-            errors = _gradient_errors(cfg, full, layout, vpp, chunks, ref_grads)
-            ok, grad_norm, _ = opt.step()
-            out[name] = {"ok": ok, "grad_norm": grad_norm, "errors": errors}
-    except BaseException as exc:  # report to the parent
-        import traceback
-
-        out["error"] = "".join(traceback.format_exception(exc))
-    torch.save(out, result_path)
+    cfg, full = k2_like_tiny_config(), torch.load(state_path)
+    batches = make_batches(cfg, MICROBATCHES, MICRO_BATCH, SEQ, seed=11)
+    init_distributed_cpu(rank=rank, world_size=world, init_method=f"file://{init_file}")
+    ref_grads, ref_norm = _reference(cfg, full, batches)
+    out = {"reference_norm": ref_norm}
+    for name, (tp, pp, ep, vpp) in LAYOUTS.items():
+        layout = ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                                virtual_pipeline_stages=vpp)
+        init_distributed_cpu(layout, rank=rank, world_size=world, init_method=f"file://{init_file}")
+        chunks, opt = ddp_chunks_and_muonclip(cfg, full, layout, vpp, clip_grad=CLIP_GRAD)
+        dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        train_step_losses(chunks if vpp else chunks[0], batches[dp_rank::dp], SEQ, MICRO_BATCH)
+        # before the step, which clips main_grad in place (the gathers change no rank's own shard)
+        errors = _gradient_errors(cfg, full, layout, vpp, chunks, ref_grads)
+        ok, grad_norm, _ = opt.step()
+        out[name] = {"ok": ok, "grad_norm": grad_norm, "errors": errors}
+    return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from tests.helpers.model import full_megatron_state_dict, k2_like_tiny_config, run_gloo_workers
+    from tests.helpers.model import run_tiny_gloo_workers
 
-    tmp = tmp_path_factory.mktemp("k2_gloo_grads")
-    state_path = str(tmp / "full.pt")
-    torch.save(full_megatron_state_dict(k2_like_tiny_config()), state_path)
-    return run_gloo_workers(_worker, 2, lambda r, path: (r, 2, str(tmp / "init"), state_path, path), timeout=600)
+    return run_tiny_gloo_workers(_run, 2, tmp_path_factory.mktemp("k2_gloo_grads"), timeout=600)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

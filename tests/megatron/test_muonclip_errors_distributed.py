@@ -9,7 +9,6 @@ Layouts: DP2 (ZeRO-1 over both ranks: rank 0's NaN sits in its unreduced gradien
 layers, so only rank 0 has the layers it breaks).
 """
 
-import os
 
 import pytest
 import torch
@@ -64,40 +63,30 @@ def _scenario(cfg, full, batches, kind: str, nonfinite: str, rank: int) -> dict:
             "next_step": (ok, grad_norm is not None)}
 
 
-def _worker(rank, world, init_file, state_path, result_path):
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"
-    torch.set_num_threads(1)
+def _run(rank, world, init_file, state_path) -> dict:
+    from tests.helpers.model import k2_like_tiny_config, make_batches
+    from megatron.core import parallel_state
+
+    from k2_megatron.config import ParallelLayout
+    from k2_megatron.megatron import init_distributed_cpu
+
+    cfg, full = k2_like_tiny_config(), torch.load(state_path)
     out = {}
-    try:
-        from tests.helpers.model import k2_like_tiny_config, make_batches
-        from megatron.core import parallel_state
-
-        from k2_megatron.config import ParallelLayout
-        from k2_megatron.megatron import init_distributed_cpu
-
-        cfg, full = k2_like_tiny_config(), torch.load(state_path)
-        for layout_name, (tp, pp, ep) in LAYOUTS.items():
-            layout = ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep)
-            init_distributed_cpu(layout, rank=rank, world_size=world, init_method=f"file://{init_file}")
-            dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-            batches = make_batches(cfg, MICROBATCHES, MICRO_BATCH, SEQ, seed=5)[dp_rank::dp]
-            for name, (kind, nonfinite) in SCENARIOS.items():
-                out[layout_name, name] = _scenario(cfg, full, batches, kind, nonfinite, rank)
-    except BaseException as exc:  # report to the parent
-        import traceback
-
-        out["error"] = "".join(traceback.format_exception(exc))
-    torch.save(out, result_path)
+    for layout_name, (tp, pp, ep) in LAYOUTS.items():
+        layout = ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep)
+        init_distributed_cpu(layout, rank=rank, world_size=world, init_method=f"file://{init_file}")
+        dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        batches = make_batches(cfg, MICROBATCHES, MICRO_BATCH, SEQ, seed=5)[dp_rank::dp]
+        for name, (kind, nonfinite) in SCENARIOS.items():
+            out[layout_name, name] = _scenario(cfg, full, batches, kind, nonfinite, rank)
+    return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from tests.helpers.model import full_megatron_state_dict, k2_like_tiny_config, run_gloo_workers
+    from tests.helpers.model import run_tiny_gloo_workers
 
-    tmp = tmp_path_factory.mktemp("k2_gloo_errors")
-    state_path = str(tmp / "full.pt")
-    torch.save(full_megatron_state_dict(k2_like_tiny_config()), state_path)
-    return run_gloo_workers(_worker, 2, lambda r, path: (r, 2, str(tmp / "init"), state_path, path), timeout=TIMEOUT)
+    return run_tiny_gloo_workers(_run, 2, tmp_path_factory.mktemp("k2_gloo_errors"), timeout=TIMEOUT)
 
 
 EXPECTED = {  # scenario -> (exception type or "returned", text every rank's message holds)
