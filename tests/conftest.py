@@ -36,9 +36,9 @@ def dynamo_enabled(monkeypatch):
     import torch._dynamo
 
     monkeypatch.delenv(_DYNAMO_ENV, raising=False)
-    monkeypatch.setattr(torch._dynamo.config, "disable", False)
     torch._dynamo.reset()
-    yield
+    with torch._dynamo.config.patch(disable=False):  # (pytest's monkeypatch would delete the config entry on undo)
+        yield
     torch._dynamo.reset()
 
 
