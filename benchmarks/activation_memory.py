@@ -7,9 +7,13 @@ none / fp8 / recompute / offload / all; beside each, the dry-run planner's predi
 CPU (no GPU needed; what the tests measure): bytes saved for backward per decoder layer, counted with
 saved-tensor hooks (the tests' SavedActivationMeter, tests/helpers/activation_meter.py), k2-tiny by default; CPU
 offload is not available there.
+Training (--train-steps N, CPU): k2-tiny pretrained for N steps (bf16 weights, the default recipe at seq 64 and
+512 tokens per step) with bf16 activation storage, FP8 storage, and FP8 storage + recomputation: final validation
+loss and mean train loss of the last 20 steps, and their differences from bf16 storage (the tests run 20 steps).
 
     python -m benchmarks.activation_memory                       # GPU if there is one, else the CPU count
     python -m benchmarks.activation_memory --cpu --preset k2-tiny --seq 256
+    python -m benchmarks.activation_memory --train-steps 200     # ~2 minutes on 2 cores
     python -m benchmarks.activation_memory --json results.json
 """
 
@@ -132,6 +136,38 @@ def run_cpu(cfg, seq: int, sets: list[str]) -> list[dict]:
     return rows
 
 
+FP8_STORAGE = ("memory.fp8_activations=true",)
+FP8_RECOMPUTE = (*FP8_STORAGE, "memory.recompute=[layernorm,mla_up_proj,swiglu]")
+TRAIN_STORAGE = {"bf16 (none)": (), "fp8": FP8_STORAGE, "fp8 + recompute": FP8_RECOMPUTE}
+
+
+def training_config(out_dir: str, steps: int, *overrides: str):
+    """The comparison's run: k2-tiny, bf16 weights, seq 64, 512 tokens per step, CPU-sized; ``overrides`` on top."""
+    from k2_megatron.config import load_config
+
+    return load_config(None, [
+        f"output.dir={out_dir}", "data.seq_length=64", "train.global_batch_tokens=512", "train.micro_batch_size=8",
+        f"train.iters={steps}", "train.eval_interval=0", "model.params_dtype=bfloat16", "output.tensorboard=false",
+        "output.plot=false", "output.progress_bar=false", "checkpoint.save_at_end=false", *overrides])
+
+
+def run_training(steps: int, out_dir: str) -> list[dict]:
+    """k2-tiny pretraining for ``steps`` steps per activation storage of TRAIN_STORAGE."""
+    from k2_megatron.training.pretrain import pretrain
+
+    rows, base = [], None
+    for name, overrides in TRAIN_STORAGE.items():
+        t0 = time.perf_counter()
+        result = pretrain(training_config(os.path.join(out_dir, name.replace(" ", "_")), steps, *overrides))
+        row = {"storage": name, "final valid loss": result["valid"][-1][1],
+               "mean train loss, last 20": statistics.fmean(result["losses"][-20:]), "s": time.perf_counter() - t0}
+        base = base or row
+        row["valid diff"] = row["final valid loss"] - base["final valid loss"]
+        row["train diff"] = row["mean train loss, last 20"] - base["mean train loss, last 20"]
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     from k2_megatron.config import get_preset
 
@@ -141,8 +177,19 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=None, help="tokens per micro-batch (default 4096 GPU, 128 CPU)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--options", nargs="+", default=list(OPTION_SETS), choices=list(OPTION_SETS))
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="instead: pretrain k2-tiny this many steps per activation storage (CPU) and compare losses")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.train_steps:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="k2_bench_train_") as out_dir:
+            rows = run_training(args.train_steps, out_dir)
+        print(f"k2-tiny, {args.train_steps} CPU training steps, bf16 weights, seq 64, 512 tokens per step")
+        print_table(rows, list(rows[0]))
+        write_json(args.json, {"meta": run_metadata(), "train_steps": args.train_steps, "rows": rows})
+        return 0
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     preset = args.preset or ("k2-mini" if device == "cuda" else "k2-tiny")
     seq = args.seq or (4096 if device == "cuda" else 128)

@@ -14,8 +14,6 @@
 
 import os
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import json
 
 import pytest

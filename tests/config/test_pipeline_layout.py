@@ -6,10 +6,6 @@ against megatron-core's own get_transformer_layer_offset / get_num_layers_to_bui
 parallel_state. A real 2-process run of an uneven layout is in test_pipeline_layout_distributed.py.
 """
 
-import os
-
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import pytest
 
 from k2_megatron.config import ParallelLayout, get_preset

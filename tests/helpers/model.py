@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron's jit_fuser is torch.compile: seconds on a CPU
-
 from functools import partial
 
 import torch
@@ -107,6 +105,42 @@ def train_step_losses(model, batches, seq: int, micro_batch: int) -> list[float]
     return [float(r["lm loss"]) for r in out]
 
 
+def load_tiny_model(cfg: K2Config, full: dict, layout=None, vp_stage: int | None = None):
+    """This rank's fp32 model (chunk) of ``cfg`` loaded with the whole state dict ``full``; router biases frozen
+    (their update follows the expert load, not a gradient, and no plain single-process reference computes it)."""
+    from k2_megatron.checkpoint import load_megatron_state_dict
+    from k2_megatron.megatron import build_k2_model
+    from k2_megatron.megatron.moe import K2Router
+
+    model = build_k2_model(cfg, layout=layout, vp_stage=vp_stage, params_dtype=torch.float32)
+    load_megatron_state_dict(model, full)
+    for m in model.modules():
+        if isinstance(m, K2Router):
+            m.freeze_bias()
+    return model
+
+
+def ddp_chunks_and_muonclip(cfg: K2Config, full: dict, layout=None, virtual_stages: int | None = None, *,
+                            clip_grad: float = 1.0, muonclip=None):
+    """This rank's fp32 chunks wrapped as k2-pretrain wraps them (megatron DDP, ZeRO-1 buffers, finalize_model_grads
+    after forward_backward_func) and their MuonClip optimizer (lr 1e-2, weight decay 0.1, ``clip_grad``;
+    Newton-Schulz in float32 unless ``muonclip`` says otherwise)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig
+
+    from k2_megatron.megatron.optimizer import MuonClipConfig, get_muonclip_optimizer
+
+    models = [load_tiny_model(cfg, full, layout, v) for v in (range(virtual_stages) if virtual_stages else [None])]
+    models[0].config.finalize_model_grads_func = finalize_model_grads
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
+                                               overlap_grad_reduce=False, bucket_size=None)
+    chunks = [DistributedDataParallel(m.config, ddp_config, m, disable_bucketing=i > 0) for i, m in enumerate(models)]
+    opt = get_muonclip_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, bf16=False,
+                                                 use_distributed_optimizer=True, clip_grad=clip_grad),
+                                 chunks, muonclip or MuonClipConfig(ns_dtype=torch.float32))
+    return chunks, opt
+
+
 def require_no_cuda() -> None:
     """The in-process model tests run megatron on the CPU (cpu_compat), which applies only without CUDA."""
     import pytest
@@ -121,30 +155,6 @@ def teardown_megatron() -> None:
     from k2_megatron.megatron import teardown_distributed_cpu
 
     teardown_distributed_cpu()
-
-
-def torchrun_pretrain(out_dir, nproc: int, overrides: list[str], *, timeout: float = 300) -> tuple[str, list[float]]:
-    """examples/pretrain_k2.py under ``torchrun --nproc-per-node nproc`` on the CPU (gloo) with ``overrides``:
-    (its stdout, the per-step training losses from out_dir/metrics.jsonl); fails the test if it fails."""
-    import json
-    import socket
-    import subprocess
-    import sys
-
-    from tests.helpers import REPO_ROOT
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                           "--master-addr", "127.0.0.1", "--master-port", str(port),
-                           str(REPO_ROOT / "examples" / "pretrain_k2.py"), f"output.dir={out_dir}", *overrides],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    return proc.stdout, [r["loss"] for r in rows if r["kind"] == "train"]
 
 
 def report_to_parent(body, result_path: str, *args) -> None:
@@ -170,10 +180,17 @@ def run_gloo_bodies(body, world: int, args_for_rank, *, timeout: float = 300) ->
 
 def run_gloo_workers(target, world: int, args_for_rank, *, timeout: float = 300) -> list[dict]:
     """Runs ``target(*args_for_rank(rank, result_path))`` in ``world`` spawned processes on the CPU (CUDA hidden:
-    gloo + cpu_compat even on a GPU machine), waits for them and returns each rank's result dict, which the
-    target saves to ``result_path``; fails the test on a missing result, a reported "error" or a bad exit code."""
+    gloo + cpu_compat even on a GPU machine) and returns each rank's result dict, which the target saves to
+    ``result_path`` (with torch.save; an "error" entry reports a failure).
+
+    Fails fast: as soon as any rank reports an error or exits without a result or with a non-zero code, or once
+    ``timeout`` seconds have passed since the start (one deadline for the whole group), every rank still running
+    is killed and the test fails naming the rank(s) and why. The others would otherwise wait in a collective for
+    the failed rank until their own timeouts."""
     import multiprocessing
+    import multiprocessing.connection
     import tempfile
+    import time
 
     ctx = multiprocessing.get_context("spawn")
     tmp = tempfile.mkdtemp(prefix="k2_gloo_results_")
@@ -181,22 +198,74 @@ def run_gloo_workers(target, world: int, args_for_rank, *, timeout: float = 300)
     procs = [ctx.Process(target=target, args=args_for_rank(r, paths[r])) for r in range(world)]
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    deadline = time.monotonic() + timeout
+    results: list[dict | None] = [None] * world
+    failures: list[str] = []
     try:
-        for p in procs:
-            p.start()
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            if hidden is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+        running = set(range(world))
+        while running and not failures:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                failures.append(f"timed out after {timeout:g} s with rank(s) {sorted(running)} still running "
+                                "(a deadlock?); killed them")
+                break
+            multiprocessing.connection.wait([procs[r].sentinel for r in running], timeout=remaining)
+            for r in sorted(running):
+                if procs[r].exitcode is None:
+                    continue
+                running.discard(r)
+                results[r], problem = _rank_result(paths[r], procs[r].exitcode)
+                if problem is not None:
+                    failures.append(f"rank {r}: {problem}")
     finally:
-        if hidden is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
-    for p in procs:
-        p.join(timeout=timeout)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
             p.join()
-    results = [torch.load(p, weights_only=False) if os.path.exists(p) else {"error": "no result file"} for p in paths]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r}: {res['error']}"
-        assert procs[r].exitcode == 0, f"rank {r} exit code {procs[r].exitcode}"
+    assert not failures, "\n".join(failures)
     return results
+
+
+def gloo_worker_result(result_path: str, run, *args) -> None:
+    """A spawned rank's body for run_gloo_workers: ``run(*args)`` (eager megatron, one thread), its result dict
+    saved to ``result_path``, or the traceback as "error"."""
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"  # this process only: megatron's jit_fuser would compile on the CPU
+    torch.set_num_threads(1)
+    try:
+        out = run(*args)
+    except BaseException as exc:  # reported to the parent
+        import traceback
+
+        out = {"error": "".join(traceback.format_exception(exc))}
+    torch.save(out, result_path)
+
+
+def run_tiny_gloo_workers(run, world: int, tmp, *, timeout: float) -> list[dict]:
+    """The usual gloo test: k2-tiny's whole state dict (make_hf_model's random weights) saved in the folder ``tmp``,
+    then ``run(rank, world, init_file, state_path)`` -> result dict on ``world`` spawned ranks (run_gloo_workers)."""
+    state_path = str(tmp / "full.pt")
+    torch.save(full_megatron_state_dict(k2_like_tiny_config()), state_path)
+    init_file = str(tmp / "init")
+    return run_gloo_workers(gloo_worker_result, world,
+                            lambda rank, path: (path, run, rank, world, init_file, state_path), timeout=timeout)
+
+
+def _rank_result(path: str, exitcode: int) -> tuple[dict | None, str | None]:
+    """(the result a rank saved, what went wrong with it or None)."""
+    if not os.path.exists(path):
+        return None, f"exited with code {exitcode} without a result (its traceback, if any, is on stderr)"
+    result = torch.load(path, weights_only=False)
+    if "error" in result:
+        return result, str(result["error"])
+    if exitcode != 0:
+        return result, f"exit code {exitcode} after saving its result"
+    return result, None

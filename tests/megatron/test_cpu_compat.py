@@ -1,9 +1,5 @@
 """k2_megatron.megatron.cpu_compat: version gate, install/remove of every patch, and what each patch does."""
 
-import os
-
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import threading
 
 import pytest

@@ -11,8 +11,6 @@ processes runs all layouts (process start-up and imports dominate the time on a 
 
 import os
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import pytest
 import torch
 

@@ -2,16 +2,16 @@
 records current_max_attn_logits exactly, the router routes as K2, forward + backward runs through
 megatron-core's forward_backward_func, and impossible layouts fail at construction."""
 
-import os
-
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import pytest
 import torch
 
-from tests.helpers.model import full_megatron_state_dict, k2_like_tiny_config, make_batches, train_step_losses
+from tests.helpers.model import (full_megatron_state_dict, k2_like_tiny_config, make_batches, make_hf_model,
+                                 train_step_losses)
 
 SEQ = 24
+# Our bf16 model's errors measured at 0.5-1.3x transformers' (logits ~0.6x); a bf16-only bug such as the router
+# losing its selection bias gives 2.4-12x.
+BF16_ERROR_FACTOR = 2.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -252,9 +252,29 @@ def test_packed_sequences_match_separate_sequences(model_and_cfg):
     torch.testing.assert_close(out[:, 10:], rb, rtol=0, atol=1e-5)
 
 
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm())
+
+
+def _logits_loss_grads(model, tokens, logits_of):
+    """(logits, loss, {parameter name: gradient}) of one forward-backward, the loss being the mean next-token
+    cross-entropy computed here in float32 from the logits."""
+    model.zero_grad(set_to_none=True)
+    logits = logits_of(model, tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    return logits.detach().float(), loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
 @pytest.mark.slow
-def test_bf16_model_trains_close_to_fp32(model_and_cfg):
-    from k2_megatron.checkpoint import load_megatron_state_dict
+def test_bf16_model_error_within_transformers_bf16_error(model_and_cfg):
+    """The bf16 model against its float32 twin (same weights, same tokens): the relative error of the logits, the
+    error of the loss and the relative error of every parameter's gradient are each at most BF16_ERROR_FACTOR x
+    those of a same-precision baseline, transformers' DeepseekV3ForCausalLM in bf16 against float32 (as
+    FlashAttention bounds a kernel's error by PyTorch's). bf16 at random initialisation is coarse (measured: logits
+    4-12% off, gradients up to 20%, in both models), so only the baseline says what "close" is."""
+    from k2_megatron.checkpoint import hf_to_megatron, load_megatron_state_dict
     from k2_megatron.megatron import k2_model_provider
 
     model, cfg = model_and_cfg
@@ -262,13 +282,28 @@ def test_bf16_model_trains_close_to_fp32(model_and_cfg):
     load_megatron_state_dict(bf16, {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)})
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     assert bf16.decoder.layers[1].mlp.router.expert_bias.dtype == torch.float32  # selection bias stays fp32
-    batches = make_batches(cfg, 2, 2, SEQ, seed=12)
-    ref = train_step_losses(model, batches, SEQ, 2)
-    got = train_step_losses(bf16, batches, SEQ, 2)
-    # bf16 weights/activations (8 mantissa bits) over 4 layers: the mean loss moves by ~1e-3 relative
-    assert got == pytest.approx(ref, rel=1e-2)
-    for name, p in bf16.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    hf32 = make_hf_model(cfg, seed=0)  # the weights model_and_cfg loaded
+    hf16 = make_hf_model(cfg, seed=0).to(torch.bfloat16)
+    for (name, bias16), bias32 in zip(hf16.named_buffers(), hf32.buffers()):
+        if name.endswith("e_score_correction_bias"):  # fp32 in the release, as ours
+            bias16.data = bias32.data.clone()
+    tokens = _tokens(cfg, 31, s=SEQ + 1)
+    got = _logits_loss_grads(bf16, tokens, _forward)
+    want = _logits_loss_grads(model, tokens, _forward)
+    hf_logits_of = lambda m, t: m(t).logits  # noqa: E731
+    base, base_ref = (_logits_loss_grads(m, tokens, hf_logits_of) for m in (hf16, hf32))
+    buffers = {n: b for n, b in hf32.named_buffers() if n.endswith("e_score_correction_bias")}
+    base_grads, base_ref_grads = (hf_to_megatron({**g, **buffers}, cfg) for g in (base[2], base_ref[2]))
+
+    assert _relative_error(got[0], want[0]) <= BF16_ERROR_FACTOR * _relative_error(base[0], base_ref[0])
+    assert abs(float(got[1] - want[1])) <= BF16_ERROR_FACTOR * abs(float(base[1] - base_ref[1]))
+    assert got[2].keys() == want[2].keys()
+    worse = {}
+    for name, grad in got[2].items():
+        err, base_err = _relative_error(grad, want[2][name]), _relative_error(base_grads[name], base_ref_grads[name])
+        if not err <= BF16_ERROR_FACTOR * base_err:
+            worse[name] = (err, base_err)
+    assert not worse, f"(our bf16 error, transformers' bf16 error) of the gradients: {worse}"
     model.zero_grad(set_to_none=True)
 
 

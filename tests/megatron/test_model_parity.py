@@ -9,10 +9,6 @@ a few float32 ulps of their magnitude (|logits| ~ 3): we require max abs error <
 Loss: rel 1e-6. Gradients: max abs error <= 1e-5 relative to the gradient's max magnitude.
 """
 
-import os
-
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import pytest
 import torch
 

@@ -9,9 +9,6 @@ rank must hold exactly the layers the layout gives it (the dense layer 0 first).
 
 import os
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
-
 import pytest
 import torch
 

@@ -378,7 +378,9 @@ def test_opcheck(case):
 
 
 @requires_extension
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(dynamo_enabled):
+    from torch._dynamo.backends.registry import lookup_backend
+
     q, k, v = make_qkv(2, 20, 3, 32, 16, torch.float32, requires_grad=True)
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
 
@@ -387,8 +389,20 @@ def test_torch_compile_fullgraph():
         out_v, ml_v = mla_attention_varlen(q[0], k[0], v[0], cu, cu, 13, 13)
         return out.square().sum() + out_v.sum(), torch.maximum(ml, ml_v)
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    graphs = []
+
+    def capturing_aot_eager(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(step, backend=capturing_aot_eager, fullgraph=True)
     loss, ml = compiled(q, k, v)
+    # Dynamo captured one graph holding our operators: with dynamo off (TORCHDYNAMO_DISABLE=1 when torch.compile
+    # is called, or cpu_compat's switch) compile returns `step` itself and the comparison below would be vacuous.
+    assert len(graphs) == 1, f"{len(graphs)} graphs captured"
+    called = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    for op in ("k2_megatron.mla_attention_fwd", "k2_megatron.mla_attention_varlen_fwd"):
+        assert any(t.startswith(op + ".") or t == op for t in called), (op, sorted(called))
     grads = torch.autograd.grad(loss, (q, k, v))
     loss_e, ml_e = step(q, k, v)
     grads_e = torch.autograd.grad(loss_e, (q, k, v))

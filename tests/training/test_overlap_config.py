@@ -75,13 +75,15 @@ def test_megatron_accepts_the_full_recipe():
 def test_pretrain_with_overlap_gives_the_same_losses(tmp_path):
     """k2-pretrain under torchrun, EP2 in bf16 on gloo, with and without the EP all-to-all overlap (the config fields
     through the training loop's transformer, DDP and schedule): the same losses, bit for bit."""
-    from tests.helpers.model import require_no_cuda, torchrun_pretrain
+    from tests.helpers.model import require_no_cuda
+    from tests.helpers.torchrun import run_torchrun, train_rows
 
     require_no_cuda()
     common = ["parallel.expert=2", "model.params_dtype=bfloat16", "train.iters=2", "data.seq_length=64",
               "train.global_batch_tokens=512", "train.micro_batch_size=4", "train.eval_interval=0",
               "train.eval_micro_batches=1", "optim.warmup_steps=1", "checkpoint.save_at_end=false", "output.plot=false",
               "output.progress_bar=false", "output.tensorboard=false"]
-    _, plain = torchrun_pretrain(tmp_path / "plain", 2, common)
-    _, overlapped = torchrun_pretrain(tmp_path / "overlap", 2, common + ON)
+    run_torchrun(tmp_path / "plain", *common)
+    run_torchrun(tmp_path / "overlap", *common, *ON)
+    plain, overlapped = ([r["loss"] for r in train_rows(tmp_path / run)] for run in ("plain", "overlap"))
     assert len(plain) == 2 and overlapped == plain

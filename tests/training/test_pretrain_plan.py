@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import tracemalloc
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import pytest
 
 from k2_megatron.config import ConfigError, load_config
