@@ -6,7 +6,7 @@ ldmatrix fragment indexing, the wgmma kernels' descriptors and 128-byte swizzle,
 the online softmax, the fused per-head max logits, the backward's recomputation, and the cp.async /
 barrier discipline (the emulator applies a copy only when its thread waits for it). Speed, registers and
 the real instructions need a GPU (tests/ops/test_attention.py's CUDA tests, benchmarks/attention.py).
-The emulator is compiled with the host C++ compiler on first use (about 30 s) and needs the CUDA headers.
+The emulator is compiled with the host C++ compiler once per session (30-60 s) and needs the CUDA headers.
 """
 
 import math
@@ -29,11 +29,14 @@ pytestmark = [pytest.mark.slow,  # builds the emulated kernels (a C++ extension)
 
 
 @pytest.fixture(scope="module")
-def kernels():
+def kernels(tmp_path_factory):
     from torch.utils import cpp_extension
 
+    # Built in a directory of this session, not torch's shared cache (~/.cache/torch_extensions): a build killed
+    # there leaves its `lock` file behind, and every later load waits for it forever (it hung a CI run).
     return cpp_extension.load(
         name="k2_attention_emulated",
+        build_directory=str(tmp_path_factory.mktemp("attention_emulated")),
         sources=[str(REPO_ROOT / "tests/emulation/attention_emulated.cpp"), str(REPO_ROOT / "csrc/attention/host.cpp")],
         extra_include_paths=[str(REPO_ROOT / "csrc"), str(REPO_ROOT / "tests"), str(CUDA_INCLUDE)],
         extra_cflags=["-O1", "-Wno-attributes"],
