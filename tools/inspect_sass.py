@@ -129,6 +129,7 @@ def _statements(body: str) -> list[tuple[str, list[str]]]:
     """(opcode, operands) of every instruction of a PTX function body, in order (directives, labels and the
     braces of inline-asm scopes dropped; a {..} vector operand stays one operand)."""
     body = re.sub(r"//[^\n]*", "", body)
+    body = re.sub(r"^\s*\.(loc|file)\b[^\n]*", "", body, flags=re.M)  # line-info directives end at the line, not at ;
     out = []
     for stmt in body.split(";"):
         stmt = re.sub(r"^[\s{}]*(\$?\w+:\s*)?[\s{}]*", "", stmt).strip()

@@ -143,6 +143,14 @@ def test_fence_order_check_finds_register_writes(write, bad):
     assert bool(problems) == bad, problems
 
 
+def test_fence_order_check_reads_through_line_info():
+    """nvcc -lineinfo (our build) puts `.loc` directives, which end at the line and not at a `;`, before the fence
+    and between it and the writes: the check must still see both (it once skipped every fence so preceded)."""
+    with_loc = "\n".join(f"    .loc 2 63 7, function_name $L__info_string18, inlined_at 1 128 5\n{line}"
+                         for line in WGMMA_GROUP.format(WRITE="mov.f32 %f2, 0f00000000;").splitlines())
+    assert inspect_sass.wgmma_fence_violations(with_loc), with_loc
+
+
 # ------------------------------------------------------------------------------------------- PTX fallback
 
 @requires_build
