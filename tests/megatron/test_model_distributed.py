@@ -24,85 +24,78 @@ LAYOUTS = {"TP2": (2, 1, 1, None, None), "PP2": (1, 2, 1, None, None), "EP2": (1
 LOSS_RTOL = 2e-6
 
 
-def _worker(rank, world, init_file, state_path, result_path, ckpt_root):
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"
-    torch.set_num_threads(1)
+def _worker(rank, world, init_file, state_path, ckpt_root):
     results = {}
-    try:
-        from tests.helpers.model import k2_like_tiny_config, make_batches, train_step_losses
-        from megatron.core import dist_checkpointing, parallel_state
+    from tests.helpers.model import k2_like_tiny_config, make_batches, train_step_losses
+    from megatron.core import dist_checkpointing, parallel_state
 
-        from k2_megatron.checkpoint import load_megatron_state_dict
-        from k2_megatron.config import ParallelLayout
-        from k2_megatron.megatron import build_k2_model, init_distributed_cpu
+    from k2_megatron.checkpoint import load_megatron_state_dict
+    from k2_megatron.config import ParallelLayout
+    from k2_megatron.megatron import build_k2_model, init_distributed_cpu
 
-        cfg = k2_like_tiny_config()
-        full = torch.load(state_path)
-        for name, (tp, pp, ep, vpp, first) in LAYOUTS.items():
-            layout = ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
-                                    virtual_pipeline_stages=vpp, first_stage_layers=first)
-            init_distributed_cpu(layout, rank=rank, world_size=world, init_method=f"file://{init_file}")
-            data_seed = 100 + (parallel_state.get_data_parallel_rank() if tp == 1 and pp == 1 else 0)
-            batches = make_batches(cfg, MICROBATCHES, MICRO_BATCH, SEQ, seed=data_seed)
-            if vpp is None:
-                chunks = [build_k2_model(cfg, layout=layout)]
-            else:
-                chunks = [build_k2_model(cfg, layout=layout, vp_stage=v) for v in range(vpp)]
-            for chunk in chunks:
-                load_megatron_state_dict(chunk, full)
-            parallel = train_step_losses(chunks if vpp else chunks[0], batches, SEQ, MICRO_BATCH)
-            last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-            core = chunks[0].decoder.layers[0].self_attention.core_attention
-            max_logit_heads = tuple(core.current_max_attn_logits.shape)
-            moe = [layer.mlp for c in chunks for layer in c.decoder.layers if hasattr(layer.mlp, "experts")]
-            experts = moe[-1].experts if moe else None  # the uneven layout's first stage is the dense layer only
-            local_experts = experts.linear_fc1_weight.shape[0] if moe else None
-            layer_numbers = [layer.layer_number for c in chunks for layer in c.decoder.layers]
-            expert_shard = None
-            if experts is not None:
-                sharded = experts.sharded_state_dict(prefix="experts.")["experts.linear_fc1_weight"]
-                expert_shard = (tuple(sharded.global_shape), tuple(sharded.global_offset))
-            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-            ep_rank = parallel_state.get_expert_model_parallel_rank()
+    cfg = k2_like_tiny_config()
+    full = torch.load(state_path)
+    for name, (tp, pp, ep, vpp, first) in LAYOUTS.items():
+        layout = ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                                virtual_pipeline_stages=vpp, first_stage_layers=first)
+        init_distributed_cpu(layout, rank=rank, world_size=world, init_method=f"file://{init_file}")
+        data_seed = 100 + (parallel_state.get_data_parallel_rank() if tp == 1 and pp == 1 else 0)
+        batches = make_batches(cfg, MICROBATCHES, MICRO_BATCH, SEQ, seed=data_seed)
+        if vpp is None:
+            chunks = [build_k2_model(cfg, layout=layout)]
+        else:
+            chunks = [build_k2_model(cfg, layout=layout, vp_stage=v) for v in range(vpp)]
+        for chunk in chunks:
+            load_megatron_state_dict(chunk, full)
+        parallel = train_step_losses(chunks if vpp else chunks[0], batches, SEQ, MICRO_BATCH)
+        last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        core = chunks[0].decoder.layers[0].self_attention.core_attention
+        max_logit_heads = tuple(core.current_max_attn_logits.shape)
+        moe = [layer.mlp for c in chunks for layer in c.decoder.layers if hasattr(layer.mlp, "experts")]
+        experts = moe[-1].experts if moe else None  # the uneven layout's first stage is the dense layer only
+        local_experts = experts.linear_fc1_weight.shape[0] if moe else None
+        layer_numbers = [layer.layer_number for c in chunks for layer in c.decoder.layers]
+        expert_shard = None
+        if experts is not None:
+            sharded = experts.sharded_state_dict(prefix="experts.")["experts.linear_fc1_weight"]
+            expert_shard = (tuple(sharded.global_shape), tuple(sharded.global_offset))
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
 
-            # megatron dist_checkpointing of the sharded model (our experts' sharded_state_dict included)
-            ckpt = os.path.join(ckpt_root, name)
-            if rank == 0:
-                os.makedirs(ckpt)
-            torch.distributed.barrier()
-            if vpp is None:
-                dist_checkpointing.save(chunks[0].sharded_state_dict(), ckpt)
+        # megatron dist_checkpointing of the sharded model (our experts' sharded_state_dict included)
+        ckpt = os.path.join(ckpt_root, name)
+        if rank == 0:
+            os.makedirs(ckpt)
+        torch.distributed.barrier()
+        if vpp is None:
+            dist_checkpointing.save(chunks[0].sharded_state_dict(), ckpt)
 
-            init_distributed_cpu()  # same gloo world, now TP = PP = EP = 1 (2-way data parallel)
-            single_model = build_k2_model(cfg)
-            if vpp is None:  # load the checkpoint written by the sharded layout
-                single_model.load_state_dict(dist_checkpointing.load(single_model.sharded_state_dict(), ckpt),
-                                             strict=False)
-                loaded = single_model.state_dict()
-                checkpoint_ok = all(torch.equal(loaded[k], v) for k, v in full.items())
-            else:
-                load_megatron_state_dict(single_model, full)
-                checkpoint_ok = True
-            single = train_step_losses(single_model, batches, SEQ, MICRO_BATCH)
-            results[name] = {"parallel": parallel, "single": single, "last_stage": last_stage,
-                             "max_logit_heads": max_logit_heads, "local_experts": local_experts,
-                             "layer_numbers": layer_numbers, "expert_shard": expert_shard,
-                             "pp_rank": pp_rank, "ep_rank": ep_rank, "checkpoint_ok": checkpoint_ok}
-    except BaseException as exc:  # report the error to the parent
-        import traceback
-
-        results["error"] = "".join(traceback.format_exception(exc))
-    torch.save(results, result_path)
+        init_distributed_cpu()  # same gloo world, now TP = PP = EP = 1 (2-way data parallel)
+        single_model = build_k2_model(cfg)
+        if vpp is None:  # load the checkpoint written by the sharded layout
+            single_model.load_state_dict(dist_checkpointing.load(single_model.sharded_state_dict(), ckpt),
+                                         strict=False)
+            loaded = single_model.state_dict()
+            checkpoint_ok = all(torch.equal(loaded[k], v) for k, v in full.items())
+        else:
+            load_megatron_state_dict(single_model, full)
+            checkpoint_ok = True
+        single = train_step_losses(single_model, batches, SEQ, MICRO_BATCH)
+        results[name] = {"parallel": parallel, "single": single, "last_stage": last_stage,
+                         "max_logit_heads": max_logit_heads, "local_experts": local_experts,
+                         "layer_numbers": layer_numbers, "expert_shard": expert_shard,
+                         "pp_rank": pp_rank, "ep_rank": ep_rank, "checkpoint_ok": checkpoint_ok}
+    return results
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from tests.helpers.model import full_megatron_state_dict, k2_like_tiny_config, run_gloo_workers
+    from tests.helpers.model import full_megatron_state_dict, k2_like_tiny_config, run_gloo_bodies
 
     tmp = tmp_path_factory.mktemp("k2_gloo")
     state_path = str(tmp / "full.pt")
     torch.save(full_megatron_state_dict(k2_like_tiny_config()), state_path)
-    return run_gloo_workers(_worker, 2, lambda r, path: (r, 2, str(tmp / "init"), state_path, path, str(tmp)))
+    return run_gloo_bodies(_worker, 2, lambda r: (r, 2, str(tmp / "init"), state_path, str(tmp)))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -7,7 +7,6 @@ model unsharded (the two ranks as data parallel) and runs the same microbatches:
 rank must hold exactly the layers the layout gives it (the dense layer 0 first).
 """
 
-import os
 
 import pytest
 import torch
@@ -21,55 +20,48 @@ LAYOUTS = {"auto": ([1, 4], [2, 3, 5]), "Ett|t|t|tL": ([1, 2, 4], [3, 5])}
 LOSS_RTOL = 2e-6  # float32; the pipeline split only changes the order of a few reductions
 
 
-def _worker(rank, world, init_file, state_path, result_path):
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"
-    torch.set_num_threads(1)
+def _worker(rank, world, init_file, state_path):
     results = {}
-    try:
-        from tests.helpers.model import k2_like_tiny_config, make_batches, train_step_losses
-        from megatron.core import parallel_state
+    from tests.helpers.model import k2_like_tiny_config, make_batches, train_step_losses
+    from megatron.core import parallel_state
 
-        from k2_megatron.checkpoint import load_megatron_state_dict
-        from k2_megatron.config import ParallelLayout
-        from k2_megatron.megatron import build_k2_model, init_distributed_cpu
+    from k2_megatron.checkpoint import load_megatron_state_dict
+    from k2_megatron.config import ParallelLayout
+    from k2_megatron.megatron import build_k2_model, init_distributed_cpu
 
-        cfg = k2_like_tiny_config(num_hidden_layers=NUM_LAYERS)
-        full = torch.load(state_path)
-        batches = make_batches(cfg, MICROBATCHES, MICRO_BATCH, SEQ, seed=100)
-        for layout in LAYOUTS:
-            split = ParallelLayout(pipeline_parallel=2, virtual_pipeline_stages=2, pipeline_layout=layout)
-            init_distributed_cpu(split, rank=rank, world_size=world, init_method=f"file://{init_file}")
-            chunks = [build_k2_model(cfg, layout=split, vp_stage=v) for v in range(2)]
-            for chunk in chunks:
-                load_megatron_state_dict(chunk, full)
-            parallel = train_step_losses(chunks, batches, SEQ, MICRO_BATCH)
-            layers = [(layer.layer_number, hasattr(layer.mlp, "experts")) for c in chunks for layer in c.decoder.layers]
-            has_embedding = [hasattr(c, "embedding") for c in chunks]
-            has_output = [hasattr(c, "output_layer") for c in chunks]
-            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-            last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    cfg = k2_like_tiny_config(num_hidden_layers=NUM_LAYERS)
+    full = torch.load(state_path)
+    batches = make_batches(cfg, MICROBATCHES, MICRO_BATCH, SEQ, seed=100)
+    for layout in LAYOUTS:
+        split = ParallelLayout(pipeline_parallel=2, virtual_pipeline_stages=2, pipeline_layout=layout)
+        init_distributed_cpu(split, rank=rank, world_size=world, init_method=f"file://{init_file}")
+        chunks = [build_k2_model(cfg, layout=split, vp_stage=v) for v in range(2)]
+        for chunk in chunks:
+            load_megatron_state_dict(chunk, full)
+        parallel = train_step_losses(chunks, batches, SEQ, MICRO_BATCH)
+        layers = [(layer.layer_number, hasattr(layer.mlp, "experts")) for c in chunks for layer in c.decoder.layers]
+        has_embedding = [hasattr(c, "embedding") for c in chunks]
+        has_output = [hasattr(c, "output_layer") for c in chunks]
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
-            init_distributed_cpu()  # same gloo world, now PP = 1 (2-way data parallel)
-            single_model = build_k2_model(cfg)
-            load_megatron_state_dict(single_model, full)
-            single = train_step_losses(single_model, batches, SEQ, MICRO_BATCH)
-            results[layout] = {"parallel": parallel, "single": single, "layers": layers, "pp_rank": pp_rank,
-                               "last_stage": last_stage, "has_embedding": has_embedding, "has_output": has_output}
-    except BaseException as exc:  # report the error to the parent
-        import traceback
-
-        results["error"] = "".join(traceback.format_exception(exc))
-    torch.save(results, result_path)
+        init_distributed_cpu()  # same gloo world, now PP = 1 (2-way data parallel)
+        single_model = build_k2_model(cfg)
+        load_megatron_state_dict(single_model, full)
+        single = train_step_losses(single_model, batches, SEQ, MICRO_BATCH)
+        results[layout] = {"parallel": parallel, "single": single, "layers": layers, "pp_rank": pp_rank,
+                           "last_stage": last_stage, "has_embedding": has_embedding, "has_output": has_output}
+    return results
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from tests.helpers.model import full_megatron_state_dict, k2_like_tiny_config, run_gloo_workers
+    from tests.helpers.model import full_megatron_state_dict, k2_like_tiny_config, run_gloo_bodies
 
     tmp = tmp_path_factory.mktemp("k2_gloo_layout")
     state_path = str(tmp / "full.pt")
     torch.save(full_megatron_state_dict(k2_like_tiny_config(num_hidden_layers=NUM_LAYERS)), state_path)
-    return run_gloo_workers(_worker, 2, lambda r, path: (r, 2, str(tmp / "init"), state_path, path))
+    return run_gloo_bodies(_worker, 2, lambda r: (r, 2, str(tmp / "init"), state_path))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
