@@ -160,7 +160,7 @@ def teardown_megatron() -> None:
 def report_to_parent(body, result_path: str, *args) -> None:
     """A spawned worker's entry (see run_gloo_bodies): ``body(*args)`` with TorchDynamo off and one thread, its result
     dict (or the error it raised) saved to ``result_path`` for the parent."""
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"  # this process only: megatron's jit_fuser would compile on the CPU
     torch.set_num_threads(1)
     try:
         out = body(*args)
@@ -235,28 +235,13 @@ def run_gloo_workers(target, world: int, args_for_rank, *, timeout: float = 300)
     return results
 
 
-def gloo_worker_result(result_path: str, run, *args) -> None:
-    """A spawned rank's body for run_gloo_workers: ``run(*args)`` (eager megatron, one thread), its result dict
-    saved to ``result_path``, or the traceback as "error"."""
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"  # this process only: megatron's jit_fuser would compile on the CPU
-    torch.set_num_threads(1)
-    try:
-        out = run(*args)
-    except BaseException as exc:  # reported to the parent
-        import traceback
-
-        out = {"error": "".join(traceback.format_exception(exc))}
-    torch.save(out, result_path)
-
-
 def run_tiny_gloo_workers(run, world: int, tmp, *, timeout: float) -> list[dict]:
     """The usual gloo test: k2-tiny's whole state dict (make_hf_model's random weights) saved in the folder ``tmp``,
-    then ``run(rank, world, init_file, state_path)`` -> result dict on ``world`` spawned ranks (run_gloo_workers)."""
+    then ``run(rank, world, init_file, state_path)`` -> result dict on ``world`` spawned ranks (run_gloo_bodies)."""
     state_path = str(tmp / "full.pt")
     torch.save(full_megatron_state_dict(k2_like_tiny_config()), state_path)
     init_file = str(tmp / "init")
-    return run_gloo_workers(gloo_worker_result, world,
-                            lambda rank, path: (path, run, rank, world, init_file, state_path), timeout=timeout)
+    return run_gloo_bodies(run, world, lambda rank: (rank, world, init_file, state_path), timeout=timeout)
 
 
 def _rank_result(path: str, exitcode: int) -> tuple[dict | None, str | None]:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers.torchrun import run_torchrun, torchrun_job, train_rows
 
-from k2_megatron.training.checkpoint import latest_checkpoint
+from k2_megatron.checkpoint.megatron import latest_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
