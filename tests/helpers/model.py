@@ -102,6 +102,28 @@ def teardown_megatron() -> None:
     teardown_distributed_cpu()
 
 
+def gloo_worker(body):
+    """``body(rank, world, *args) -> dict`` as a run_gloo_workers target ``(rank, world, *args, result_path)``: the
+    dict it returns, or the traceback of what it raised as {"error": ...}, is saved to result_path. The worker runs
+    one thread, torch.compile off (a module-level function decorated with this pickles for spawn by name)."""
+    import functools
+
+    @functools.wraps(body)
+    def target(rank, world, *args):
+        *args, result_path = args
+        os.environ["TORCHDYNAMO_DISABLE"] = "1"
+        torch.set_num_threads(1)
+        try:
+            out = body(rank, world, *args)
+        except BaseException as exc:  # reported to the parent
+            import traceback
+
+            out = {"error": "".join(traceback.format_exception(exc))}
+        torch.save(out, result_path)
+
+    return target
+
+
 def run_gloo_workers(target, world: int, args_for_rank, *, timeout: float = 300) -> list[dict]:
     """Runs ``target(*args_for_rank(rank, result_path))`` in ``world`` spawned processes on the CPU (CUDA hidden:
     gloo + cpu_compat even on a GPU machine), waits for them and returns each rank's result dict, which the
