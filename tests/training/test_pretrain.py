@@ -103,7 +103,9 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
     with pytest.raises(Crash):
         pretrain(_cfg(tmp_path / "run", "train.iters=3", "checkpoint.save_interval=1"), _before_publish=crash)
     assert latest_checkpoint(str(root)) == str(root / "iter_0000001")
-    assert (root / ".tmp-iter_0000002").is_dir() and not (root / "iter_0000002").exists()
+    assert not glob.glob(str(root / ".tmp-*")) and not (root / "iter_0000002").exists()  # the failed save removed
+    (root / ".tmp-iter_0000002").mkdir()  # what a killed process leaves behind
+    (root / ".tmp-iter_0000002" / "__0_0.distcp").write_bytes(b"partial")
     result = pretrain(_cfg(tmp_path / "run", "train.iters=3"))
     assert len(result["losses"]) == 2  # resumed after step 1
     assert latest_checkpoint(str(root)) == str(root / "iter_0000003")
