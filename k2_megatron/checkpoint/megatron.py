@@ -22,7 +22,8 @@ global tensor is completely written, the merged integrity manifest, fsync, renam
 ``latest`` (write ``latest.tmp``, fsync, ``os.replace``). A crash or kill anywhere before the last rename leaves
 the previous ``latest`` and its directory untouched; between the two renames, a complete but unpublished
 ``iter_N`` (the next save of that step replaces it). An asynchronous save is finalized by ``poll`` (collective,
-cheap: call it every step) or ``wait``; ``abandon`` kills the writers and removes the temporary directory.
+cheap: call it every step) or ``wait``; ``abandon`` kills the writers and removes the temporary directory;
+``finish_within(seconds)`` publishes it within a grace period (a SIGTERM's) or abandons it.
 
 Load: integrity of k2_meta.json and .metadata -> k2_meta.json checked against the current model config
 (``CheckpointMismatchError`` names the fields that differ) -> .metadata read without trusting it and every
@@ -37,6 +38,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -182,6 +184,17 @@ def _agree(error: BaseException | None) -> None:
             raise kinds.get(r[0], CheckpointError)(f"rank {rank}: {r[1]}")
 
 
+def _on_any_rank(flag: bool) -> bool:
+    """Collective: whether ``flag`` is set on any rank."""
+    if _world() == 1:
+        return flag
+    from k2_megatron.megatron.layout import collective_device
+
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _remove_leftovers(root: str) -> None:
     for name in os.listdir(root):  # temporary directories of interrupted saves
         if name.startswith(_TMP_PREFIX):
@@ -212,7 +225,7 @@ class Checkpointer:
         ``_before_publish``: a test hook called on rank 0 with the complete temporary directory."""
         from megatron.core import dist_checkpointing
 
-        from k2_megatron.checkpoint.writer import use_result_file, with_hashing
+        from k2_megatron.checkpoint.writer import results_through_file, with_hashing
 
         self.wait()
         name = iter_dir_name(step)
@@ -230,8 +243,7 @@ class Checkpointer:
             except OSError as e:
                 error = CheckpointError(f"cannot create a checkpoint under {self.root}: {e.strerror} ({e.filename})")
         _agree(error)
-        use_result_file(os.path.join(save.results, f"rank{_rank():05d}.pkl"))
-        with torch.no_grad():
+        with torch.no_grad(), results_through_file(os.path.join(save.results, f"rank{_rank():05d}.pkl")):
             state = _sharded_state(model_chunks, optimizer, is_loading=False, with_rng=True)
             request = dist_checkpointing.save(state, save.tmp, async_sharded_save=True, async_strategy="mcore")
         request = with_hashing(request, save.tmp, _rank())
@@ -254,6 +266,21 @@ class Checkpointer:
         if self._pending is None:
             return None
         return self._finish(blocking=True)
+
+    def finish_within(self, seconds: float, *, interval: float = 0.05) -> str | None:
+        """Collective: publishes the save in flight if every rank's writer is done within ``seconds`` (a SIGTERM's
+        grace period), else abandons it (``latest`` keeps naming the previous checkpoint). Returns the published
+        directory; None when the save was abandoned or none was in flight."""
+        deadline = time.monotonic() + seconds
+        while self._pending is not None:
+            published = self.poll()
+            if published is not None:
+                return published
+            if _on_any_rank(time.monotonic() >= deadline):  # every rank takes the same branch
+                self.abandon()
+                return None
+            time.sleep(interval)
+        return None
 
     def _finish(self, blocking: bool) -> str | None:
         save = self._pending

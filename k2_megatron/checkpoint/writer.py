@@ -20,6 +20,7 @@ survives its parent -- here it asks the kernel (prctl PR_SET_PDEATHSIG) to be ki
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pickle
@@ -52,13 +53,21 @@ class ResultFile:
             raise queue.Empty from None
 
 
-def use_result_file(path: str) -> None:
-    """Makes megatron's FileSystemWriterAsync hand the next save's results back through ``ResultFile(path)``:
-    megatron-core 0.19.2 creates that queue lazily in a module global (``get_write_results_queue``) as a
-    spawned Manager's queue; setting the global first is the only way to supply another."""
+@contextlib.contextmanager
+def results_through_file(path: str):
+    """While a save is planned (``dist_checkpointing.save``), makes megatron's FileSystemWriterAsync take
+    ``ResultFile(path)`` as the queue its writer hands results back through: megatron-core 0.19.2 creates that
+    queue lazily in a module global (``get_write_results_queue``) as a spawned Manager's queue, and each writer
+    keeps the queue it was planned with, so setting the global around the planning is the only way to supply
+    another. The global is restored afterwards: other saves in the process (the converter's) keep megatron's."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    previous = filesystem_async._results_queue
     filesystem_async._results_queue = ResultFile(path)
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
 
 
 def _die_with(parent_pid: int) -> None:
@@ -130,4 +139,4 @@ class AsyncWriter:
                 process.join()  # and reaps it here
 
 
-__all__ = ["AsyncWriter", "ResultFile", "use_result_file", "with_hashing"]
+__all__ = ["AsyncWriter", "ResultFile", "results_through_file", "with_hashing"]

@@ -6,6 +6,7 @@ deterministic:
   ``poll`` publishes nothing until every rank's writer is done, and the checkpoint holds the state of the step it
   was taken at (not the one trained meanwhile), bit for bit;
 - ``abandon`` kills the writer and removes the temporary directory; ``latest`` keeps the previous checkpoint;
+  ``finish_within`` abandons a save still writing at the end of its grace period, publishes one done within it;
 - kill -9 of the trainer while its writer writes: ``latest`` still names the previous, complete checkpoint
   (which loads), and no process the trainer started (writer, megatron's Manager, a resource_tracker) outlives it.
 """
@@ -67,7 +68,10 @@ def _async_run(rank, world, init_file, tmp):
     from k2_megatron.checkpoint.megatron import Checkpointer, latest_checkpoint, load_checkpoint
     from k2_megatron.config import ParallelLayout
 
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     out = {}
+    megatron_queue = filesystem_async._results_queue  # what megatron's own saves in this process use
     gate = os.path.join(tmp, "gate")
     _hold_writers_at(gate)
     cfg, chunks, opt = build_zero1_bf16(ParallelLayout(), rank, world, init_file, seed=1)
@@ -102,6 +106,17 @@ def _async_run(rank, world, init_file, tmp):
     out["latest_after_abandon"] = latest_checkpoint(root)
     out["leftovers"] = sorted(n for n in os.listdir(root) if n.startswith(".tmp"))
     out["children_after_abandon"] = _alive(_children())
+    # a grace period (SIGTERM's): a writer still held when it ends is abandoned; one done within it is published
+    checkpointer.save(3, chunks, opt, {})
+    out["grace_ended"] = checkpointer.finish_within(0.5)
+    out["latest_after_grace"] = latest_checkpoint(root)
+    out["leftovers_after_grace"] = sorted(n for n in os.listdir(root) if n.startswith(".tmp"))
+    torch.distributed.barrier()
+    if rank == 0:
+        open(gate, "w").close()
+    checkpointer.save(3, chunks, opt, {})
+    out["within_grace"] = checkpointer.finish_within(120)
+    out["megatron_queue_restored"] = filesystem_async._results_queue is megatron_queue
     return out
 
 
@@ -119,6 +134,9 @@ def test_training_goes_on_while_the_writer_writes(tmp_path, world):
         assert r["children_after"] == []
         assert r["abandoned"] == 2 and r["latest_after_abandon"] == published and r["leftovers"] == []
         assert r["children_after_abandon"] == []
+        assert r["grace_ended"] is None and r["latest_after_grace"] == published and r["leftovers_after_grace"] == []
+        assert r["within_grace"] == str(tmp_path / "ckpt" / "iter_0000003")
+        assert r["megatron_queue_restored"]  # a later megatron save (the converter's) is not sent to our files
     if world == 1:
         assert ranks[0]["step_2_changed"] > 100
         assert ranks[0]["differs_from_snapshot"] == []
