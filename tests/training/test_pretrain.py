@@ -124,9 +124,12 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
         pretrain(_cfg(tmp_path / "run", "train.iters=5"))
     # a new stage from these weights: YaRN over twice the context at twice the sequence length (rope settings and
     # data may change; the architecture may not)
-    stage = pretrain(_cfg(tmp_path / "long", "train.iters=1", "model.yarn_factor=64", "data.seq_length=128",
-                          f"checkpoint.load={ckpt}", "checkpoint.load_mode=weights"))
-    assert stage["final_step"] == 1 and stage["losses"][0] < base["losses"][0] - 0.2  # trained weights, not init
+    stage_args = ["train.iters=2", "model.yarn_factor=64", "data.seq_length=128", f"checkpoint.load={ckpt}"]
+    stage = pretrain(_cfg(tmp_path / "long", *stage_args, "checkpoint.load_mode=weights"))
+    assert stage["final_step"] == 2 and stage["losses"][0] < base["losses"][0] - 0.2  # trained weights, not init
+    # the weights alone: the same first loss; the optimizer starts afresh (no momentum), so another second step
+    fresh = pretrain(_cfg(tmp_path / "fresh", *stage_args, "checkpoint.load_mode=model"))
+    assert fresh["losses"][0] == stage["losses"][0] and fresh["losses"][1] != stage["losses"][1]
     shards = sorted(glob.glob(str(ckpt / "iter_0000004" / "*.distcp")))
     assert shards
     with open(shards[0], "r+b") as f:  # flip bytes in the middle of a shard file
