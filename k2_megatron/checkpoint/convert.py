@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from k2_megatron.checkpoint.errors import CheckpointError
+from k2_megatron.checkpoint.errors import CheckpointCorruptError, CheckpointError
 from k2_megatron.checkpoint.hf.fp8 import (FP8_BLOCK_SIZE, SCALE_SUFFIX, is_fp8_quantized_in_release,
                                            quantize_fp8_blockwise)
 from k2_megatron.checkpoint.hf.safetensors_io import (
@@ -500,8 +500,9 @@ def read_megatron_index(src) -> tuple[dict, K2Config, dict]:
     directory, from its metadata only; raises CheckpointError for a directory that is not one, or whose
     model tensors are missing, unknown or of the wrong shape for hf_config.json. Optimizer state and other
     non-model entries are ignored."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from k2_megatron.checkpoint.dcp_metadata import read_metadata
 
     src, hf_config = _read_megatron_hf_config(src)
     try:
@@ -509,8 +510,8 @@ def read_megatron_index(src) -> tuple[dict, K2Config, dict]:
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{os.path.join(src, MEGATRON_HF_CONFIG)}: {exc}") from exc
     try:
-        metadata = FileSystemReader(src).read_metadata()  # torch DCP's .metadata (a pickle: trusted input only)
-    except Exception as exc:
+        metadata = read_metadata(src)  # torch DCP's .metadata, a pickle: only DCP's metadata classes admitted
+    except CheckpointCorruptError as exc:
         raise CheckpointError(f"{src}: not a readable torch_dist checkpoint: {exc}") from exc
     stored = {k: (tuple(m.size), m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
               if isinstance(m, TensorStorageMetadata) and _MODEL_KEY.match(k) and not k.endswith("_extra_state")}

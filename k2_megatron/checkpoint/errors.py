@@ -15,3 +15,7 @@ class CheckpointCorruptError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint was written for a different model, layout or format version."""
+
+
+class CheckpointUnsafeError(CheckpointError):
+    """The checkpoint holds pickled data that could run code when loaded (refused before unpickling it)."""

@@ -136,7 +136,8 @@ class CheckpointSection:
     load: str | None = None                 # a checkpoint (directory, or root with 'latest') to start from when
                                             # this run has none of its own yet
     load_mode: str = "resume"               # resume: everything (step, data, history); weights: model + optimizer
-                                            # state only, from step 0 (a new stage, e.g. YaRN long context)
+                                            # state only, from step 0 (a new stage, e.g. YaRN long context);
+                                            # model: the model only, the optimizer starts afresh from it
     keep: int = 2                           # published checkpoints kept (older ones deleted)
 
 
@@ -222,8 +223,9 @@ class PretrainConfig:
         if d.train_samples is not None:
             _positive_int("data.train_samples", d.train_samples)
         _nonneg_int("checkpoint.save_interval", self.checkpoint.save_interval)
-        if self.checkpoint.load_mode not in ("resume", "weights"):
-            raise ConfigError(f"checkpoint.load_mode: must be 'resume' or 'weights', got {self.checkpoint.load_mode!r}")
+        if self.checkpoint.load_mode not in ("resume", "weights", "model"):
+            raise ConfigError("checkpoint.load_mode: must be 'resume', 'weights' or 'model', got "
+                              f"{self.checkpoint.load_mode!r}")
         _positive_int("checkpoint.keep", self.checkpoint.keep)
         if not d.tokenizer or not isinstance(d.tokenizer, str) or ":" not in d.tokenizer:
             raise ConfigError(f"data.tokenizer: must be 'default:N', 'bpe:PATH' or 'tiktoken:PATH', "

@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from k2_megatron.config.model import K2Config, get_preset
 from k2_megatron.config.parallel import ParallelLayout
+from k2_megatron.megatron.initialization import initialize_parameters
 from k2_megatron.megatron.layout import initialize_model_parallel, initialized_layout
 from k2_megatron.megatron.moe import K2GroupedMLP
 from k2_megatron.megatron.spec import get_k2_decoder_block_spec
@@ -134,8 +135,13 @@ def to_transformer_config(cfg: K2Config, layout: ParallelLayout = ParallelLayout
 
 def build_k2_model(cfg: K2Config | str, transformer_config: MLATransformerConfig | None = None, *,
                    layout: ParallelLayout | None = None, pre_process: bool | None = None,
-                   post_process: bool | None = None, vp_stage: int | None = None, **config_kwargs) -> GPTModel:
+                   post_process: bool | None = None, vp_stage: int | None = None, init_seed: int | None = None,
+                   **config_kwargs) -> GPTModel:
     """This rank's (pipeline stage of the) K2 model as a megatron-core GPTModel with the K2 spec.
+
+    Its initial weights are a function of ``init_seed`` (default: ``torch.initial_seed()``, the seed of the last
+    ``torch.manual_seed``) and the model alone, the same on every parallel layout
+    (k2_megatron.megatron.initialization); none are drawn when ``transformer_config.perform_initialization`` is off.
 
     cfg: a K2Config or a preset name. transformer_config: built with ``to_transformer_config(cfg, layout,
     **config_kwargs)`` when not given, ``layout`` defaulting to the initialised parallel_state's (layers split
@@ -166,10 +172,17 @@ def build_k2_model(cfg: K2Config | str, transformer_config: MLATransformerConfig
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     block_spec = get_k2_decoder_block_spec(tc, vp_stage=vp_stage)
-    model = GPTModel(config=tc, transformer_layer_spec=block_spec, vocab_size=cfg.vocab_size,
-                     max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process,
-                     post_process=post_process, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-                     position_embedding_type="none", vp_stage=vp_stage)
+    initialize = tc.perform_initialization
+    tc.perform_initialization = False  # megatron's draws depend on the layout; ours replace them below
+    try:
+        model = GPTModel(config=tc, transformer_layer_spec=block_spec, vocab_size=cfg.vocab_size,
+                         max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process,
+                         post_process=post_process, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+                         position_embedding_type="none", vp_stage=vp_stage)
+    finally:
+        tc.perform_initialization = initialize
+    if initialize:
+        initialize_parameters(model, torch.initial_seed() if init_seed is None else init_seed)
     mark_swiglu_matrices(model)
     return model
 

@@ -29,8 +29,9 @@ and a local variant:
   ``qk_clip_stats`` (the run's log).
 - Non-finite gradients and missing or non-finite max logits are detected on every rank and agreed on by all
   ranks before anything is updated (a rank raising alone would leave the others waiting in a collective).
-Optimizer state (momentum, Adam moments, step) is saved and loaded with megatron's dist_checkpointing in its
-DP-reshardable format (``MuonClipChainedOptimizer.sharded_state_dict``), so a run resumes on another DP size.
+Optimizer state (master weights, momentum, Adam moments, step) is saved and loaded with megatron's dist_checkpointing
+in model space (``MuonClipChainedOptimizer.sharded_state_dict``, k2_megatron.megatron.optimizer_state), so a run
+resumes on any other TP / PP / EP / DP layout.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import (ChainedOptimizer, OptimizerConfig, _get_param_groups_and_buffers,
                                      check_config_overrides_consistency, get_standard_config_overrides)
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-from megatron.core.optimizer.optimizer import (FP32Optimizer, Float16OptimizerWithFloat16Params,
-                                               param_group_identifier_keys)
+from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
+from k2_megatron.megatron import optimizer_state
 from k2_megatron.megatron.attention import K2MLACoreAttention, take_global_max_attn_logits
 from k2_megatron.megatron.layout import collective_device
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
@@ -86,14 +87,12 @@ class _MegatronMuonClip(MuonClip):
     """MuonClip over megatron's master weights: Muon parameters may be flat ZeRO-1 shards, and the shards of
     fp32 parameters are views (non-leaf), as megatron's own inner Adam gets them."""
 
-    # megatron's DP-reshardable checkpoint stores each state key of a gradient bucket as one tensor covering
-    # every parameter of the bucket, so all parameters need the same keys: Muon's momentum is kept under
-    # "exp_avg", and "exp_avg_sq" is the same tensor (no memory; the checkpoint writes it twice).
+    # Muon's momentum is kept under "exp_avg", the name megatron gives an optimizer's first state tensor (the
+    # checkpoint's optimizer.state.exp_avg.<parameter>, k2_megatron.megatron.optimizer_state).
     MOMENTUM_KEY = "exp_avg"
 
-    # The step count lives in the param groups, as with TE's FusedAdam: megatron restores it there, while its
-    # DP-reshardable loader copies a stale, non-persistent per-parameter "step" over the state (megatron-core
-    # 0.19.2, torch-optimizer path). The per-parameter "step" is a fresh copy that megatron's state_dict() reads.
+    # One step count for the whole optimizer, kept in the param groups (as TE's FusedAdam does; the checkpoint
+    # saves it once); the per-parameter "step" tensor mirrors it for megatron's wrappers, which read it there.
     def _begin_step(self) -> None:
         for group in self.param_groups:
             group["step"] = int(group.get("step", 0)) + 1
@@ -107,16 +106,9 @@ class _MegatronMuonClip(MuonClip):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = state["exp_avg"] if use_muon else torch.zeros_like(p)
+            if not use_muon:
+                state["exp_avg_sq"] = torch.zeros_like(p)
         return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # megatron matches saved groups to these by lr/wd multipliers only, so a Muon and an AdamW group with the
-        # same multipliers look alike to it; which parameters use Muon follows from the model, not the file.
-        use_muon = [g["use_muon"] for g in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, flag in zip(self.param_groups, use_muon):
-            group["use_muon"] = flag
 
     def add_param_group(self, param_group: dict) -> None:
         if "use_muon" not in param_group:
@@ -125,30 +117,6 @@ class _MegatronMuonClip(MuonClip):
             param_group.setdefault(key, value)
         param_group["params"] = list(param_group["params"])
         self.param_groups.append(param_group)
-
-
-def _pair_param_groups(current_groups: list[dict], state_dict_groups: list[dict]) -> list[dict]:
-    """megatron's pairing of saved with current param groups (by lr/wd settings, not position), with
-    ``use_muon`` part of a group's identity: megatron's own keys cannot tell a Muon group from an AdamW group
-    with the same multipliers, and collapses the two when loading."""
-
-    def identity(group: dict) -> tuple:
-        return (bool(group.get("use_muon", False)),
-                *(group.get(k, group.get(f"pre_{k}")) for k in param_group_identifier_keys))
-
-    saved = {}
-    for group in state_dict_groups:
-        if identity(group) in saved:
-            raise ValueError(f"MuonClip: two saved param groups share the identity {identity(group)}")
-        saved[identity(group)] = group
-    paired = []
-    for current, params in zip(current_groups, [g["params"] for g in state_dict_groups]):
-        if identity(current) not in saved:
-            raise ValueError(f"MuonClip: no saved param group matches {identity(current)}; saved: {sorted(saved)}")
-        group = saved[identity(current)]
-        group["params"] = params
-        paired.append(group)
-    return paired
 
 
 def _megatron_muonclip(param_groups: list[dict], config: OptimizerConfig, muonclip: MuonClipConfig,
@@ -358,11 +326,7 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
 
 
 class _ReplicatedMuonClip(_MuonClipWrapper):
-    """For megatron's wrappers whose master weights are whole (TP-local) parameters. Their checkpoints pair saved
-    with current param groups by ``_pair_param_groups`` (the distributed optimizer pairs them in its own code,
-    which MuonClip handles)."""
-
-    _filter_and_reorder_param_groups = staticmethod(_pair_param_groups)
+    """For megatron's wrappers whose master weights are whole (TP-local) parameters."""
 
     def orthogonalize(self, items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Muon's O of each (group, master weight, momentum), batched by shape, TP-split matrices made whole."""
@@ -569,15 +533,15 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
         return self._step_max_logits.get(name)
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata: dict | None = None):
-        """megatron's, defaulting to the DP-reshardable format (the model-space default of megatron-core 0.19.2
-        uses ShardedTensor.flattened_range, which its own dist_checkpointing refuses)."""
-        metadata = {"distrib_optim_sharding_type": "dp_reshardable", **(metadata or {})}
-        return super().sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
+        """The optimizer state in model space (k2_megatron.megatron.optimizer_state): loads on any TP / PP / EP / DP
+        layout, with or without the distributed optimizer. Its tensors are views of the live state (a load
+        reads into them in place)."""
+        return optimizer_state.sharded_state_dict(self.chained_optimizers, model_sharded_state_dict)
 
     @torch.no_grad()
     def load_state_dict(self, state_dict) -> None:
-        """megatron's, under no_grad: it copies into master weights that are views of fp32 model parameters."""
-        super().load_state_dict(state_dict)
+        """Completes a load of ``sharded_state_dict`` (its tensors were read in place): the step count."""
+        optimizer_state.load_state_dict(self.chained_optimizers, state_dict)
 
     def _agree(self, flags: list[bool]) -> list[bool]:
         """Element-wise OR of the flags over all ranks."""

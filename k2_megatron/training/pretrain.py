@@ -317,12 +317,13 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
             stage_independent = {"rope_scaling", "max_position_embeddings"}
             load_checkpoint(path, chunks, opt, {
                 "model_config": {k: v for k, v in expected["model_config"].items() if k not in stage_independent},
-                "tokenizer": tok.name}, ignore_model_keys=stage_independent)
+                "tokenizer": tok.name}, ignore_model_keys=stage_independent, weights_only=mode == "model")
         logger = RunLogger(cfg.output.dir, total_steps=cfg.train.iters, start_step=start_step, enabled=rank == 0,
                            progress_bar=cfg.output.progress_bar, tensorboard=cfg.output.tensorboard, history=history)
         if path is not None:
+            loaded = "weights and optimizer state" if mode == "weights" else "weights (fresh optimizer)"
             logger.print(f"resumed from {path} at step {start_step}" if mode == "resume" else
-                         f"loaded weights and optimizer state from {path}; starting a new stage at step 0")
+                         f"loaded {loaded} from {path}; starting a new stage at step 0")
         baseline = unigram_baseline(train_prefix, valid_prefix, tok.vocab_size) if rank == 0 else None
         logger.history["unigram_baseline"] = baseline
         n_total, n_active = _parameter_counts(chunks, k2cfg)

@@ -165,6 +165,19 @@ def test_megatron_checkpoint_checked_against_its_config_before_writing(hf_dir, t
     assert snapshot(out) == before and leftovers(tmp_path, "out") == []
 
 
+def test_megatron_checkpoint_that_pickles_a_callable_is_refused_without_running_it(hf_dir, tmp_path):
+    from tests.helpers.checkpoint import plant_code_in_dcp_metadata
+    from k2_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from k2_megatron.checkpoint.errors import CheckpointUnsafeError
+
+    convert_hf_to_megatron(hf_dir, tmp_path / "meg")
+    marker = tmp_path / "ran"
+    plant_code_in_dcp_metadata(tmp_path / "meg", marker)
+    with pytest.raises(CheckpointUnsafeError, match=r"meg/\.metadata pickles posix\.system"):
+        convert_megatron_to_hf(tmp_path / "meg", tmp_path / "out")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 # ----- other layouts: hf -> megatron run by 2 gloo processes (each rank streams in its shard and they save
 # one torch_dist checkpoint together), then megatron -> hf here: BF16 bit-identical for TP2, PP2 and EP2
 # (TP = PP = EP = 1 is test_round_trip_bf16) -----
