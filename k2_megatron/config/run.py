@@ -190,10 +190,11 @@ class PretrainConfig:
         if m.yarn_factor is not None and not (isinstance(m.yarn_factor, (int, float)) and m.yarn_factor >= 1):
             raise ConfigError(f"model.yarn_factor: must be a number >= 1 or null, got {m.yarn_factor!r}")
         _positive_int("data.seq_length", d.seq_length)
-        self.parallel.layout()
+        layout = self.parallel.layout()
         self._validate_overlap()
         for name in ("iters", "global_batch_tokens", "micro_batch_size", "log_interval", "eval_micro_batches"):
             _positive_int(f"train.{name}", getattr(t, name))
+        self._validate_micro_batches(layout)
         _nonneg_int("train.eval_interval", t.eval_interval)
         _nonneg_number("train.clip_grad", t.clip_grad)
         if t.max_wall_seconds is not None and not t.max_wall_seconds > 0:
@@ -240,6 +241,18 @@ class PretrainConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from None
         return self
+
+    def _validate_micro_batches(self, layout: ParallelLayout) -> None:
+        """The micro-batch counts the pipeline schedule must run, as far as they are known without the world size:
+        validation's per rank, and training's over all data-parallel ranks (each rank's count is that total / DP,
+        checked exactly by ``layout``)."""
+        t = self.train
+        _check_micro_batches(layout, f"train.eval_micro_batches={t.eval_micro_batches}", t.eval_micro_batches)
+        sequences, rest = divmod(t.global_batch_tokens, self.data.seq_length)
+        if not rest and not sequences % t.micro_batch_size:
+            _check_micro_batches(layout, f"train.global_batch_tokens={t.global_batch_tokens}",
+                                 sequences // t.micro_batch_size, f"per step over all data-parallel ranks ({sequences} "
+                                 f"sequences / train.micro_batch_size={t.micro_batch_size})")
 
     def _validate_overlap(self) -> None:
         """What megatron-core 0.19's EP all-to-all overlap requires of the rest of the config."""
@@ -291,10 +304,8 @@ class PretrainConfig:
             raise
         except ValueError as e:
             raise ConfigError(f"parallel / train: {e}") from None
-        pp = layout.pipeline_parallel
-        if layout.virtual_stages > 1 and bl.num_micro_batches % pp:
-            raise ConfigError(f"train.global_batch_tokens: interleaved 1F1B needs the micro-batches per step "
-                              f"({bl.num_micro_batches}) to be a multiple of parallel.pipeline={pp}")
+        _check_micro_batches(layout, f"train.global_batch_tokens={self.train.global_batch_tokens}",
+                             bl.num_micro_batches, f"per step on each of {layout.data_parallel} data-parallel ranks")
         return layout.data_parallel, bl
 
     def schedule(self) -> WSDSchedule:
@@ -309,6 +320,14 @@ class PretrainConfig:
                                min_lr=float(o.min_lr), init_lr=float(o.init_lr))
         except ValueError as e:
             raise ConfigError(f"optim: {e}") from None
+
+
+def _check_micro_batches(layout: ParallelLayout, name: str, count: int, scope: str = "per data-parallel rank"
+                         ) -> None:
+    try:
+        layout.check_micro_batches(name, count, scope)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _positive_int(key: str, value) -> None:
