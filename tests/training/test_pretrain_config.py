@@ -90,6 +90,9 @@ def test_overrides_are_typed_and_nested():
     ("parallel.virtual_stages=2", "parallel.virtual_stages=2 needs parallel.pipeline >= 2"),
     ("checkpoint.keep=0", "checkpoint.keep: must be an int >= 1"),
     ("parallel.pipeline_layout=auto", "parallel.pipeline_layout needs parallel.pipeline >= 2"),
+    ("parallel.process_group_timeout_minutes=0", "parallel.process_group_timeout_minutes: must be an int >= 1"),
+    ("data.cache_dir=' '", "data.cache_dir: must be a directory or null"),
+    ("data.index_dir=''", "data.index_dir: must be a directory or null"),
 ])
 def test_validation_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -132,6 +135,20 @@ def test_layout_of_the_default_run():
     assert dp == 1 and layout.global_batch_size == 32 and layout.num_micro_batches == 4
     dp, layout = load_config(None).layout(2)
     assert dp == 2 and layout.num_micro_batches == 2  # same tokens per step on two ranks
+
+
+def test_data_directories_and_process_group_timeout():
+    """The indices built at startup go under the run's output directory unless data.cache_dir says otherwise
+    (never a home directory, which other nodes may not see); data.index_dir names prebuilt ones; the process
+    groups wait parallel.process_group_timeout_minutes."""
+    cfg = load_config(None, ["output.dir=/shared/runs/a"])
+    assert cfg.dataset_cache_dir() == "/shared/runs/a/gpt_indices" and cfg.data.index_dir is None
+    assert load_config(None).dataset_cache_dir() == os.path.join("runs", "k2-tiny", "gpt_indices")
+    assert load_config(None, ["data.cache_dir=/shared/c"]).dataset_cache_dir() == "/shared/c"
+    assert load_config(None, ["data.index_dir=/shared/i"]).data.index_dir == "/shared/i"
+    assert cfg.parallel.process_group_timeout().total_seconds() == 30 * 60
+    timeout = load_config(None, ["parallel.process_group_timeout_minutes=90"]).parallel.process_group_timeout()
+    assert timeout.total_seconds() == 90 * 60
 
 
 def test_schedule_wiring():
