@@ -182,6 +182,22 @@ def build_index_command(tokenizer: TextTokenizer, seq_length: int, train_prefixe
     return " ".join(parts)
 
 
+def _other_data(index_dir: str, definition: dict) -> str:
+    """What ``index_dir`` holds instead: each key with the fields of its definition.json that differ from
+    ``definition`` (a run whose tokenizer, sequence length, seed or files changed since the build)."""
+    index_dir = os.path.abspath(index_dir)
+    others = []
+    for name in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
+        try:
+            with open(os.path.join(index_dir, name, DEFINITION), encoding="utf-8") as f:
+                other = json.load(f)
+        except (OSError, ValueError):
+            continue
+        differ = sorted(k for k in definition.keys() | other.keys() if definition.get(k) != other.get(k))
+        others.append(f"{name} differs in {', '.join(differ)}")
+    return f"; {index_dir} holds indices of other data: {'; '.join(others)}" if others else ""
+
+
 def _check_files(path: str, info: dict, command: str) -> None:
     problems = []
     for name, size in info.get("files", {}).items():
@@ -231,8 +247,9 @@ def _load_prebuilt(tokenizer, seq_length, train_prefixes, valid_prefixes, *, tra
         found = ", ".join(f"samples-{n}" for n, _ in available) or "none"
         need = (f"the index built for {built_samples} samples" if built_samples is not None
                 else f"an index of at least {train_samples} training samples")
-        raise DatasetIndexError(f"{key_dir}: no prebuilt dataset index for these data ({need}; found: {found}). "
-                                f"Build it offline with: {command}")
+        others = "" if available else _other_data(index_dir, definition)
+        raise DatasetIndexError(f"{key_dir}: no prebuilt dataset index for these data ({need}; found: {found}"
+                                f"{others}). Build it offline with: {command}")
     samples, path = usable[0]
     info = _read_info(path)
     if info.get("definition") != definition or info.get("train_samples") != samples:

@@ -6,6 +6,7 @@ is missing, too small or damaged."""
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -102,8 +103,10 @@ def test_missing_small_or_damaged_index_is_a_clear_error(tmp_path, bpe, data, ca
             _load(bpe, data, index_dir, 3001)
         with pytest.raises(di.DatasetIndexError, match=r"the index built for 5000 samples; found: samples-3000"):
             _load(bpe, data, index_dir, 3000, built_samples=5000)
-        with pytest.raises(di.DatasetIndexError):  # other data (another seed): another key, nothing built
+        with pytest.raises(di.DatasetIndexError) as err:  # other data (another seed): another key, nothing built
             _load(bpe, data, index_dir, 3000, seed=7)
+        assert re.search(rf"found: none; {index_dir} holds indices of other data: [0-9a-f]{{24}} differs in seed\)",
+                         str(err.value)), str(err.value)
         (path,) = [os.path.join(r, d) for r, ds_, _ in os.walk(index_dir) for d in ds_ if d == "samples-3000"]
         victim = sorted(f for f in os.listdir(path) if f.endswith("shuffle_index.npy"))[0]
         os.unlink(os.path.join(path, victim))
