@@ -11,7 +11,8 @@ appended (unless --no-eod); PREFIX.token_counts.npy beside the data (the unigram
     python tools/preprocess_data.py --input books/*.txt --tokenizer default:4096 --output-prefix out/books
     # the bundled corpus itself (train + valid), into the cache the default run reads:
     python tools/preprocess_data.py --bundled-corpus --tokenizer default:4096
-    # megatron's GPT dataset indices for a run of up to 3.77e9 samples, built once onto shared storage:
+    # megatron's GPT dataset indices for a run of up to 3.77e9 samples, built once onto shared storage
+    # (k2-pretrain loads them with data.index_dir=/shared/k2/gpt_indices):
     python tools/preprocess_data.py build-index --tokenizer tiktoken:/path/to/tiktoken.model \
         --seq-length 4096 --train-prefix out/train --valid-prefix out/valid --train-samples 3770000000 \
         --index-dir /shared/k2/gpt_indices

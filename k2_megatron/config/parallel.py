@@ -145,6 +145,27 @@ class ParallelLayout:
                              f"{dp * cp} x {tp} (the data- and tensor-parallel ranks of world size {world_size})")
         return dataclasses.replace(self, data_parallel=dp)
 
+    # ----- the pipeline schedule -----
+
+    def check_micro_batches(self, name: str, count: int, scope: str = "per data-parallel rank") -> None:
+        """ValueError naming ``name`` when megatron-core 0.19's schedule cannot run ``count`` micro-batches per
+        data-parallel rank on this layout (``scope`` says what ``count`` counts, for the message).
+
+        Interleaved 1F1B (virtual stages > 1) runs the micro-batches in groups of
+        ``microbatch_group_size_per_vp_stage``, which defaults to PP (model_parallel_config.py), and raises unless
+        PP <= group <= count and the last group is whole or holds >= PP micro-batches
+        (``forward_backward_pipelining_with_interleaving`` in pipeline_parallel/schedules.py), training and
+        forward-only alike: with groups of PP, count must be a multiple of PP. Plain 1F1B and no pipeline take any
+        count >= 1."""
+        pp, label = self.pipeline_parallel, self._label("pipeline_parallel")
+        if self.virtual_stages > 1 and count % pp:
+            lo = count // pp * pp
+            nearest = f"{lo} or {lo + pp}" if lo else f"{pp}"
+            raise ValueError(f"{name}: {count} micro-batches {scope}; interleaved 1F1B ({label}={pp} x "
+                             f"{self._label('virtual_pipeline_stages')}={self.virtual_stages}) needs a multiple of "
+                             f"{label}={pp} on each data-parallel rank (megatron-core runs them in groups of {pp}; "
+                             f"nearest: {nearest})")
+
     # ----- the model on this layout -----
 
     def check_model(self, cfg: K2Config) -> None:

@@ -14,6 +14,7 @@ The ``parallel`` section becomes a ``ParallelLayout`` (``ParallelSection.layout`
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import types
@@ -63,6 +64,9 @@ class ParallelSection:
     # dispatch backward, so that it overlaps them too
     overlap_moe_expert_parallel_comm: bool = False
     delay_wgrad_compute: bool = False
+    # how long a collective waits for the slowest rank before it fails (torch.distributed.init_process_group's
+    # timeout and megatron-core's for its process groups): startup, checkpoint loads and saves included
+    process_group_timeout_minutes: int = 30
 
     def layout(self, world_size: int | None = None) -> ParallelLayout:
         """The ParallelLayout of this section (on ``world_size`` ranks when given: data_parallel derived);
@@ -76,6 +80,10 @@ class ParallelSection:
             return layout if world_size is None else layout.for_world(world_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+    def process_group_timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(minutes=self.process_group_timeout_minutes)
 
 
 # ParallelLayout field -> the key of this section that sets it (for error messages)
@@ -94,6 +102,13 @@ class DataSection:
     seed: int = 1234
     train_samples: int | None = None        # samples the training dataset is built for (None: iters x global
                                             # batch); it fixes the sample order, so set it ahead to extend a run
+    # prebuilt GPT dataset indices (tools/preprocess_data.py build-index) on storage every rank sees: the run
+    # loads the smallest index there covering its samples (exactly data.train_samples' when set) and builds
+    # nothing; without one it stops with the build command. null: megatron builds the indices at startup
+    index_dir: str | None = None
+    # where megatron caches the indices it builds at startup (without index_dir): rank 0 writes, every other
+    # rank reads, so every node must see it. null: <output.dir>/gpt_indices
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -191,10 +206,15 @@ class PretrainConfig:
         if m.yarn_factor is not None and not (isinstance(m.yarn_factor, (int, float)) and m.yarn_factor >= 1):
             raise ConfigError(f"model.yarn_factor: must be a number >= 1 or null, got {m.yarn_factor!r}")
         _positive_int("data.seq_length", d.seq_length)
-        self.parallel.layout()
+        for name in ("index_dir", "cache_dir"):
+            if getattr(d, name) is not None and not getattr(d, name).strip():
+                raise ConfigError(f"data.{name}: must be a directory or null, got {getattr(d, name)!r}")
+        _positive_int("parallel.process_group_timeout_minutes", self.parallel.process_group_timeout_minutes)
+        layout = self.parallel.layout()
         self._validate_overlap()
         for name in ("iters", "global_batch_tokens", "micro_batch_size", "log_interval", "eval_micro_batches"):
             _positive_int(f"train.{name}", getattr(t, name))
+        self._validate_micro_batches(layout)
         _nonneg_int("train.eval_interval", t.eval_interval)
         _nonneg_number("train.clip_grad", t.clip_grad)
         if t.max_wall_seconds is not None and not t.max_wall_seconds > 0:
@@ -243,6 +263,18 @@ class PretrainConfig:
             raise ConfigError(str(e)) from None
         return self
 
+    def _validate_micro_batches(self, layout: ParallelLayout) -> None:
+        """The micro-batch counts the pipeline schedule must run, as far as they are known without the world size:
+        validation's per rank, and training's over all data-parallel ranks (each rank's count is that total / DP,
+        checked exactly by ``layout``)."""
+        t = self.train
+        _check_micro_batches(layout, f"train.eval_micro_batches={t.eval_micro_batches}", t.eval_micro_batches)
+        sequences, rest = divmod(t.global_batch_tokens, self.data.seq_length)
+        if not rest and not sequences % t.micro_batch_size:
+            _check_micro_batches(layout, f"train.global_batch_tokens={t.global_batch_tokens}",
+                                 sequences // t.micro_batch_size, f"per step over all data-parallel ranks ({sequences} "
+                                 f"sequences / train.micro_batch_size={t.micro_batch_size})")
+
     def _validate_overlap(self) -> None:
         """What megatron-core 0.19's EP all-to-all overlap requires of the rest of the config."""
         p = self.parallel
@@ -261,6 +293,12 @@ class PretrainConfig:
             problems.append(f"model.params_dtype={self.model.params_dtype!r} (megatron requires 'bfloat16')")
         if problems:
             raise ConfigError("parallel.overlap_moe_expert_parallel_comm: " + "; ".join(problems))
+
+    def dataset_cache_dir(self) -> str:
+        """Where megatron caches the dataset indices built at startup: data.cache_dir, else <output.dir>/gpt_indices
+        (a directory the run writes anyway and, for checkpoints, every node sees; per run, so no two jobs write the
+        same files at once)."""
+        return self.data.cache_dir or os.path.join(self.output.dir, "gpt_indices")
 
     def k2_config(self, vocab_size: int | None) -> K2Config:
         """The K2Config of model.preset + model.overrides (+ this stage's YaRN: model.yarn_factor), with the
@@ -293,10 +331,8 @@ class PretrainConfig:
             raise
         except ValueError as e:
             raise ConfigError(f"parallel / train: {e}") from None
-        pp = layout.pipeline_parallel
-        if layout.virtual_stages > 1 and bl.num_micro_batches % pp:
-            raise ConfigError(f"train.global_batch_tokens: interleaved 1F1B needs the micro-batches per step "
-                              f"({bl.num_micro_batches}) to be a multiple of parallel.pipeline={pp}")
+        _check_micro_batches(layout, f"train.global_batch_tokens={self.train.global_batch_tokens}",
+                             bl.num_micro_batches, f"per step on each of {layout.data_parallel} data-parallel ranks")
         return layout.data_parallel, bl
 
     def schedule(self) -> WSDSchedule:
@@ -311,6 +347,14 @@ class PretrainConfig:
                                min_lr=float(o.min_lr), init_lr=float(o.init_lr))
         except ValueError as e:
             raise ConfigError(f"optim: {e}") from None
+
+
+def _check_micro_batches(layout: ParallelLayout, name: str, count: int, scope: str = "per data-parallel rank"
+                         ) -> None:
+    try:
+        layout.check_micro_batches(name, count, scope)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _positive_int(key: str, value) -> None:

@@ -34,7 +34,7 @@ _LAZY = {
                                  "build_pretraining_datasets", "collate_samples", "resolve_blend", "token_counts",
                                  "unigram_baseline", "validation_batches"),
     "k2_megatron.data.dataset_index": ("DatasetIndex", "DatasetIndexError", "build_dataset_index",
-                                       "load_dataset_index"),
+                                       "load_dataset_index", "pretraining_datasets"),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 

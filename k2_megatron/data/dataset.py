@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from k2_megatron.data.tokenizer import TextTokenizer, default_cache_dir
+from k2_megatron.data.tokenizer import TextTokenizer
 
 DEFAULT_SEED = 1234
 
@@ -113,7 +113,7 @@ def build_megatron_datasets(tokenizer: TextTokenizer, seq_length: int, blends: l
 def build_pretraining_datasets(tokenizer: TextTokenizer, seq_length: int, train_prefixes: str | Sequence[str],
                                valid_prefixes: str | Sequence[str] | None = None, *, train_samples: int,
                                valid_samples: int | None = None, train_weights: Sequence[float] | None = None,
-                               seed: int = DEFAULT_SEED, path_to_cache: str | None = None,
+                               seed: int = DEFAULT_SEED, path_to_cache: str,
                                is_built_on_rank: Callable[[], bool] | None = None):
     """(train, valid) megatron GPTDatasets (or BlendedDatasets for several weighted prefixes); valid is None
     without ``valid_prefixes``.
@@ -122,16 +122,16 @@ def build_pretraining_datasets(tokenizer: TextTokenizer, seq_length: int, train_
     ``resolve_blend``). ``train_samples``: samples the run will draw (train_iters * global_batch_size);
     GPTDataset repeats epochs (each reshuffled) to cover it. ``valid_samples``: None for one pass over the
     held-out data. Samples are dicts of 1-D tensors: tokens, labels (tokens shifted by one), loss_mask,
-    position_ids. ``path_to_cache`` defaults to ``<cache>/gpt_indices``. Must be called on every rank of a
-    distributed run. The indices are built here when not cached (by rank 0, in time that grows with the
-    data): for large data build them offline and load them with ``dataset_index.load_dataset_index``.
+    position_ids. ``path_to_cache``: where megatron caches the indices (every rank must see it: rank 0 writes,
+    the others read), keyed on a hash of the dataset definition that includes ``train_samples``. Must be called
+    on every rank of a distributed run. The indices are built here when not cached (by rank 0, in time that
+    grows with the data): for large data build them offline and load them with
+    ``dataset_index.load_dataset_index``.
     """
     _check_sizes(seq_length, train_samples, valid_samples)
     blends = split_blends(train_prefixes, valid_prefixes, train_weights)
     train, valid = build_megatron_datasets(tokenizer, seq_length, blends, [train_samples, valid_samples, None],
-                                           seed=seed, is_built_on_rank=is_built_on_rank,
-                                           path_to_cache=path_to_cache or os.path.join(default_cache_dir(),
-                                                                                       "gpt_indices"))
+                                           seed=seed, is_built_on_rank=is_built_on_rank, path_to_cache=path_to_cache)
     if train is not None and len(train) < train_samples:
         raise RuntimeError(f"train_samples: the training dataset holds {len(train)} samples, fewer than the "
                            f"{train_samples} requested")

@@ -15,6 +15,8 @@ minutes, past NCCL's timeout), and a changed ``train.iters`` changes the hash an
   one a checkpoint was trained on) with megatron's ``fast_cache_load``: it memory-maps the .npy files and
   builds nothing; the files listed in index.json are checked first. Without one it raises DatasetIndexError
   naming the directory and the command that builds it.
+- ``pretraining_datasets`` is a training run's choice (``k2-pretrain``'s ``data.index_dir``): the prebuilt index
+  when the run names one, else megatron's build at startup into the run's cache directory.
 
 A run on an index built for N >= train_samples draws its first train_samples samples, in the order of N: the
 order does not change when a run is extended within N (a resume checks it through the dataset hash).
@@ -30,7 +32,8 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from k2_megatron.data.dataset import DEFAULT_SEED, _check_sizes, build_megatron_datasets, split_blends
+from k2_megatron.data.dataset import (DEFAULT_SEED, _check_sizes, build_megatron_datasets, build_pretraining_datasets,
+                                      split_blends)
 from k2_megatron.data.tokenizer import BPETokenizer, TextTokenizer, TiktokenTokenizer
 
 INDEX_FORMAT = 1
@@ -179,6 +182,22 @@ def build_index_command(tokenizer: TextTokenizer, seq_length: int, train_prefixe
     return " ".join(parts)
 
 
+def _other_data(index_dir: str, definition: dict) -> str:
+    """What ``index_dir`` holds instead: each key with the fields of its definition.json that differ from
+    ``definition`` (a run whose tokenizer, sequence length, seed or files changed since the build)."""
+    index_dir = os.path.abspath(index_dir)
+    others = []
+    for name in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
+        try:
+            with open(os.path.join(index_dir, name, DEFINITION), encoding="utf-8") as f:
+                other = json.load(f)
+        except (OSError, ValueError):
+            continue
+        differ = sorted(k for k in definition.keys() | other.keys() if definition.get(k) != other.get(k))
+        others.append(f"{name} differs in {', '.join(differ)}")
+    return f"; {index_dir} holds indices of other data: {'; '.join(others)}" if others else ""
+
+
 def _check_files(path: str, info: dict, command: str) -> None:
     problems = []
     for name, size in info.get("files", {}).items():
@@ -203,6 +222,16 @@ def load_dataset_index(tokenizer: TextTokenizer, seq_length: int, train_prefixes
     a header read per indexed file, a stat per index file, memory maps; independent of the data's size.
     DatasetIndexError, naming the directory and the build command, when no index covers the request.
     """
+    train, valid, _ = _load_prebuilt(tokenizer, seq_length, train_prefixes, valid_prefixes,
+                                     train_samples=train_samples, index_dir=index_dir, train_weights=train_weights,
+                                     valid_samples=valid_samples, seed=seed, built_samples=built_samples,
+                                     is_built_on_rank=is_built_on_rank)
+    return train, valid
+
+
+def _load_prebuilt(tokenizer, seq_length, train_prefixes, valid_prefixes, *, train_samples, index_dir, train_weights,
+                   valid_samples, seed, built_samples, is_built_on_rank):
+    """load_dataset_index's (train, valid) and the training samples of the index it loaded."""
     _check_sizes(seq_length, train_samples, valid_samples)
     blends = _absolute(split_blends(train_prefixes, valid_prefixes, train_weights))
     definition = _definition(tokenizer, seq_length, blends, seed, valid_samples)
@@ -218,8 +247,9 @@ def load_dataset_index(tokenizer: TextTokenizer, seq_length: int, train_prefixes
         found = ", ".join(f"samples-{n}" for n, _ in available) or "none"
         need = (f"the index built for {built_samples} samples" if built_samples is not None
                 else f"an index of at least {train_samples} training samples")
-        raise DatasetIndexError(f"{key_dir}: no prebuilt dataset index for these data ({need}; found: {found}). "
-                                f"Build it offline with: {command}")
+        others = "" if available else _other_data(index_dir, definition)
+        raise DatasetIndexError(f"{key_dir}: no prebuilt dataset index for these data ({need}; found: {found}"
+                                f"{others}). Build it offline with: {command}")
     samples, path = usable[0]
     info = _read_info(path)
     if info.get("definition") != definition or info.get("train_samples") != samples:
@@ -232,4 +262,27 @@ def load_dataset_index(tokenizer: TextTokenizer, seq_length: int, train_prefixes
     if train is not None and len(train) != info["train_length"]:
         raise DatasetIndexError(f"{path}: the index holds {len(train)} training samples, its {INDEX_INFO} says "
                                 f"{info['train_length']}; rebuild it with: {command}")
-    return train, valid
+    return train, valid, samples
+
+
+def pretraining_datasets(tokenizer: TextTokenizer, seq_length: int, train_prefixes: str | Sequence[str],
+                         valid_prefixes: str | Sequence[str] | None, *, train_samples: int, seed: int,
+                         index_dir: str | None, cache_dir: str, built_samples: int | None = None):
+    """(train, valid, samples the training dataset was built for) of a training run (``k2-pretrain``'s
+    ``data.index_dir``, ``data.cache_dir``, ``data.train_samples``); call it on every rank.
+
+    With ``index_dir``: the prebuilt index there (``load_dataset_index``: builds nothing, reads what does not grow
+    with the data), the smallest that covers ``train_samples``, or exactly the one of ``built_samples`` when given;
+    DatasetIndexError naming ``data.index_dir``, the directory and the build command when there is none. Without:
+    megatron builds the indices at startup (rank 0) for exactly ``train_samples`` into ``cache_dir``, which every
+    rank must see. The samples built for fix the sample order: a checkpoint records them."""
+    if index_dir is None:
+        train, valid = build_pretraining_datasets(tokenizer, seq_length, train_prefixes, valid_prefixes,
+                                                  train_samples=train_samples, seed=seed, path_to_cache=cache_dir)
+        return train, valid, train_samples
+    try:
+        return _load_prebuilt(tokenizer, seq_length, train_prefixes, valid_prefixes, train_samples=train_samples,
+                              index_dir=index_dir, train_weights=None, valid_samples=None, seed=seed,
+                              built_samples=built_samples, is_built_on_rank=None)
+    except DatasetIndexError as e:
+        raise DatasetIndexError(f"data.index_dir={index_dir}: {e}") from None

@@ -12,13 +12,15 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from k2_megatron.config.parallel import ParallelLayout
 
 
-def initialize_model_parallel(layout: ParallelLayout) -> None:
-    """megatron's parallel_state for ``layout`` (the default process group must exist; DP is what is left)."""
+def initialize_model_parallel(layout: ParallelLayout, *, timeout_minutes: int | None = None) -> None:
+    """megatron's parallel_state for ``layout`` (the default process group must exist; DP is what is left).
+    ``timeout_minutes``: the timeout of its process groups (None: megatron-core's default, 30)."""
+    timeout = {} if timeout_minutes is None else {"distributed_timeout_minutes": timeout_minutes}
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_parallel, pipeline_model_parallel_size=layout.pipeline_parallel,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_stages,
         expert_model_parallel_size=layout.expert_parallel, expert_tensor_parallel_size=layout.expert_tensor_parallel,
-        context_parallel_size=layout.context_parallel)
+        context_parallel_size=layout.context_parallel, **timeout)
 
 
 def initialized_layout(*, first_stage_layers: int | None = None, last_stage_layers: int | None = None,

@@ -8,6 +8,7 @@ initialised (``initialize_model_parallel``); it builds this rank's pipeline stag
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -206,11 +207,13 @@ def mark_swiglu_matrices(model: torch.nn.Module) -> int:
 
 
 def init_distributed_cpu(layout: ParallelLayout = ParallelLayout(), *, seed: int = 1234, rank: int | None = None,
-                         world_size: int | None = None, init_method: str | None = None) -> None:
+                         world_size: int | None = None, init_method: str | None = None,
+                         timeout_minutes: int | None = None) -> None:
     """gloo process group + megatron parallel_state for ``layout`` + RNG seeds on a CPU (cpu_compat enabled).
 
     rank/world_size/init_method default to the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT);
-    a single process without them gets a private file store.
+    a single process without them gets a private file store. ``timeout_minutes``: of every process group
+    (None: torch's and megatron-core's defaults).
     """
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -227,11 +230,13 @@ def init_distributed_cpu(layout: ParallelLayout = ParallelLayout(), *, seed: int
                 import tempfile
 
                 init_method = f"file://{tempfile.mkstemp(prefix='k2_gloo_')[1]}"
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, init_method=init_method)
+        timeout = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, init_method=init_method,
+                                             **timeout)
     layout.for_world(torch.distributed.get_world_size())  # a clear error before megatron's assertions
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    initialize_model_parallel(layout)
+    initialize_model_parallel(layout, timeout_minutes=timeout_minutes)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 

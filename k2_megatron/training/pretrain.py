@@ -47,14 +47,14 @@ def _initialize(cfg: PretrainConfig) -> None:
             if "MASTER_ADDR" not in os.environ:
                 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
                                   RANK="0", WORLD_SIZE="1")
-            dist.init_process_group("nccl")
-        initialize_model_parallel(layout)
+            dist.init_process_group("nccl", timeout=cfg.parallel.process_group_timeout())
+        initialize_model_parallel(layout, timeout_minutes=cfg.parallel.process_group_timeout_minutes)
         torch.manual_seed(cfg.train.seed)
         model_parallel_cuda_manual_seed(cfg.train.seed)
     else:
         from k2_megatron.megatron import init_distributed_cpu
 
-        init_distributed_cpu(layout, seed=cfg.train.seed)
+        init_distributed_cpu(layout, seed=cfg.train.seed, timeout_minutes=cfg.parallel.process_group_timeout_minutes)
 
 
 def _teardown() -> None:
@@ -230,7 +230,7 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
 
     from k2_megatron.checkpoint.errors import CheckpointError, CheckpointMismatchError
     from k2_megatron.checkpoint.megatron import latest_checkpoint, load_checkpoint, save_checkpoint
-    from k2_megatron.data import SampleStream, build_pretraining_datasets, unigram_baseline, validation_batches
+    from k2_megatron.data import SampleStream, pretraining_datasets, unigram_baseline, validation_batches
     from k2_megatron.megatron.optimizer import MuonClipConfig, get_muonclip_optimizer
     from k2_megatron.training.logging import RunLogger, plot_history
     from k2_megatron.training.schedule import set_lr
@@ -251,8 +251,9 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
         if train_samples < cfg.train.iters * layout.global_batch_size:
             raise ConfigError(f"data.train_samples={train_samples} is fewer than train.iters x global batch = "
                               f"{cfg.train.iters} x {layout.global_batch_size}")
-        train_ds, valid_ds = build_pretraining_datasets(tok, seq, train_prefix, valid_prefix,
-                                                        train_samples=train_samples, seed=cfg.data.seed)
+        train_ds, valid_ds, train_samples = pretraining_datasets(
+            tok, seq, train_prefix, valid_prefix, train_samples=train_samples, seed=cfg.data.seed,
+            index_dir=cfg.data.index_dir, cache_dir=cfg.dataset_cache_dir(), built_samples=cfg.data.train_samples)
         dp_rank = parallel_state.get_data_parallel_rank()
         stream = SampleStream(train_ds, mbs, dp_rank=dp_rank, dp_size=dp)
 
@@ -523,10 +524,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return dry_run(cfg, world_size=args.world_size)
     from k2_megatron.checkpoint.errors import CheckpointError
+    from k2_megatron.data.dataset_index import DatasetIndexError
 
     try:
         pretrain(cfg)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, DatasetIndexError) as e:
         print(f"k2-pretrain: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0

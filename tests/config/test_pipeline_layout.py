@@ -158,3 +158,36 @@ def test_layout_excludes_first_last_stage_layers_and_lifts_the_divisibility_rule
     with pytest.raises(ValueError, match="cannot be combined with first_stage_layers"):
         ParallelLayout(pipeline_parallel=16, virtual_pipeline_stages=2, pipeline_layout="auto",
                        first_stage_layers=2).check_model(cfg)
+
+
+def _megatron_runs_interleaved(num_microbatches: int, pp: int, group: int) -> bool:
+    """megatron-core 0.19.2's checks of the micro-batch count in forward_backward_pipelining_with_interleaving
+    (pipeline_parallel/schedules.py), as written there: a ValueError or RuntimeError when this is False."""
+    if group > num_microbatches or group < pp:
+        return False
+    final_group = num_microbatches % group
+    return not 0 < final_group < pp
+
+
+@pytest.mark.parametrize("pp, vpp", [(2, 2), (3, 3), (4, 2), (PP, VPP)])
+def test_micro_batch_counts_follow_megatrons_interleaved_schedule(pp, vpp, k2_pp16_vpp2):
+    """ParallelLayout.check_micro_batches accepts exactly the counts megatron's interleaved 1F1B runs, with the
+    micro-batch group size our transformer config leaves to megatron (its default: PP)."""
+    assert k2_pp16_vpp2.microbatch_group_size_per_vp_stage == PP
+    layout = ParallelLayout(pipeline_parallel=pp, virtual_pipeline_stages=vpp,
+                            labels={"pipeline_parallel": "parallel.pipeline"})
+    for count in range(1, 4 * pp + 2):
+        expected = _megatron_runs_interleaved(count, pp, group=pp)
+        if expected:
+            layout.check_micro_batches("train.eval_micro_batches", count)
+        else:
+            with pytest.raises(ValueError, match=rf"^train.eval_micro_batches: {count} micro-batches per "
+                                                 rf"data-parallel rank; .* multiple of parallel.pipeline={pp} "):
+                layout.check_micro_batches("train.eval_micro_batches", count)
+
+
+@pytest.mark.parametrize("layout", [ParallelLayout(), ParallelLayout(pipeline_parallel=4),
+                                    ParallelLayout(pipeline_parallel=4, virtual_pipeline_stages=1)])
+def test_any_micro_batch_count_runs_without_interleaving(layout):
+    for count in (1, 2, 3, 5):
+        layout.check_micro_batches("n", count)

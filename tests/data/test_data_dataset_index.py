@@ -3,17 +3,18 @@ building anything: keyed so that fewer samples reuse an index, the same samples 
 startup reads independent of the data's size, clear errors naming the directory and the command when an index
 is missing, too small or damaged."""
 
-import contextlib
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from tests.helpers import REPO_ROOT
-from tests.helpers.data import bpe, bytes_touched, needs_proc_accounting, write_jsonl  # noqa: F401 (bpe: a fixture)
+from tests.helpers.data import bpe  # noqa: F401 (a fixture)
+from tests.helpers.data import bytes_touched, index_building_forbidden, needs_proc_accounting, write_jsonl
 from k2_megatron.data import corpus_texts
 from k2_megatron.data import dataset as ds
 from k2_megatron.data import dataset_index as di
@@ -31,22 +32,6 @@ def data(tmp_path_factory, bpe):
     pp.preprocess_sharded(inputs, bpe, str(out / "train"), max_documents=300)
     valid = pp.write_indexed_dataset(corpus_texts("valid")[:1], bpe, str(out / "valid")).path_prefix
     return str(out / "train"), valid
-
-
-@contextlib.contextmanager
-def _building_forbidden():
-    """megatron's index builders raise inside: what runs there builds nothing."""
-    from megatron.core.datasets import gpt_dataset, helpers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("an index was built")
-
-    with pytest.MonkeyPatch.context() as m:
-        for module, name in ((gpt_dataset, "_build_document_index"), (gpt_dataset, "_build_shuffle_index"),
-                             (helpers, "build_sample_idx"), (helpers, "build_blending_indices"),
-                             (helpers, "build_exhaustive_blending_indices")):
-            m.setattr(module, name, refuse)
-        yield
 
 
 def _tool(args, capsys):
@@ -82,7 +67,7 @@ def test_prebuilt_index_loads_without_building(tmp_path, bpe, data, capsys):
     # what megatron builds at startup today, for the same 6000 samples
     ref_train, ref_valid = ds.build_pretraining_datasets(bpe, SEQ, data[0], data[1], train_samples=6000,
                                                          path_to_cache=str(tmp_path / "startup"))
-    with _building_forbidden():
+    with index_building_forbidden():
         for needed in (6000, 4000):  # fewer samples than built: the same index, as it is
             train, valid = _load(bpe, data, index_dir, needed)
             assert len(train) == len(ref_train) and len(valid) == len(ref_valid)
@@ -93,7 +78,7 @@ def test_prebuilt_index_loads_without_building(tmp_path, bpe, data, capsys):
         assert code == 0 and not again["built"] and again["path"] == built["path"]
     code, more = _tool(_build_args(bpe, data, 9000, index_dir), capsys)
     assert code == 0 and more["built"] and os.path.basename(more["path"]) == "samples-9000"
-    with _building_forbidden():
+    with index_building_forbidden():
         assert len(_load(bpe, data, index_dir, 7000)[0]) == more["train_length"]  # the smallest that covers
         assert _load(bpe, data, index_dir, 4000)[0].unique_description_hash == ref_train.unique_description_hash
         pinned, _ = _load(bpe, data, index_dir, 4000, built_samples=6000)  # a checkpoint's own index
@@ -112,14 +97,16 @@ def test_missing_small_or_damaged_index_is_a_clear_error(tmp_path, bpe, data, ca
     assert str(err.value).startswith(os.path.join(index_dir, "")) and "found: none" in str(err.value)
     assert str(err.value).endswith(f"Build it offline with: {command}")
     assert _tool(command.split()[2:], capsys)[0] == 0  # the command in the message builds what was missing
-    with _building_forbidden():
+    with index_building_forbidden():
         _load(bpe, data, index_dir, 3000)
         with pytest.raises(di.DatasetIndexError, match=r"at least 3001 training samples; found: samples-3000\)"):
             _load(bpe, data, index_dir, 3001)
         with pytest.raises(di.DatasetIndexError, match=r"the index built for 5000 samples; found: samples-3000"):
             _load(bpe, data, index_dir, 3000, built_samples=5000)
-        with pytest.raises(di.DatasetIndexError):  # other data (another seed): another key, nothing built
+        with pytest.raises(di.DatasetIndexError) as err:  # other data (another seed): another key, nothing built
             _load(bpe, data, index_dir, 3000, seed=7)
+        assert re.search(rf"found: none; {index_dir} holds indices of other data: [0-9a-f]{{24}} differs in seed\)",
+                         str(err.value)), str(err.value)
         (path,) = [os.path.join(r, d) for r, ds_, _ in os.walk(index_dir) for d in ds_ if d == "samples-3000"]
         victim = sorted(f for f in os.listdir(path) if f.endswith("shuffle_index.npy"))[0]
         os.unlink(os.path.join(path, victim))
@@ -156,3 +143,37 @@ def test_startup_reads_do_not_grow_with_the_data(tmp_path, bpe, data):
     _, reference = bytes_touched(lambda: ds.build_pretraining_datasets(
         bpe, SEQ, big, data[1], train_samples=2000, path_to_cache=index.path))
     assert reference > 16_000_000, reference
+
+
+def test_a_runs_datasets_come_from_its_index_dir_or_its_cache_dir(tmp_path, bpe, data, monkeypatch):
+    """pretraining_datasets (k2-pretrain's data.index_dir / data.cache_dir / data.train_samples): with an index
+    directory the prebuilt index is loaded, whatever the run's sample count within it (a changed train.iters), and
+    nothing is built; without one the indices are built into the cache directory given, never a home directory."""
+    index_dir, cache_dir = str(tmp_path / "indices"), str(tmp_path / "cache")
+
+    def run(train_samples, **kwargs):
+        return di.pretraining_datasets(bpe, SEQ, data[0], data[1], train_samples=train_samples, seed=1234,
+                                       cache_dir=cache_dir, **kwargs)
+
+    with index_building_forbidden(), pytest.raises(di.DatasetIndexError) as err:
+        run(3000, index_dir=index_dir)
+    assert str(err.value).startswith(f"data.index_dir={index_dir}: {index_dir}{os.sep}")
+    assert "no prebuilt dataset index" in str(err.value) and "--train-samples 3000 " in str(err.value)
+    di.build_dataset_index(bpe, SEQ, data[0], data[1], train_samples=3000, index_dir=index_dir)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("K2_MEGATRON_CACHE", str(tmp_path / "home" / ".cache"))
+    reference, _ = ds.build_pretraining_datasets(bpe, SEQ, data[0], data[1], train_samples=3000,
+                                                 path_to_cache=str(tmp_path / "reference"))
+    with index_building_forbidden():
+        for needed in (3000, 1000):  # e.g. train.iters lowered: the same index, the same samples
+            train, valid, built_for = run(needed, index_dir=index_dir)
+            assert built_for == 3000 and train.unique_description_hash == reference.unique_description_hash
+            _same_samples(train, reference, [0, 1, len(reference) - 1])
+        run(1000, index_dir=index_dir, built_samples=3000)  # data.train_samples: exactly that index
+        with pytest.raises(di.DatasetIndexError, match="the index built for 2000 samples; found: samples-3000"):
+            run(2000, index_dir=index_dir, built_samples=2000)
+    assert not os.path.exists(cache_dir)
+    train, valid, built_for = run(2000, index_dir=None)  # built at startup, for exactly the samples asked
+    assert built_for == 2000 and len(train) >= 2000 and valid is not None
+    assert any(f.endswith("GPTDataset-train-shuffle_index.npy") for f in os.listdir(cache_dir))
+    assert not os.path.exists(tmp_path / "home")

@@ -218,13 +218,14 @@ def test_validation_batches(tmp_path, bpe, prefixes):
 
 def test_build_errors(tmp_path, bpe, prefixes):
     with pytest.raises(FileNotFoundError, match="train_prefixes"):
-        ds.build_pretraining_datasets(bpe, SEQ, str(tmp_path / "nope"), train_samples=10)
+        ds.build_pretraining_datasets(bpe, SEQ, str(tmp_path / "nope"), train_samples=10, path_to_cache=str(tmp_path))
     with pytest.raises(ValueError, match="seq_length"):
-        ds.build_pretraining_datasets(bpe, 0, prefixes[0], train_samples=10)
+        ds.build_pretraining_datasets(bpe, 0, prefixes[0], train_samples=10, path_to_cache=str(tmp_path))
     with pytest.raises(ValueError, match="train_samples"):
-        ds.build_pretraining_datasets(bpe, SEQ, prefixes[0], train_samples=0)
+        ds.build_pretraining_datasets(bpe, SEQ, prefixes[0], train_samples=0, path_to_cache=str(tmp_path))
     with pytest.raises(ValueError, match="train_weights"):
-        ds.build_pretraining_datasets(bpe, SEQ, prefixes[0], train_samples=10, train_weights=[0.5, 0.5])
+        ds.build_pretraining_datasets(bpe, SEQ, prefixes[0], train_samples=10, train_weights=[0.5, 0.5],
+                                      path_to_cache=str(tmp_path))
 
 
 def test_unigram_baseline_by_hand(tmp_path):

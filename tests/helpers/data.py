@@ -1,5 +1,6 @@
 """Shared helpers of the data tests (not collected)."""
 
+import contextlib
 import os
 import tracemalloc
 
@@ -7,6 +8,22 @@ import pytest
 
 needs_proc_accounting = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),
                                            reason="needs Linux /proc read and peak-memory accounting")
+
+
+@contextlib.contextmanager
+def index_building_forbidden():
+    """megatron's GPT dataset index builders raise inside: what runs there builds no index."""
+    from megatron.core.datasets import gpt_dataset, helpers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an index was built")
+
+    with pytest.MonkeyPatch.context() as m:
+        for module, name in ((gpt_dataset, "_build_document_index"), (gpt_dataset, "_build_shuffle_index"),
+                             (helpers, "build_sample_idx"), (helpers, "build_blending_indices"),
+                             (helpers, "build_exhaustive_blending_indices")):
+            m.setattr(module, name, refuse)
+        yield
 
 
 def bytes_touched(fn):

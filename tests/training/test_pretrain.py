@@ -140,6 +140,59 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
         pretrain(_cfg(tmp_path / "other", "train.iters=2", f"checkpoint.load={tmp_path / 'nowhere'}"))
 
 
+_QUIET = ("output.plot=false", "output.tensorboard=false", "checkpoint.save_at_end=false")
+
+
+def test_prebuilt_dataset_index_is_loaded_not_built(tmp_path, capsys):
+    """data.index_dir: the run loads the index built offline, also for fewer steps than it was built for, builds
+    none, and trains exactly as on the indices megatron builds at startup (which go to <output.dir>/gpt_indices);
+    without an index the command line stops at once with one line naming data.index_dir and the build command."""
+    from k2_megatron.data import build_dataset_index, load_tokenizer, prepare_corpus_data
+    from k2_megatron.training.pretrain import main, pretrain
+    from tests.helpers.data import index_building_forbidden
+
+    startup = pretrain(_cfg(tmp_path / "startup", "train.iters=2", *_QUIET))
+    assert glob.glob(str(tmp_path / "startup" / "gpt_indices" / "*-GPTDataset-train-shuffle_index.npy"))
+    index_dir = str(tmp_path / "indices")
+    overrides = [*TINY_RUN, f"data.index_dir={index_dir}", *_QUIET]
+    assert main([f"output.dir={tmp_path / 'missing'}", "train.iters=2", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"k2-pretrain: DatasetIndexError: data.index_dir={index_dir}: ") and (
+        "python tools/preprocess_data.py build-index --tokenizer" in err and "--train-samples 16 " in err)
+    tok = load_tokenizer("default:4096")
+    corpus = prepare_corpus_data(tok)
+    build_dataset_index(tok, 64, corpus.train_prefix, corpus.valid_prefix, train_samples=16, index_dir=index_dir)
+    with index_building_forbidden():
+        indexed = pretrain(load_config(None, [f"output.dir={tmp_path / 'indexed'}", "train.iters=2", *overrides]))
+        shorter = pretrain(load_config(None, [f"output.dir={tmp_path / 'shorter'}", "train.iters=1", *overrides]))
+    assert indexed["losses"] == startup["losses"] and indexed["valid"] == startup["valid"]
+    assert shorter["losses"] == startup["losses"][:1]  # the same index: the same first samples
+    assert not os.path.exists(tmp_path / "indexed" / "gpt_indices")
+
+
+def test_process_group_timeout_reaches_every_process_group(tmp_path):
+    """parallel.process_group_timeout_minutes is the timeout of the default process group and of every group
+    megatron-core makes (by default they would wait 30 minutes on gloo; the default NCCL group 10)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from k2_megatron.training.pretrain import pretrain
+
+    timeouts = []
+
+    def read_timeouts(step, metrics):
+        groups = (dist.group.WORLD, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+                  ps.get_data_parallel_group(), ps.get_expert_model_parallel_group(),
+                  ps.get_context_parallel_group())
+        timeouts.extend(g._get_backend(torch.device("cpu")).options._timeout for g in groups)
+
+    pretrain(_cfg(tmp_path, "train.iters=1", "parallel.process_group_timeout_minutes=7", *_QUIET),
+             step_callback=read_timeouts)
+    assert timeouts == [timedelta(minutes=7)] * 6
+
+
 @pytest.mark.distributed
 def test_two_process_torchrun_matches_one_process(tmp_path):
     """`torchrun --nproc-per-node 2` (gloo, data-parallel 2 with ZeRO-1 over the two ranks): the same global

@@ -23,10 +23,31 @@ def test_tiny_yaml_is_the_default():
     assert from_yaml == defaults
 
 
-@pytest.mark.parametrize("name", ["k2_tiny_cpu.yaml", "k2_mini_1gpu.yaml", "k2_full.yaml"])
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(CONFIGS) if n.endswith(".yaml")))
 def test_recipes_load(name):
     cfg = load_config(os.path.join(CONFIGS, name))
     assert cfg.optim.weight_decay == 0.1
+
+
+@pytest.mark.parametrize("name", ["k2_full.yaml", "k2_long_context.yaml"])
+def test_interleaved_recipes_refuse_micro_batch_counts_the_schedule_cannot_run(name):
+    """PP16 x 2 virtual stages: megatron-core's interleaved 1F1B needs a multiple of 16 micro-batches per
+    data-parallel rank, for validation too (forward-only); a recipe that asks fewer is refused when it is loaded,
+    not at its first validation (step 1000 of the full run)."""
+    path = os.path.join(CONFIGS, name)
+    cfg = load_config(path)
+    assert cfg.train.eval_micro_batches >= 16 and cfg.train.eval_micro_batches % 16 == 0
+    assert cfg.layout(256)[1].num_micro_batches % 16 == 0
+    for count in (4, 15, 24):
+        with pytest.raises(ConfigError, match=rf"^train.eval_micro_batches={count}: {count} micro-batches per "
+                                              r"data-parallel rank; interleaved 1F1B \(parallel.pipeline=16 x "
+                                              r"parallel.virtual_stages=2\) needs a multiple of parallel.pipeline=16"):
+            load_config(path, [f"train.eval_micro_batches={count}"])
+    load_config(path, ["train.eval_micro_batches=32"])
+    # training: a global batch of 1000 micro-batches gives no world size a multiple of 16 per rank
+    with pytest.raises(ConfigError, match=r"^train.global_batch_tokens=\d+: 1000 micro-batches per step over all "
+                                          r"data-parallel ranks .* multiple of parallel.pipeline=16"):
+        load_config(path, [f"train.global_batch_tokens={1000 * cfg.data.seq_length}"])
 
 
 def test_full_recipe_is_the_papers():
@@ -69,6 +90,9 @@ def test_overrides_are_typed_and_nested():
     ("parallel.virtual_stages=2", "parallel.virtual_stages=2 needs parallel.pipeline >= 2"),
     ("checkpoint.keep=0", "checkpoint.keep: must be an int >= 1"),
     ("parallel.pipeline_layout=auto", "parallel.pipeline_layout needs parallel.pipeline >= 2"),
+    ("parallel.process_group_timeout_minutes=0", "parallel.process_group_timeout_minutes: must be an int >= 1"),
+    ("data.cache_dir=' '", "data.cache_dir: must be a directory or null"),
+    ("data.index_dir=''", "data.index_dir: must be a directory or null"),
 ])
 def test_validation_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -96,6 +120,9 @@ def test_yaml_file_errors(tmp_path):
     (2, ["parallel.pipeline=2", "parallel.virtual_stages=2", "parallel.pipeline_layout=Et|tt|t|tL"],
      r"has 5 decoder layers \('t'\), but num_hidden_layers=4"),
     (2, ["parallel.pipeline=2", "parallel.pipeline_layout=Et|t|t|tL"], "4 chunks, but pipeline_parallel x virtual"),
+    # 6 micro-batches per step (a multiple of PP2, so the config loads) are 3 on each of 2 data-parallel ranks
+    (4, ["parallel.pipeline=2", "parallel.virtual_stages=2", "train.global_batch_tokens=6144"],
+     r"train.global_batch_tokens=6144: 3 micro-batches per step on each of 2 data-parallel ranks; interleaved 1F1B"),
 ])
 def test_layout_errors(world, overrides, message):
     cfg = load_config(None, overrides)
@@ -108,6 +135,20 @@ def test_layout_of_the_default_run():
     assert dp == 1 and layout.global_batch_size == 32 and layout.num_micro_batches == 4
     dp, layout = load_config(None).layout(2)
     assert dp == 2 and layout.num_micro_batches == 2  # same tokens per step on two ranks
+
+
+def test_data_directories_and_process_group_timeout():
+    """The indices built at startup go under the run's output directory unless data.cache_dir says otherwise
+    (never a home directory, which other nodes may not see); data.index_dir names prebuilt ones; the process
+    groups wait parallel.process_group_timeout_minutes."""
+    cfg = load_config(None, ["output.dir=/shared/runs/a"])
+    assert cfg.dataset_cache_dir() == "/shared/runs/a/gpt_indices" and cfg.data.index_dir is None
+    assert load_config(None).dataset_cache_dir() == os.path.join("runs", "k2-tiny", "gpt_indices")
+    assert load_config(None, ["data.cache_dir=/shared/c"]).dataset_cache_dir() == "/shared/c"
+    assert load_config(None, ["data.index_dir=/shared/i"]).data.index_dir == "/shared/i"
+    assert cfg.parallel.process_group_timeout().total_seconds() == 30 * 60
+    timeout = load_config(None, ["parallel.process_group_timeout_minutes=90"]).parallel.process_group_timeout()
+    assert timeout.total_seconds() == 90 * 60
 
 
 def test_schedule_wiring():
