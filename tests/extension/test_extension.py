@@ -47,3 +47,28 @@ def test_main_prints_status():
     assert "ops: " in out.stdout
     if _extension.extension_loaded():
         assert "k2_megatron::newton_schulz" in out.stdout
+
+
+@pytest.mark.skipif(not _extension.extension_loaded(), reason="k2_megatron._C not built")
+def test_op_layer_calls_the_registered_operators():
+    """With _C built, every public op (forward and backward) goes through torch.ops.k2_megatron.* on the CPU too:
+    its reference path (the one an op layer falls back to) is forbidden here, so a dispatch that always picks the
+    reference fails this test on any machine, not only on a GPU."""
+    import torch
+
+    from k2_megatron import ops
+    from tests.helpers.gpu import reference_forbidden
+
+    q, k, v = (torch.randn(1, 5, 2, d, requires_grad=True) for d in (24, 24, 16))
+    x, w = torch.randn(6, 8, requires_grad=True), torch.randn(2, 8, 4, requires_grad=True)
+    tokens, topk = torch.randn(4, 8, requires_grad=True), torch.tensor([[0, 1], [1, 0], [0, 0], [1, 1]])
+    with reference_forbidden(*sorted(ops._registration.REGISTERED_OPS)):
+        out, _ = ops.mla_attention(q, k, v)
+        torch.autograd.grad(out.sum(), (q, k, v))
+        y = ops.grouped_gemm(x, w, torch.tensor([4, 2]))
+        torch.autograd.grad(y.sum(), (x, w))
+        permuted, row_map, _ = ops.permute(tokens, topk, 2)
+        torch.autograd.grad(ops.unpermute(permuted, row_map, None).sum(), tokens)
+        ops.newton_schulz(torch.randn(2, 4, 6))
+        quantized, scales = ops.fp8_tile_quantize(torch.randn(2, 200))
+        ops.fp8_tile_dequantize(quantized, scales)

@@ -43,8 +43,9 @@ def reference_forbidden(*ops: str):
     to when it does not dispatch to the registered operator) raises AssertionError."""
     def forbidden(name):
         def call(*args, **kwargs):
-            raise AssertionError(f"k2_megatron::{name}: the op fell back to its reference although a CUDA kernel "
-                                 "supports the call")
+            raise AssertionError(f"k2_megatron::{name}: the op fell back to its reference although the registered "
+                                 "operator (a CUDA kernel, or on the CPU the reference kernel of _C's schema) supports "
+                                 "the call")
         return call
 
     with contextlib.ExitStack() as stack:
