@@ -40,3 +40,18 @@ class MemoryOptions:
     @property
     def any(self) -> bool:
         return self.fp8_activations or bool(self.recompute) or bool(self.cpu_offload)
+
+
+# Muon under ZeRO-1 (k2_megatron.megatron.optimizer.MuonClipDistributedOptimizer.orthogonalize): bytes per element
+# of the matrices a rank orthogonalises itself: their fp32 stack (4), its copy in the Newton-Schulz dtype and the
+# kernel's iterate and result (3 x 2, bf16), the fp32 result (4).
+MUON_BYTES_PER_OWNED_ELEMENT = 14
+
+
+def muon_temporary_bytes(bucket_numel: int, dp_size: int, owned_numel: float) -> float:
+    """Peak bytes of the temporaries of Muon's gather -> Newton-Schulz -> scatter for one gradient bucket of
+    ``bucket_numel`` elements sharded over ``dp_size`` ranks, of which this rank orthogonalises ``owned_numel``
+    (whole matrices): the fp32 shard, the gathered bucket, the result bucket and the scattered shard, plus the
+    Newton-Schulz workspace of the owned matrices."""
+    shard = bucket_numel / dp_size
+    return 4 * (2 * bucket_numel + 2 * shard) + MUON_BYTES_PER_OWNED_ELEMENT * owned_numel

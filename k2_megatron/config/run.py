@@ -157,6 +157,7 @@ class MemorySection:
                                                      # dense_mlp, shared_expert (whole-MLP recompute)
     cpu_offload: list = field(default_factory=list)  # megatron offload_modules (CUDA only): attn_norm, qkv_linear,
                                                      # core_attn, attn_proj, mlp_norm
+    device_memory_gib: float = 80.0         # one accelerator's memory: the dry run refuses a layout that needs more
 
     def options(self) -> MemoryOptions:
         """The MemoryOptions of this section."""
@@ -235,6 +236,8 @@ class PretrainConfig:
             self.k2_config(vocab_size=None)
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
+        if not (isinstance(self.memory.device_memory_gib, (int, float)) and self.memory.device_memory_gib > 0):
+            raise ConfigError(f"memory.device_memory_gib: must be a number > 0, got {self.memory.device_memory_gib!r}")
         try:
             self.memory.options()
         except (TypeError, ValueError) as e:
