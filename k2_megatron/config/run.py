@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from k2_megatron.config.memory import MemoryOptions
+from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, MemoryOptions
 from k2_megatron.config.model import PRESETS, K2Config, get_preset
 from k2_megatron.config.parallel import ParallelLayout
 from k2_megatron.config.schedule import BatchLayout, WSDSchedule, YarnConfig, batch_layout
@@ -158,6 +158,9 @@ class MemorySection:
     cpu_offload: list = field(default_factory=list)  # megatron offload_modules (CUDA only): attn_norm, qkv_linear,
                                                      # core_attn, attn_proj, mlp_norm
     device_memory_gib: float = 80.0         # one accelerator's memory: the dry run refuses a layout that needs more
+    # ZeRO-1 Muon: fp32 buffers gathering a gradient bucket's momentum for Newton-Schulz, at most this many MiB at a
+    # time (k2_megatron.megatron.optimizer.MuonClipConfig.buffer_bytes; a matrix larger than this is gathered alone)
+    muon_buffer_mib: int = DEFAULT_MUON_BUFFER_MIB
 
     def options(self) -> MemoryOptions:
         """The MemoryOptions of this section."""
@@ -236,6 +239,7 @@ class PretrainConfig:
             self.k2_config(vocab_size=None)
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
+        _positive_int("memory.muon_buffer_mib", self.memory.muon_buffer_mib)
         if not (isinstance(self.memory.device_memory_gib, (int, float)) and self.memory.device_memory_gib > 0):
             raise ConfigError(f"memory.device_memory_gib: must be a number > 0, got {self.memory.device_memory_gib!r}")
         try:

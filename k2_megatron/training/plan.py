@@ -309,7 +309,7 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
                                                               c == 0, c == pp * vpp - 1, layout)]
         plan.stages.append(StagePlan(s, layers, [chunk_layers[c] for c in chunks], params, local_experts, muon, adamw,
                                      params * wbytes, params * 4.0, opt, act, act_rc, passes, act_cfg,
-                                     optimizer_temporary_bytes(buffers, tp),
+                                     optimizer_temporary_bytes(buffers, tp, cfg.memory.muon_buffer_mib * 2**20),
                                      communication_bytes(k2, tokens, layers, cfg.parallel, layout)))
         total += dense + router + experts
         frac = k2.num_experts_per_tok / max(k2.n_routed_experts, 1)
@@ -353,15 +353,14 @@ def _chunk_buffers(k2: K2Config, layers: range, embedding: bool, output: bool,
     return buffers
 
 
-def optimizer_temporary_bytes(buffers: list[GradBuffer], tp: int) -> float:
+def optimizer_temporary_bytes(buffers: list[GradBuffer], tp: int, budget_bytes: int) -> float:
     """Peak temporaries of one MuonClip step on a rank with these gradient buffers (one bucket per buffer, as
     k2-pretrain builds DDP): the finiteness check of MuonClipChainedOptimizer.step (a bool per element of one
-    buffer), and per bucket Muon's gather -> Newton-Schulz -> scatter (config.memory.muon_temporary_bytes) with
-    this rank's share of the whole (TP-gathered) matrices, one matrix more for an uneven deal."""
+    buffer), and per bucket Muon's gather -> Newton-Schulz -> scatter streamed within ``budget_bytes``
+    (config.memory.muon_temporary_bytes)."""
     peak = 0.0
     for b in buffers:
-        owned = min(b.numel * tp, b.numel * tp / b.shards + b.largest_matrix)
-        peak = max(peak, b.numel, muon_temporary_bytes(b.numel, b.shards, owned))
+        peak = max(peak, b.numel, muon_temporary_bytes(b.numel, b.shards, b.largest_matrix // tp, budget_bytes, tp))
     return peak
 
 

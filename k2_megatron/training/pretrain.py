@@ -264,7 +264,7 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
                                      bf16=cfg.model.params_dtype == "bfloat16", params_dtype=tc.params_dtype,
                                      use_distributed_optimizer=True, clip_grad=cfg.train.clip_grad)
         muon = MuonClipConfig(momentum=o.momentum, qk_clip_tau=o.qk_clip_tau,
-                              ns_dtype=getattr(torch, o.ns_dtype))
+                              ns_dtype=getattr(torch, o.ns_dtype), buffer_bytes=cfg.memory.muon_buffer_mib * 2**20)
         opt = get_muonclip_optimizer(opt_config, chunks, muon)
 
         # finalize hook: gradient reduction + expert-bias update (megatron), with the expert loads read first

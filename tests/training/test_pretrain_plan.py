@@ -100,6 +100,8 @@ def test_dry_run_command_line(capsys):
     assert "k2-pretrain: does not fit: stage 1 needs" in capsys.readouterr().err
     assert main(["--dry-run", "memory.device_memory_gib=0"]) == 2
     assert "config error: memory.device_memory_gib: must be a number > 0, got 0" in capsys.readouterr().err
+    assert main(["--dry-run", "memory.muon_buffer_mib=0"]) == 2
+    assert "config error: memory.muon_buffer_mib: must be an int >= 1, got 0" in capsys.readouterr().err
     assert main(["--dry-run", "train.iters=0"]) == 2
     assert "config error: train.iters: must be an int >= 1" in capsys.readouterr().err
 
@@ -138,15 +140,19 @@ def test_dry_run_refuses_what_does_not_fit(capsys):
 
 def test_optimizer_temporaries_and_communication_buffers():
     """The planner's categories from their definitions: the largest of the finiteness check (1 byte per element of
-    a buffer) and Muon's per-bucket temporaries (4 fp32 bucket-sized buffers: shard, gathered, result, scattered
-    shard; 14 bytes per owned element); EP all-to-all send buffers (bf16 routed tokens; two micro-batches with the EP
-    overlap) and the pipeline's four bf16 activation buffers."""
+    a buffer) and Muon's per-bucket temporaries (fp32 gather buffers: the bucket and this rank's shard when they fit
+    the budget, else a span of the budget's size or one matrix; 14 bytes per element of the rank's share of the
+    matrices gathered, evenly dealt but for one matrix); EP all-to-all send buffers (bf16 routed tokens; two
+    micro-batches with the EP overlap) and the pipeline's four bf16 activation buffers."""
     from k2_megatron.training.plan import GradBuffer, communication_bytes, optimizer_temporary_bytes
 
     b = GradBuffer(numel=1000, shards=2, largest_param=300, largest_matrix=100)
-    assert optimizer_temporary_bytes([b], tp=1) == 4 * (2 * 1000 + 2 * 500) + 14 * (500 + 100)
+    assert optimizer_temporary_bytes([b], 1, 2**20) == 4 * (1000 + 500) + 14 * (500 + 100)  # whole bucket
+    assert optimizer_temporary_bytes([b], 1, 4 * 200) == 4 * 200 + 14 * 200  # spans of 200 (100 + one matrix)
+    assert optimizer_temporary_bytes([b], 1, 4 * 50) == 4 * 100 + 14 * 100  # one matrix, larger than the budget
     alone = GradBuffer(numel=1000, shards=1, largest_param=300, largest_matrix=100)  # owns all of it
-    assert optimizer_temporary_bytes([b, alone], tp=1) == 4 * 4 * 1000 + 14 * 1000
+    assert optimizer_temporary_bytes([b, alone], 1, 2**20) == 4 * 2000 + 14 * 1000
+    assert optimizer_temporary_bytes([GradBuffer(10**6, 1, 10, 10)], 1, 4 * 50) == 10**6  # the finiteness check
     cfg = load_config(os.path.join(CONFIGS, "k2_full.yaml"))
     k2 = cfg.k2_config(None)
     plan = plan_memory(cfg, 256)
