@@ -63,6 +63,13 @@ class ParallelSection:
     # dispatch backward, so that it overlaps them too
     overlap_moe_expert_parallel_comm: bool = False
     delay_wgrad_compute: bool = False
+    # megatron DDP's gradient buffers: ddp_bucket_size elements per bucket (null: one bucket per buffer; megatron
+    # buckets only the first virtual stage's chunk); overlap_grad_reduce starts a bucket's reduce-scatter as soon as
+    # its gradients are final in the backward; overlap_param_gather (needs overlap_grad_reduce) all-gathers the
+    # updated parameters bucket by bucket ahead of the next forward instead of at the end of the optimizer step
+    ddp_bucket_size: int | None = None
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
     def layout(self, world_size: int | None = None) -> ParallelLayout:
         """The ParallelLayout of this section (on ``world_size`` ranks when given: data_parallel derived);
@@ -249,11 +256,16 @@ class PretrainConfig:
         return self
 
     def _validate_overlap(self) -> None:
-        """What megatron-core 0.19's EP all-to-all overlap requires of the rest of the config."""
+        """What megatron-core 0.19's gradient-buffer and EP all-to-all overlaps require of the rest of the config."""
         p = self.parallel
         if p.delay_wgrad_compute and not p.overlap_moe_expert_parallel_comm:
             raise ConfigError("parallel.delay_wgrad_compute: needs parallel.overlap_moe_expert_parallel_comm=true "
                               "(the weight gradients are delayed inside its schedule)")
+        if p.ddp_bucket_size is not None:
+            _positive_int("parallel.ddp_bucket_size", p.ddp_bucket_size)
+        if p.overlap_param_gather and not p.overlap_grad_reduce:
+            raise ConfigError("parallel.overlap_param_gather: needs parallel.overlap_grad_reduce=true (megatron "
+                              "overlaps the parameter all-gather only together with the gradient reduce-scatter)")
         if not p.overlap_moe_expert_parallel_comm:
             return
         problems = []

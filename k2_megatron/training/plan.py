@@ -305,8 +305,10 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         act_cfg = (passes * sum(activation_bytes_per_token(k2, layer, memory) for c in chunks
                                 for layer in range(starts[c], starts[c] + chunk_layers[c])) / len(chunks)
                    * tokens / tp)
+        # megatron buckets the first virtual stage's chunk only (k2-pretrain: disable_bucketing for the others)
         buffers = [b for c in chunks for b in _chunk_buffers(k2, range(starts[c], starts[c] + chunk_layers[c]),
-                                                              c == 0, c == pp * vpp - 1, layout)]
+                                                              c == 0, c == pp * vpp - 1, layout,
+                                                              cfg.parallel.ddp_bucket_size if c < pp else None)]
         plan.stages.append(StagePlan(s, layers, [chunk_layers[c] for c in chunks], params, local_experts, muon, adamw,
                                      params * wbytes, params * 4.0, opt, act, act_rc, passes, act_cfg,
                                      optimizer_temporary_bytes(buffers, tp, cfg.memory.muon_buffer_mib * 2**20),
@@ -327,11 +329,21 @@ class GradBuffer:
     shards: int          # ZeRO-1 shards it over this many ranks (data-parallel or expert-data-parallel size)
     largest_param: int   # elements of its largest parameter on this rank (a bucket holds whole parameters)
     largest_matrix: int  # elements of its largest whole (TP-gathered) Muon matrix
+    bucket_size: int | None = None  # megatron's DDP bucket size for this buffer (None: one bucket)
+
+    @property
+    def largest_bucket(self) -> int:
+        """Elements of its largest bucket: megatron closes a bucket once it holds bucket_size elements, so a bucket
+        is at most bucket_size - 1 elements plus one whole parameter."""
+        if self.bucket_size is None:
+            return self.numel
+        return min(self.numel, self.bucket_size - 1 + self.largest_param)
 
 
-def _chunk_buffers(k2: K2Config, layers: range, embedding: bool, output: bool,
-                   layout: ParallelLayout) -> list[GradBuffer]:
-    """The gradient buffers of one model chunk holding decoder ``layers`` (and the embedding / the output layer)."""
+def _chunk_buffers(k2: K2Config, layers: range, embedding: bool, output: bool, layout: ParallelLayout,
+                   bucket_size: int | None) -> list[GradBuffer]:
+    """The gradient buffers of one model chunk holding decoder ``layers`` (and the embedding / the output layer),
+    in buckets of ``bucket_size`` elements (None: one bucket per buffer)."""
     tp, ep = layout.tensor_parallel, layout.expert_parallel
     vocab = k2.vocab_size * k2.hidden_size
     dense = experts = largest_dense = largest_expert = dense_matrix = expert_matrix = 0
@@ -347,20 +359,20 @@ def _chunk_buffers(k2: K2Config, layers: range, embedding: bool, output: bool,
             dense, largest_dense = dense + vocab // tp, max(largest_dense, vocab // tp)
     if output:
         dense += k2.hidden_size  # final norm
-    buffers = [GradBuffer(dense, layout.data_parallel, largest_dense, dense_matrix)]
+    buffers = [GradBuffer(dense, layout.data_parallel, largest_dense, dense_matrix, bucket_size)]
     if experts:
-        buffers.append(GradBuffer(experts, layout.expert_data_parallel, largest_expert, expert_matrix))
+        buffers.append(GradBuffer(experts, layout.expert_data_parallel, largest_expert, expert_matrix, bucket_size))
     return buffers
 
 
 def optimizer_temporary_bytes(buffers: list[GradBuffer], tp: int, budget_bytes: int) -> float:
-    """Peak temporaries of one MuonClip step on a rank with these gradient buffers (one bucket per buffer, as
-    k2-pretrain builds DDP): the finiteness check of MuonClipChainedOptimizer.step (a bool per element of one
-    buffer), and per bucket Muon's gather -> Newton-Schulz -> scatter streamed within ``budget_bytes``
-    (config.memory.muon_temporary_bytes)."""
+    """Peak temporaries of one MuonClip step on a rank with these gradient buffers: the finiteness check of
+    MuonClipChainedOptimizer.step (a bool per element of one buffer), and per bucket Muon's gather ->
+    Newton-Schulz -> scatter streamed within ``budget_bytes`` (config.memory.muon_temporary_bytes)."""
     peak = 0.0
     for b in buffers:
-        peak = max(peak, b.numel, muon_temporary_bytes(b.numel, b.shards, b.largest_matrix // tp, budget_bytes, tp))
+        peak = max(peak, b.numel, muon_temporary_bytes(b.largest_bucket, b.shards, b.largest_matrix // tp,
+                                                       budget_bytes, tp))
     return peak
 
 
