@@ -375,7 +375,7 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
             meta = {"data": stream.state_dict(), "train_samples": train_samples, "world_size": world,
                     "config": cfg.to_dict(),
                     "history": logger.history if rank == 0 else None, **expected}
-            for c in chunks:  # parameters all-gathered ahead of the next forward (overlap_param_gather): now
+            for c in chunks if cfg.parallel.overlap_param_gather else ():  # gathered in the next forward: now
                 c.start_param_sync(force_sync=True)
             path = save_checkpoint(ckpt_root, step, chunks, opt, meta, keep=cfg.checkpoint.keep,
                                    _before_publish=_before_publish)

@@ -122,12 +122,11 @@ def _body(rank, world, init_file, state_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from tests.helpers.model import full_megatron_state_dict, run_gloo_bodies
+    from tests.helpers.model import run_gloo_bodies, saved_full_state
     from tests.megatron.test_muonclip_megatron import _config
 
     tmp = tmp_path_factory.mktemp("muon_budget")
-    state_path = str(tmp / "full.pt")
-    torch.save(full_megatron_state_dict(_config()), state_path)
+    state_path = saved_full_state(tmp, _config())
     return run_gloo_bodies(_body, 2, lambda r: (r, 2, str(tmp / "init"), state_path), timeout=600)
 
 
