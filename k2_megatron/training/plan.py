@@ -214,9 +214,9 @@ class Plan:
         if s.total <= self.device_memory:
             return None
         parts = ", ".join(f"{name} {b / GIB:.1f}" for name, b in s.categories().items())
+        over = (s.total - self.device_memory) / GIB
         return (f"stage {s.stage} needs {s.total / GIB:.1f} GiB per rank, more than the device's "
-                f"{self.device_memory / GIB:.1f} GiB (memory.device_memory_gib) by {(s.total - self.device_memory) / GIB:.1f}"
-                f" GiB: {parts} GiB")
+                f"{self.device_memory / GIB:.1f} GiB (memory.device_memory_gib) by {over:.1f} GiB: {parts} GiB")
 
     @property
     def expert_dp(self) -> int:
@@ -470,8 +470,9 @@ def _memory_summary(cfg) -> str:
 
 def dry_run(cfg, world_size: int | None = None, file=None) -> int:
     """Prints the plan; returns the ``--dry-run`` exit code: 0, or 2 (the reason on stderr) when the largest
-    stage's ranks need more than the device's memory (``memory.device_memory_gib``). world_size: default the config's data-parallel
-    layout at 256 ranks for pipeline x expert layouts that need it, else WORLD_SIZE or TP x PP x EP."""
+    stage's ranks need more than the device's memory (``memory.device_memory_gib``). world_size: default the
+    config's data-parallel layout at 256 ranks for pipeline x expert layouts that need it, else WORLD_SIZE or
+    TP x PP x EP."""
     import os
 
     if world_size is None:
@@ -487,5 +488,5 @@ def dry_run(cfg, world_size: int | None = None, file=None) -> int:
 
 
 __all__ = ["GradBuffer", "LayerLargest", "LayerParams", "Plan", "StagePlan", "activation_bytes_per_token",
-           "communication_bytes", "dry_run", "format_plan", "layer_largest", "layer_params", "optimizer_temporary_bytes",
-           "plan_memory"]
+           "communication_bytes", "dry_run", "format_plan", "layer_largest", "layer_params",
+           "optimizer_temporary_bytes", "plan_memory"]
