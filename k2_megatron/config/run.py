@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from k2_megatron.config.memory import MemoryOptions
+from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, MemoryOptions
 from k2_megatron.config.model import PRESETS, K2Config, get_preset
 from k2_megatron.config.parallel import ParallelLayout
 from k2_megatron.config.schedule import BatchLayout, WSDSchedule, YarnConfig, batch_layout
@@ -67,6 +67,13 @@ class ParallelSection:
     # how long a collective waits for the slowest rank before it fails (torch.distributed.init_process_group's
     # timeout and megatron-core's for its process groups): startup, checkpoint loads and saves included
     process_group_timeout_minutes: int = 30
+    # megatron DDP's gradient buffers: ddp_bucket_size elements per bucket (null: one bucket per buffer; megatron
+    # buckets only the first virtual stage's chunk); overlap_grad_reduce starts a bucket's reduce-scatter as soon as
+    # its gradients are final in the backward; overlap_param_gather (needs overlap_grad_reduce) all-gathers the
+    # updated parameters bucket by bucket ahead of the next forward instead of at the end of the optimizer step
+    ddp_bucket_size: int | None = None
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
     def layout(self, world_size: int | None = None) -> ParallelLayout:
         """The ParallelLayout of this section (on ``world_size`` ranks when given: data_parallel derived);
@@ -173,6 +180,10 @@ class MemorySection:
                                                      # dense_mlp, shared_expert (whole-MLP recompute)
     cpu_offload: list = field(default_factory=list)  # megatron offload_modules (CUDA only): attn_norm, qkv_linear,
                                                      # core_attn, attn_proj, mlp_norm
+    device_memory_gib: float = 80.0         # one accelerator's memory: the dry run refuses a layout that needs more
+    # ZeRO-1 Muon: fp32 buffers gathering a gradient bucket's momentum for Newton-Schulz, at most this many MiB at a
+    # time (k2_megatron.megatron.optimizer.MuonClipConfig.buffer_bytes; a matrix larger than this is gathered alone)
+    muon_buffer_mib: int = DEFAULT_MUON_BUFFER_MIB
 
     def options(self) -> MemoryOptions:
         """The MemoryOptions of this section."""
@@ -257,6 +268,9 @@ class PretrainConfig:
             self.k2_config(vocab_size=None)
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
+        _positive_int("memory.muon_buffer_mib", self.memory.muon_buffer_mib)
+        if not (isinstance(self.memory.device_memory_gib, (int, float)) and self.memory.device_memory_gib > 0):
+            raise ConfigError(f"memory.device_memory_gib: must be a number > 0, got {self.memory.device_memory_gib!r}")
         try:
             self.memory.options()
         except (TypeError, ValueError) as e:
@@ -276,11 +290,16 @@ class PretrainConfig:
                                  f"sequences / train.micro_batch_size={t.micro_batch_size})")
 
     def _validate_overlap(self) -> None:
-        """What megatron-core 0.19's EP all-to-all overlap requires of the rest of the config."""
+        """What megatron-core 0.19's gradient-buffer and EP all-to-all overlaps require of the rest of the config."""
         p = self.parallel
         if p.delay_wgrad_compute and not p.overlap_moe_expert_parallel_comm:
             raise ConfigError("parallel.delay_wgrad_compute: needs parallel.overlap_moe_expert_parallel_comm=true "
                               "(the weight gradients are delayed inside its schedule)")
+        if p.ddp_bucket_size is not None:
+            _positive_int("parallel.ddp_bucket_size", p.ddp_bucket_size)
+        if p.overlap_param_gather and not p.overlap_grad_reduce:
+            raise ConfigError("parallel.overlap_param_gather: needs parallel.overlap_grad_reduce=true (megatron "
+                              "overlaps the parameter all-gather only together with the gradient reduce-scatter)")
         if not p.overlap_moe_expert_parallel_comm:
             return
         problems = []

@@ -14,6 +14,8 @@ and a local variant:
   matrices. The momentum of each gradient bucket is all-gathered over the data-parallel ranks, every matrix is
   orthogonalised ONCE by the rank that owns it (matrices dealt to ranks by Newton-Schulz cost, batched by shape
   through our kernel), and a reduce-scatter hands each rank its shard of the update; momentum stays sharded.
+  A bucket larger than ``MuonClipConfig.buffer_bytes`` is streamed: runs of consecutive matrices within that many
+  fp32 bytes are gathered (all-reduce of each rank's pieces), orthogonalised and scattered one after the other.
 - ``MuonClipFloat16Optimizer`` / ``MuonClipFP32Optimizer`` (megatron's replicated wrappers): whole matrices
   already.
   In both, a tensor-parallel matrix is all-gathered over its TP group before Newton-Schulz and sliced after, so
@@ -51,6 +53,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 from k2_megatron.megatron import optimizer_state
+from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, muon_gather_spans
 from k2_megatron.megatron.attention import K2MLACoreAttention, take_global_max_attn_logits
 from k2_megatron.megatron.layout import collective_device
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
@@ -75,8 +78,13 @@ class MuonClipConfig:
     qk_clip_alpha: float = QK_CLIP_ALPHA
     adamw_patterns: tuple[str, ...] = DEFAULT_ADAMW_PATTERNS
     nonfinite: str = "raise"  # or "skip": the step is skipped on every rank (step() returns False)
+    # ZeRO-1: bytes of the fp32 buffers that gather a gradient bucket's momentum for Newton-Schulz at a time
+    # (k2_megatron.config.memory.muon_gather_spans; a matrix larger than this is gathered alone)
+    buffer_bytes: int = DEFAULT_MUON_BUFFER_MIB * 2**20
 
     def __post_init__(self):
+        if not (isinstance(self.buffer_bytes, int) and self.buffer_bytes > 0):
+            raise ValueError(f"MuonClipConfig: buffer_bytes must be an int > 0, got {self.buffer_bytes!r}")
         if self.qk_clip_tau is not None:
             check_qk_clip_args(self.qk_clip_tau, self.qk_clip_alpha)
         if self.nonfinite not in ("raise", "skip"):
@@ -253,6 +261,7 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
         inner = _megatron_muonclip(param_groups, config, muonclip, self.orthogonalize)
         super().__init__(inner, config, None, _init_muonclip_state, **distributed)
         self._init_muonclip(groups)
+        self.muon_buffer_bytes = muonclip.buffer_bytes
         self.ns_plan, self.ns_load = self._deal_matrices(is_muon) if inner is not None else ([], [0.0])
 
     def _first_element(self, model: torch.nn.Parameter) -> int:
@@ -288,41 +297,103 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
         return self.ns_load[dist.get_rank(self.data_parallel_group)]
 
     def orthogonalize(self, items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """Muon's O of each (group, master shard, momentum shard), computed on whole matrices (see the class)."""
+        """Muon's O of each (group, master shard, momentum shard), computed on whole matrices (see the class), each
+        gradient bucket streamed through fp32 gather buffers of at most ``MuonClipConfig.buffer_bytes``
+        (k2_megatron.config.memory.muon_gather_spans). The results are written over the master shards' gradients,
+        which the momentum update has consumed, so nothing the size of the rank's shard is allocated."""
         dp_group = self.data_parallel_group
         dp_size, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
-        group = items[0][0] if items else None
+        group = items[0][0] if items else next((g for g in self.optimizer.param_groups if g["use_muon"]), None)
         update_of = {self.main_to_model[main]: update for _, main, update in items}
-        out_of = {}
+        out_of = {self.main_to_model[main]: _output_over_grad(main, update) for _, main, update in items}
         for gbuf_idx, bucket_idx, units in self.ns_plan:
-            bucket = self.buffers[gbuf_idx].buckets[bucket_idx]
-            numel = bucket.grad_data.numel()
-            local = torch.zeros(numel // dp_size, dtype=torch.float32, device=bucket.grad_data.device)
-            ranges = {}
-            for p in {m.param for m, _, _ in units}:
-                try:
-                    rmap = self._get_model_param_range_map(p)
-                except KeyError:
-                    continue  # no piece of this parameter on this rank
-                lo, hi = rmap["gbuf_local"].start, rmap["gbuf_local"].end
-                ranges[p] = (lo, hi)
-                local[lo:hi] = update_of[p].float() if p in update_of else 0.0
-            full = torch.empty(numel, dtype=torch.float32, device=local.device)
-            dist.all_gather_into_tensor(full, local, group=dp_group)
-            result = torch.zeros_like(full)
-            mine = [(m, off) for m, off, owner in units if owner == dp_rank]
-            if group is None:  # no Muon item on this rank: take the settings from any Muon group
-                group = next(g for g in self.optimizer.param_groups if g["use_muon"])
-            ortho = _orthogonalize_whole([full[off:off + m.numel].view(m.shape) for m, off in mine],
-                                         [m.partition_dim for m, _ in mine], group, self.tp_group) if mine else []
-            self.matrices_orthogonalized += len(mine)
-            for (m, off), o in zip(mine, ortho):
-                result[off:off + m.numel] = o.reshape(-1).float()
-            local_out = torch.empty_like(local)
-            dist.reduce_scatter_tensor(local_out, result, group=dp_group)
-            for p, (lo, hi) in ranges.items():
-                out_of[p] = local_out[lo:hi]
-        return [out_of[self.main_to_model[main]].to(update.dtype) for _, main, update in items]
+            numel = self.buffers[gbuf_idx].buckets[bucket_idx].grad_data.numel()
+            ranges = self._bucket_ranges(units, dp_rank * (numel // dp_size))
+            whole, spans = muon_gather_spans([(off, m.numel) for m, off, _ in units], numel, dp_size,
+                                             self.muon_buffer_bytes)
+            first = 0
+            for start, end, count in spans:
+                span_units, first = units[first:first + count], first + count
+                full = (self._gather_bucket(numel, ranges, update_of) if whole else
+                        self._gather_span(start, end, ranges, update_of))
+                mine = [(m, off - start) for m, off, owner in span_units if owner == dp_rank]
+                ortho = _orthogonalize_whole([full[off:off + m.numel].view(m.shape) for m, off in mine],
+                                             [m.partition_dim for m, _ in mine], group, self.tp_group) if mine else []
+                self.matrices_orthogonalized += len(mine)
+                full.zero_()  # now the result: this rank's matrices, zeros elsewhere (summed over the ranks)
+                for (m, off), o in zip(mine, ortho):
+                    full[off:off + m.numel] = o.reshape(-1)
+                del ortho
+                if whole:
+                    self._scatter_bucket(full, ranges, out_of)
+                else:
+                    dist.all_reduce(full, group=dp_group)
+                    _copy_pieces(full, start, ranges, out_of, into_params=True)
+                del full
+        return [out_of[self.main_to_model[main]] for _, main, _ in items]
+
+    def _bucket_ranges(self, units, shard_start: int) -> dict:
+        """{model parameter: (start, end)} of this rank's piece of each parameter of ``units``, in the bucket."""
+        ranges = {}
+        for p in {m.param for m, _, _ in units}:
+            try:
+                rmap = self._get_model_param_range_map(p)
+            except KeyError:
+                continue  # no piece of this parameter on this rank
+            ranges[p] = (shard_start + rmap["gbuf_local"].start, shard_start + rmap["gbuf_local"].end)
+        return ranges
+
+    def _gather_bucket(self, numel: int, ranges: dict, update_of: dict) -> torch.Tensor:
+        """The bucket's momentum, all-gathered from every rank's shard (fp32)."""
+        shard = numel // dist.get_world_size(self.data_parallel_group)
+        shard_start = dist.get_rank(self.data_parallel_group) * shard
+        local = torch.zeros(shard, dtype=torch.float32, device=self._bucket_device())
+        _copy_pieces(local, shard_start, ranges, update_of, into_params=False)
+        full = torch.empty(numel, dtype=torch.float32, device=local.device)
+        dist.all_gather_into_tensor(full, local, group=self.data_parallel_group)
+        return full
+
+    def _scatter_bucket(self, full: torch.Tensor, ranges: dict, out_of: dict) -> None:
+        """Each rank's shard of the bucket's result (summed over the ranks) into its parameters' outputs."""
+        shard = full.numel() // dist.get_world_size(self.data_parallel_group)
+        local = torch.empty(shard, dtype=full.dtype, device=full.device)
+        dist.reduce_scatter_tensor(local, full, group=self.data_parallel_group)
+        _copy_pieces(local, dist.get_rank(self.data_parallel_group) * shard, ranges, out_of, into_params=True)
+
+    def _gather_span(self, start: int, end: int, ranges: dict, update_of: dict) -> torch.Tensor:
+        """Elements [start, end) of the bucket's momentum: every rank's pieces summed (all-reduce) into zeros."""
+        span = torch.zeros(end - start, dtype=torch.float32, device=self._bucket_device())
+        _copy_pieces(span, start, ranges, update_of, into_params=False)
+        dist.all_reduce(span, group=self.data_parallel_group)
+        return span
+
+    def _bucket_device(self) -> torch.device:
+        return self.buffers[0].grad_data.device
+
+
+def _copy_pieces(buf: torch.Tensor, buf_start: int, ranges: dict, tensors: dict, *, into_params: bool) -> None:
+    """Copies between ``buf`` (bucket elements from ``buf_start``) and the flat tensors of the parameters in
+    ``ranges`` ({param: (start, end) of its piece on this rank, in the bucket}), where the two overlap:
+    buf -> tensors[param] with ``into_params``, else tensors[param] -> buf (parameters without one: left zero)."""
+    buf_end = buf_start + buf.numel()
+    for p, (lo, hi) in ranges.items():
+        a, b = max(lo, buf_start), min(hi, buf_end)
+        if a >= b or p not in tensors:
+            continue
+        piece = tensors[p].view(-1)[a - lo:b - lo]
+        if into_params:
+            piece.copy_(buf[a - buf_start:b - buf_start])
+        else:
+            buf[a - buf_start:b - buf_start] = piece
+
+
+def _output_over_grad(main: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """Where Muon's O of master shard ``main`` goes: over its gradient (a view of megatron's fp32 gradient buffer,
+    consumed by the momentum update before orthogonalisation), else a new tensor."""
+    grad = main.grad
+    if grad is not None and grad.dtype == update.dtype and grad.shape == update.shape and grad.is_contiguous():
+        return grad
+    return torch.empty_like(update)
 
 
 class _ReplicatedMuonClip(_MuonClipWrapper):

@@ -21,8 +21,14 @@ Memory per rank (bytes per parameter):
   layer, router, norms);
 - activations of the in-flight micro-batches of the rank's stage (1F1B: PP - stage micro-batches; interleaved:
   megatron's warm-up count, one more with the EP all-to-all overlap), bf16, without and with K2's selective
-  recomputation (norms, SwiGLU, MLA up-projections recomputed); and with the config's ``memory`` section (recompute, FP8 storage, CPU offload:
-  ``activation_bytes_per_token``).
+  recomputation (norms, SwiGLU, MLA up-projections recomputed); and with the config's ``memory`` section (recompute,
+  FP8 storage, CPU offload: ``activation_bytes_per_token``);
+- optimizer temporaries: the peak of one MuonClip step (``optimizer_temporary_bytes``);
+- communication buffers outside the activations: EP all-to-all and pipeline send/receive (``communication_bytes``).
+The total per rank (states, temporaries, buffers, activations with the memory section) is compared with the
+device's memory (``memory.device_memory_gib``, default 80): the dry run exits 2, naming the bytes per category,
+when the largest stage does not fit.
+Not modelled: NCCL's and the CUDA caching allocator's own memory (workspace, fragmentation), the CUDA context.
 K2 report (section 4): bf16 weights + fp32 gradient buffers ~6 TB over a 256-GPU model-parallel group (~30 GB
 per GPU).
 """
@@ -34,6 +40,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from k2_megatron.config import ConfigError, K2Config, MemoryOptions, ParallelLayout, PretrainConfig, get_preset
+from k2_megatron.config.memory import muon_temporary_bytes
 from k2_megatron.config.schedule import BatchLayout, batch_layout
 
 GIB = 1024**3
@@ -70,6 +77,34 @@ def layer_params(cfg, layer: int) -> LayerParams:
     shared = 3 * h * cfg.moe_intermediate_size * cfg.n_shared_experts
     experts = 3 * h * cfg.moe_intermediate_size * cfg.n_routed_experts
     return LayerParams(attn_mats + norms + shared, attn_mats + shared, cfg.n_routed_experts * h, experts)
+
+
+@dataclass(frozen=True)
+class LayerLargest:
+    """The largest parameter and the largest Muon matrix (elements, whole: before TP or EP splits) of a layer, dense
+    and expert (0: none). A gradient bucket holds whole parameters; Newton-Schulz runs on whole matrices."""
+
+    dense_param: int
+    dense_matrix: int
+    expert_param: int   # one expert stack [E, n, m] of all routed experts (split over EP)
+    expert_matrix: int
+
+
+def layer_largest(cfg, layer: int) -> LayerLargest:
+    """LayerLargest of decoder layer ``layer`` of a K2Config (the matrices of layer_params)."""
+    h, H = cfg.hidden_size, cfg.num_attention_heads
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    ql, kl = cfg.q_lora_rank, cfg.kv_lora_rank
+    q = [h * ql, ql * H * (dn + dr)] if ql is not None else [h * H * (dn + dr)]
+    attn = [*q, h * (kl + dr), kl * H * (dn + dv), H * dv * h]
+    f = cfg.intermediate_size if layer < cfg.first_k_dense_replace else cfg.moe_intermediate_size * cfg.n_shared_experts
+    # SwiGLU's fc1 is one parameter [gate; up] and two Muon matrices
+    dense_param, dense_matrix = max(*attn, 2 * f * h), max(*attn, f * h)
+    if layer < cfg.first_k_dense_replace:
+        return LayerLargest(dense_param, dense_matrix, 0, 0)
+    fe = cfg.moe_intermediate_size
+    return LayerLargest(max(dense_param, cfg.n_routed_experts * h), dense_matrix, cfg.n_routed_experts * 2 * fe * h,
+                        fe * h)
 
 
 def _activation_elements_per_token(cfg, layer: int, recompute: bool) -> int:
@@ -143,10 +178,22 @@ class StagePlan:
     activations_recompute: float
     in_flight: int               # micro-batch x chunk passes alive at the peak
     activations_configured: float = 0.0  # with the config's memory section (activation_bytes_per_token)
+    optimizer_temps: float = 0.0         # peak temporaries of the optimizer step (optimizer_temporary_bytes)
+    comm: float = 0.0                    # communication buffers (communication_bytes)
 
     @property
     def states(self) -> float:
         return self.weights + self.grads + self.optimizer
+
+    def categories(self) -> dict[str, float]:
+        """Bytes per rank by category, activations as the config's memory section keeps them on the device."""
+        return {"bf16/fp32 weights": self.weights, "fp32 gradient buffers": self.grads,
+                "optimizer state": self.optimizer, "optimizer temporaries": self.optimizer_temps,
+                "communication buffers": self.comm, "activations": self.activations_configured}
+
+    @property
+    def total(self) -> float:
+        return sum(self.categories().values())
 
 
 @dataclass
@@ -155,6 +202,21 @@ class Plan:
     total_params: int
     active_params: int
     stages: list[StagePlan] = field(default_factory=list)
+    device_memory: float = 80 * GIB  # bytes of one device (the config's memory.device_memory_gib)
+
+    def largest(self) -> StagePlan:
+        """The stage whose ranks need the most memory."""
+        return max(self.stages, key=lambda s: s.total)
+
+    def misfit(self) -> str | None:
+        """Why the largest stage does not fit the device, with the bytes per category; None when it fits."""
+        s = self.largest()
+        if s.total <= self.device_memory:
+            return None
+        parts = ", ".join(f"{name} {b / GIB:.1f}" for name, b in s.categories().items())
+        over = (s.total - self.device_memory) / GIB
+        return (f"stage {s.stage} needs {s.total / GIB:.1f} GiB per rank, more than the device's "
+                f"{self.device_memory / GIB:.1f} GiB (memory.device_memory_gib) by {over:.1f} GiB: {parts} GiB")
 
     @property
     def expert_dp(self) -> int:
@@ -239,18 +301,93 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         dense_muon_local = dense_muon // tp
         opt = ((dense_local * master + dense_muon_local * 4 + (dense_local - dense_muon_local) * 8) / dp
                + local_experts * (master + 4) / expert_dp)
-        memory = cfg.memory.options() if hasattr(cfg, "memory") else None
+        memory = cfg.memory.options()
         act_cfg = (passes * sum(activation_bytes_per_token(k2, layer, memory) for c in chunks
                                 for layer in range(starts[c], starts[c] + chunk_layers[c])) / len(chunks)
-                   * tokens / tp) if memory is not None else act
+                   * tokens / tp)
+        # megatron buckets the first virtual stage's chunk only (k2-pretrain: disable_bucketing for the others)
+        buffers = [b for c in chunks for b in _chunk_buffers(k2, range(starts[c], starts[c] + chunk_layers[c]),
+                                                              c == 0, c == pp * vpp - 1, layout,
+                                                              cfg.parallel.ddp_bucket_size if c < pp else None)]
         plan.stages.append(StagePlan(s, layers, [chunk_layers[c] for c in chunks], params, local_experts, muon, adamw,
-                                     params * wbytes, params * 4.0, opt, act, act_rc, passes))
-        plan.stages[-1].activations_configured = act_cfg
+                                     params * wbytes, params * 4.0, opt, act, act_rc, passes, act_cfg,
+                                     optimizer_temporary_bytes(buffers, tp, cfg.memory.muon_buffer_mib * 2**20),
+                                     communication_bytes(k2, tokens, layers, cfg.parallel, layout)))
         total += dense + router + experts
         frac = k2.num_experts_per_tok / max(k2.n_routed_experts, 1)
         active += dense + router + experts * frac
     plan.total_params, plan.active_params = int(total), int(active)
+    plan.device_memory = cfg.memory.device_memory_gib * GIB
     return plan
+
+
+@dataclass(frozen=True)
+class GradBuffer:
+    """One gradient buffer of one model chunk on one rank (megatron's DDP: dense and expert parameters apart)."""
+
+    numel: int           # elements
+    shards: int          # ZeRO-1 shards it over this many ranks (data-parallel or expert-data-parallel size)
+    largest_param: int   # elements of its largest parameter on this rank (a bucket holds whole parameters)
+    largest_matrix: int  # elements of its largest whole (TP-gathered) Muon matrix
+    bucket_size: int | None = None  # megatron's DDP bucket size for this buffer (None: one bucket)
+
+    @property
+    def largest_bucket(self) -> int:
+        """Elements of its largest bucket: megatron closes a bucket once it holds bucket_size elements, so a bucket
+        is at most bucket_size - 1 elements plus one whole parameter."""
+        if self.bucket_size is None:
+            return self.numel
+        return min(self.numel, self.bucket_size - 1 + self.largest_param)
+
+
+def _chunk_buffers(k2: K2Config, layers: range, embedding: bool, output: bool, layout: ParallelLayout,
+                   bucket_size: int | None) -> list[GradBuffer]:
+    """The gradient buffers of one model chunk holding decoder ``layers`` (and the embedding / the output layer),
+    in buckets of ``bucket_size`` elements (None: one bucket per buffer)."""
+    tp, ep = layout.tensor_parallel, layout.expert_parallel
+    vocab = k2.vocab_size * k2.hidden_size
+    dense = experts = largest_dense = largest_expert = dense_matrix = expert_matrix = 0
+    for layer in layers:
+        lp, big = layer_params(k2, layer), layer_largest(k2, layer)
+        dense += (lp.dense - lp.router) // tp + lp.router
+        experts += lp.experts // ep
+        largest_dense, dense_matrix = max(largest_dense, big.dense_param // tp), max(dense_matrix, big.dense_matrix)
+        largest_expert, expert_matrix = max(largest_expert, big.expert_param // ep), max(expert_matrix,
+                                                                                         big.expert_matrix)
+    for held in (embedding, output and not k2.tie_word_embeddings):
+        if held:
+            dense, largest_dense = dense + vocab // tp, max(largest_dense, vocab // tp)
+    if output:
+        dense += k2.hidden_size  # final norm
+    buffers = [GradBuffer(dense, layout.data_parallel, largest_dense, dense_matrix, bucket_size)]
+    if experts:
+        buffers.append(GradBuffer(experts, layout.expert_data_parallel, largest_expert, expert_matrix, bucket_size))
+    return buffers
+
+
+def optimizer_temporary_bytes(buffers: list[GradBuffer], tp: int, budget_bytes: int) -> float:
+    """Peak temporaries of one MuonClip step on a rank with these gradient buffers: the finiteness check of
+    MuonClipChainedOptimizer.step (a bool per element of one buffer), and per bucket Muon's gather ->
+    Newton-Schulz -> scatter streamed within ``budget_bytes`` (config.memory.muon_temporary_bytes)."""
+    peak = 0.0
+    for b in buffers:
+        peak = max(peak, b.numel, muon_temporary_bytes(b.largest_bucket, b.shards, b.largest_matrix // tp,
+                                                       budget_bytes, tp))
+    return peak
+
+
+def communication_bytes(k2: K2Config, tokens: int, layers: list[int], parallel, layout: ParallelLayout) -> float:
+    """Communication buffers of a rank outside the activations (bf16): the EP all-to-all's send buffer of one
+    micro-batch's routed tokens (two micro-batches with the EP overlap), and the pipeline's send and receive
+    buffers of one activation each way. ZeRO-1's gradient reduce-scatter and parameter all-gather work in place
+    in the gradient and parameter buffers; NCCL's own workspace is not counted."""
+    h, tp = k2.hidden_size, layout.tensor_parallel
+    moe = any(layer >= k2.first_k_dense_replace for layer in layers)
+    a2a = 0.0
+    if moe and layout.expert_parallel > 1:
+        a2a = tokens * k2.num_experts_per_tok * h * 2 * (2 if parallel.overlap_moe_expert_parallel_comm else 1)
+    p2p = 4 * tokens * h * 2 / tp if layout.pipeline_parallel > 1 else 0.0
+    return a2a + p2p
 
 
 def _vocab_size(cfg: PretrainConfig) -> int:
@@ -300,8 +437,8 @@ def format_plan(plan: Plan, cfg: PretrainConfig) -> str:
     lines += [
         "columns: params per rank; bf16 weights; fp32 gradient buffers; optim = fp32 master + MuonClip state "
         "(Muon momentum / AdamW moments) sharded by ZeRO-1; states = the three; act = activations of the in-flight "
-        "micro-batches without recomputation, act rc = with K2's selective recomputation (FP8 storage and CPU "
-        "offload, which K2 adds, not modelled)",
+        "micro-batches without recomputation, act rc = with K2's selective recomputation (both without FP8 storage or "
+        "CPU offload; the config's memory section, below, may add them)",
         f"bf16 weights + fp32 gradient buffers over the {plan.model_parallel_group}-rank model-parallel group: "
         f"{wg / 1e12:.2f} TB ({per_gpu / 1e9:.1f} GB per GPU on average, max "
         f"{max((s.weights + s.grads) for s in plan.stages) / 1e9:.1f} GB)"
@@ -310,11 +447,17 @@ def format_plan(plan: Plan, cfg: PretrainConfig) -> str:
         f"largest per-rank total (states + activations with recomputation): "
         f"{max(gb(s.states + s.activations_recompute) for s in plan.stages):.1f} GiB",
     ]
-    if hasattr(cfg, "memory"):
-        lines.append(f"with the config's memory section ({_memory_summary(cfg)}): activations per rank "
-                     f"{', '.join(f'{gb(s.activations_configured):.1f}' for s in plan.stages)} GiB by stage; "
-                     f"largest per-rank total {max(gb(s.states + s.activations_configured) for s in plan.stages):.1f}"
-                     f" GiB (CPU-offloaded activations excluded)")
+    lines.append(f"with the config's memory section ({_memory_summary(cfg)}): activations per rank "
+                 f"{', '.join(f'{gb(s.activations_configured):.1f}' for s in plan.stages)} GiB by stage (CPU-offloaded "
+                 "activations excluded); optimizer temporaries (Muon's gather -> Newton-Schulz -> scatter, the "
+                 f"finiteness check) {', '.join(f'{gb(s.optimizer_temps):.1f}' for s in plan.stages)} GiB; "
+                 f"communication buffers (EP all-to-all, pipeline send/receive) "
+                 f"{', '.join(f'{gb(s.comm):.1f}' for s in plan.stages)} GiB")
+    big = plan.largest()
+    lines.append(f"largest per-rank total (states + optimizer temporaries + communication buffers + activations "
+                 f"with the memory section): {gb(big.total):.1f} GiB on stage {big.stage} ("
+                 + ", ".join(f"{name} {gb(b):.1f}" for name, b in big.categories().items())
+                 + f"); device memory {gb(plan.device_memory):.1f} GiB")
     return "\n".join(lines)
 
 
@@ -326,8 +469,10 @@ def _memory_summary(cfg) -> str:
 
 
 def dry_run(cfg, world_size: int | None = None, file=None) -> int:
-    """Prints the plan; returns 0 (the ``--dry-run`` exit code). world_size: default the config's data-parallel
-    layout at 256 ranks for pipeline x expert layouts that need it, else WORLD_SIZE or TP x PP x EP."""
+    """Prints the plan; returns the ``--dry-run`` exit code: 0, or 2 (the reason on stderr) when the largest
+    stage's ranks need more than the device's memory (``memory.device_memory_gib``). world_size: default the
+    config's data-parallel layout at 256 ranks for pipeline x expert layouts that need it, else WORLD_SIZE or
+    TP x PP x EP."""
     import os
 
     if world_size is None:
@@ -335,8 +480,13 @@ def dry_run(cfg, world_size: int | None = None, file=None) -> int:
             cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.expert, 1)
     plan = plan_memory(cfg, world_size)
     print(format_plan(plan, cfg), file=file or sys.stdout, flush=True)
+    misfit = plan.misfit()
+    if misfit is not None:
+        print(f"k2-pretrain: does not fit: {misfit}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
-__all__ = ["LayerParams", "Plan", "StagePlan", "activation_bytes_per_token", "dry_run", "format_plan", "layer_params",
-           "plan_memory"]
+__all__ = ["GradBuffer", "LayerLargest", "LayerParams", "Plan", "StagePlan", "activation_bytes_per_token",
+           "communication_bytes", "dry_run", "format_plan", "layer_largest", "layer_params",
+           "optimizer_temporary_bytes", "plan_memory"]

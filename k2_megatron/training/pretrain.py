@@ -131,7 +131,9 @@ def _build_model(cfg: PretrainConfig, k2cfg):
     # Always megatron's DistributedOptimizer (ZeRO-1; at DP=1 nothing is sharded): one code path for every
     # data-parallel size, and each matrix's Newton-Schulz done once per data-parallel group.
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
-                                               overlap_grad_reduce=False, bucket_size=None,
+                                               overlap_grad_reduce=overlap.overlap_grad_reduce,
+                                               overlap_param_gather=overlap.overlap_param_gather,
+                                               bucket_size=overlap.ddp_bucket_size,
                                                delay_wgrad_compute=overlap.delay_wgrad_compute)
     chunks = []
     vpp = layout.virtual_stages if layout.virtual_stages > 1 else None
@@ -265,7 +267,7 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
                                      bf16=cfg.model.params_dtype == "bfloat16", params_dtype=tc.params_dtype,
                                      use_distributed_optimizer=True, clip_grad=cfg.train.clip_grad)
         muon = MuonClipConfig(momentum=o.momentum, qk_clip_tau=o.qk_clip_tau,
-                              ns_dtype=getattr(torch, o.ns_dtype))
+                              ns_dtype=getattr(torch, o.ns_dtype), buffer_bytes=cfg.memory.muon_buffer_mib * 2**20)
         opt = get_muonclip_optimizer(opt_config, chunks, muon)
 
         # finalize hook: gradient reduction + expert-bias update (megatron), with the expert loads read first
@@ -375,6 +377,8 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
             meta = {"data": stream.state_dict(), "train_samples": train_samples, "world_size": world,
                     "config": cfg.to_dict(),
                     "history": logger.history if rank == 0 else None, **expected}
+            for c in chunks if cfg.parallel.overlap_param_gather else ():  # gathered in the next forward: now
+                c.start_param_sync(force_sync=True)
             path = save_checkpoint(ckpt_root, step, chunks, opt, meta, keep=cfg.checkpoint.keep,
                                    _before_publish=_before_publish)
             logger.print(f"saved checkpoint {path}")

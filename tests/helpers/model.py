@@ -49,6 +49,13 @@ def full_megatron_state_dict(cfg: K2Config, seed: int = 0) -> dict:
     return {k: v.clone() for k, v in hf_to_megatron(make_hf_model(cfg, seed).state_dict(), cfg).items()}
 
 
+def saved_full_state(tmp_dir, cfg: K2Config) -> str:
+    """full_megatron_state_dict(cfg) saved under ``tmp_dir`` for spawned workers to load; returns its path."""
+    path = os.path.join(str(tmp_dir), "full.pt")
+    torch.save(full_megatron_state_dict(cfg), path)
+    return path
+
+
 def loaded_k2_model(cfg: K2Config, full: dict, **build_kwargs):
     """This rank's build_k2_model(cfg, **build_kwargs) loaded with the whole state dict ``full``, router biases frozen
     (their update follows the load balance, which a reference computation does not repeat)."""

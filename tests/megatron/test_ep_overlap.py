@@ -214,11 +214,10 @@ def _rank(rank, world, init_file, state_path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from tests.helpers.model import full_megatron_state_dict, k2_like_tiny_config, run_gloo_bodies
+    from tests.helpers.model import k2_like_tiny_config, run_gloo_bodies, saved_full_state
 
     tmp = tmp_path_factory.mktemp("ep_overlap")
-    state_path = str(tmp / "full.pt")
-    torch.save(full_megatron_state_dict(k2_like_tiny_config()), state_path)
+    state_path = saved_full_state(tmp, k2_like_tiny_config())
     return {world: run_gloo_bodies(_rank, world, lambda r, world=world: (r, world, str(tmp / f"init_{world}"),
                                                                          state_path), timeout=600)
             for world in LAYOUTS}

@@ -65,7 +65,7 @@ def test_k2_full_dry_run_on_256_ranks_matches_the_paper_without_allocating(capsy
     rss = psutil.Process().memory_info().rss
     tracemalloc.start()
     try:
-        assert dry_run(cfg, world_size=256) == 0
+        assert dry_run(cfg, world_size=256) == 2  # does not fit 80 GiB (test_dry_run_refuses_what_does_not_fit)
         plan = plan_memory(cfg, 256)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -91,8 +91,15 @@ def test_k2_full_dry_run_on_256_ranks_matches_the_paper_without_allocating(capsy
 def test_dry_run_command_line(capsys):
     from k2_megatron.training.pretrain import main
 
-    assert main(["--config", os.path.join(CONFIGS, "k2_full.yaml"), "--dry-run", "--world-size", "512"]) == 0
+    assert main(["--config", os.path.join(CONFIGS, "k2_full.yaml"), "--dry-run", "--world-size", "512",
+                 "memory.device_memory_gib=1000"]) == 0
     assert "world 512 = TP1 x PP16 x 2 virtual stages x DP32" in capsys.readouterr().out
+    assert main(["--config", os.path.join(CONFIGS, "k2_full.yaml"), "--dry-run", "--world-size", "512"]) == 2
+    assert "k2-pretrain: does not fit: stage 1 needs" in capsys.readouterr().err
+    assert main(["--dry-run", "memory.device_memory_gib=0"]) == 2
+    assert "config error: memory.device_memory_gib: must be a number > 0, got 0" in capsys.readouterr().err
+    assert main(["--dry-run", "memory.muon_buffer_mib=0"]) == 2
+    assert "config error: memory.muon_buffer_mib: must be an int >= 1, got 0" in capsys.readouterr().err
     assert main(["--dry-run", "train.iters=0"]) == 2
     assert "config error: train.iters: must be an int >= 1" in capsys.readouterr().err
 
@@ -103,3 +110,54 @@ def test_dry_run_errors():
         plan_memory(cfg, 100)
     with pytest.raises(ConfigError, match="parallel.expert=16 must divide DP x TP = 1 x 1"):
         plan_memory(cfg, 16)
+
+
+def test_dry_run_refuses_what_does_not_fit(capsys):
+    """The total per rank is every category's bytes; a layout needing more than the device's memory is refused
+    with the bytes per category; the same layout on a larger device, and k2-tiny on the default 80 GiB, pass."""
+    from k2_megatron.training.plan import GIB
+
+    cfg = load_config(os.path.join(CONFIGS, "k2_full.yaml"))
+    plan = plan_memory(cfg, 256)
+    big = plan.largest()
+    cats = big.categories()
+    assert big.total == sum(cats.values()) and all(v > 0 for v in cats.values())
+    assert big.total == max(s.total for s in plan.stages) and big.total > 80 * GIB
+    assert big.total == (big.weights + big.grads + big.optimizer + big.optimizer_temps + big.comm
+                         + big.activations_configured)
+    assert dry_run(cfg, world_size=256) == 2
+    err = capsys.readouterr().err
+    assert f"stage {big.stage} needs {big.total / GIB:.1f} GiB per rank, more than the device's 80.0 GiB" in err
+    for name, b in cats.items():
+        assert f"{name} {b / GIB:.1f}" in err
+    roomy = load_config(os.path.join(CONFIGS, "k2_full.yaml"), [f"memory.device_memory_gib={big.total / GIB + 1}"])
+    assert dry_run(roomy, world_size=256) == 0 and plan_memory(roomy, 256).misfit() is None
+    assert dry_run(load_config(None), world_size=1) == 0
+    assert "does not fit" not in capsys.readouterr().err
+
+
+def test_optimizer_temporaries_and_communication_buffers():
+    """The planner's categories from their definitions: the largest of the finiteness check (1 byte per element of
+    a buffer) and Muon's per-bucket temporaries (fp32 gather buffers: the bucket and this rank's shard when they fit
+    the budget, else a span of the budget's size or one matrix; 14 bytes per element of the rank's share of the
+    matrices gathered, evenly dealt but for one matrix); EP all-to-all send buffers (bf16 routed tokens; two
+    micro-batches with the EP overlap) and the pipeline's four bf16 activation buffers."""
+    from k2_megatron.training.plan import GradBuffer, communication_bytes, optimizer_temporary_bytes
+
+    b = GradBuffer(numel=1000, shards=2, largest_param=300, largest_matrix=100)
+    assert optimizer_temporary_bytes([b], 1, 2**20) == 4 * (1000 + 500) + 14 * (500 + 100)  # whole bucket
+    assert optimizer_temporary_bytes([b], 1, 4 * 200) == 4 * 200 + 14 * 200  # spans of 200 (100 + one matrix)
+    assert optimizer_temporary_bytes([b], 1, 4 * 50) == 4 * 100 + 14 * 100  # one matrix, larger than the budget
+    alone = GradBuffer(numel=1000, shards=1, largest_param=300, largest_matrix=100)  # owns all of it
+    assert optimizer_temporary_bytes([b, alone], 1, 2**20) == 4 * 2000 + 14 * 1000
+    assert optimizer_temporary_bytes([GradBuffer(10**6, 1, 10, 10)], 1, 4 * 50) == 10**6  # the finiteness check
+    cfg = load_config(os.path.join(CONFIGS, "k2_full.yaml"))
+    k2 = cfg.k2_config(None)
+    plan = plan_memory(cfg, 256)
+    tokens, h = cfg.data.seq_length * cfg.train.micro_batch_size, k2.hidden_size
+    a2a = 2 * tokens * k2.num_experts_per_tok * h * 2  # EP overlap on in the recipe
+    assert plan.stages[1].comm == a2a + 4 * tokens * h * 2
+    off = load_config(os.path.join(CONFIGS, "k2_full.yaml"), ["parallel.overlap_moe_expert_parallel_comm=false",
+                                                              "parallel.delay_wgrad_compute=false"])
+    assert communication_bytes(k2, tokens, plan.stages[1].layers, off.parallel, plan.layout) == (
+        a2a / 2 + 4 * tokens * h * 2)
