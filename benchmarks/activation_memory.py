@@ -3,9 +3,10 @@
 GPU (the issue's benchmark): k2-mini, one micro-batch of --seq tokens (default 4096), bf16, one GPU: peak
 memory above the model's own (weights + gradients) during forward + backward, and the median step time, for
 none / fp8 / recompute / offload / all; beside each, the dry-run planner's prediction
-(k2_megatron.training.memory.activation_bytes_per_token summed over the layers; logits and loss excluded).
+(k2_megatron.training.plan.activation_bytes_per_token summed over the layers; logits and loss excluded).
 CPU (no GPU needed; what the tests measure): bytes saved for backward per decoder layer, counted with
-saved-tensor hooks (SavedActivationMeter), k2-tiny by default; CPU offload is not available there.
+saved-tensor hooks (the tests' SavedActivationMeter, tests/helpers/activation_meter.py), k2-tiny by default; CPU
+offload is not available there.
 
     python -m benchmarks.activation_memory                       # GPU if there is one, else the CPU count
     python -m benchmarks.activation_memory --cpu --preset k2-tiny --seq 256
@@ -24,7 +25,9 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 import torch
 
 from benchmarks.common import print_table, run_metadata, write_json
-from k2_megatron.training.memory import MemoryOptions, activation_bytes_per_token, transformer_config_overrides
+from k2_megatron.config import MemoryOptions
+from k2_megatron.megatron.activation_memory import transformer_config_overrides
+from k2_megatron.training.plan import activation_bytes_per_token
 
 RECOMPUTE = ("layernorm", "mla_up_proj", "swiglu")
 OFFLOAD = ("core_attn", "attn_proj")
@@ -66,7 +69,7 @@ def predicted_bytes(cfg, options: MemoryOptions, tokens: int) -> float:
 
 def _build(cfg, options: MemoryOptions, device: str):
     from k2_megatron.megatron import build_k2_model
-    from k2_megatron.megatron.activation_memory import apply_activation_memory
+    from k2_megatron.megatron import apply_activation_memory
 
     model = build_k2_model(cfg, params_dtype=torch.bfloat16, **transformer_config_overrides(options))
     apply_activation_memory(model, options)
@@ -108,7 +111,7 @@ def run_gpu(cfg, seq: int, iters: int, sets: list[str]) -> list[dict]:
 
 
 def run_cpu(cfg, seq: int, sets: list[str]) -> list[dict]:
-    from k2_megatron.megatron.activation_memory import SavedActivationMeter
+    from tests.helpers.activation_meter import SavedActivationMeter  # run from the repository root
 
     rows = []
     tokens, pos = _batch(cfg, seq, "cpu")
@@ -130,7 +133,7 @@ def run_cpu(cfg, seq: int, sets: list[str]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from k2_megatron.models import get_preset
+    from k2_megatron.config import get_preset
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu", action="store_true", help="count saved bytes on the CPU even with a GPU")

@@ -43,7 +43,7 @@ def cuda_median_ms(fn, *, warmup: int = 3, iters: int = 10) -> float:
 
 def run_metadata() -> dict:
     """Device, versions and commit to record with every figure."""
-    # tools/gpu_check.sh exports the commit (with "+dirty" for a modified tree); the GPU machine's copy has no .git
+    # gpu_lab/gpu_check.sh exports the commit (with "+dirty" for a modified tree); the GPU machine's copy has no .git
     commit = os.environ.get("K2_COMMIT")
     if not commit:
         try:

@@ -60,8 +60,7 @@ class _ByteCounter:
 
 
 def _variant(name, cfg, counter, steps):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from _model_helpers import make_batches, train_step_losses
+    from tests.helpers.model import make_batches, train_step_losses
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -109,7 +108,7 @@ def _worker(rank, world, port, steps, out_path):
                       TORCHDYNAMO_DISABLE="1")
     torch.set_num_threads(1)
     from k2_megatron.megatron import init_distributed_cpu
-    from k2_megatron.models import get_preset
+    from k2_megatron.config import get_preset
 
     init_distributed_cpu()
     counter = _ByteCounter()

@@ -210,7 +210,7 @@ def time_steps(model, opt, batch: dict, seq: int, micro_batch: int, warmup: int,
 
 
 def run(args) -> dict:
-    from k2_megatron.models import get_preset
+    from k2_megatron.config import get_preset
 
     device = args.device
     overrides = {"vocab_size": args.vocab} if args.vocab else {}

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from k2_megatron.training.config import load_config
+from k2_megatron.config import load_config
 from k2_megatron.training.pretrain import _quiet_libraries, pretrain
 
 

@@ -8,7 +8,8 @@ MB/s, peak resident memory).
   tensor straight to its shard file.
 - ``convert_hf_to_megatron``: HF directory -> megatron dist_checkpointing (torch_dist) directory. The HF
   side streams one transformer layer at a time into this process's model (any TP / PP / EP layout, all ranks
-  of a torchrun job calling it together; a single process builds the TP = PP = EP = 1 model). A torch_dist
+  of a torchrun job calling it together; a single process builds the TP = PP = EP = 1 model); each rank reads
+  the layers of its pipeline stage and, of their routed experts, only its own (per-expert release files). A torch_dist
   checkpoint is layout-independent: megatron reshards it on load into any TP / PP / EP layout.
 - ``convert_megatron_to_hf``: the reverse, streaming one layer at a time straight from the torch_dist files
   (torch DCP partial loads; no megatron, no model, no process group), whatever layout saved them.
@@ -47,7 +48,7 @@ from k2_megatron.checkpoint.safetensors_io import (
     make_staging_dir,
     move_into_place,
 )
-from k2_megatron.models.config import HF_MODEL_TYPES, K2Config, config_from_hf
+from k2_megatron.config.model import HF_MODEL_TYPES, K2Config, config_from_hf
 
 MEGATRON_HF_CONFIG = "hf_config.json"
 FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -55,6 +56,7 @@ FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 _KEEP_FP32 = re.compile(r"e_score_correction_bias$")  # fp32 in the release and in megatron's router
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
@@ -332,6 +334,12 @@ def _to_global_key(name: str, to_global: dict[int, int]) -> str:
     return name if m is None else f"decoder.layers.{to_global[int(m.group(1))]}." + name[m.end():]
 
 
+def _expert_of(name: str) -> int | None:
+    """The routed expert a per-expert HF tensor belongs to (None for every other tensor)."""
+    m = _EXPERT.match(name)
+    return None if m is None else int(m.group(1))
+
+
 def _hf_layer_groups(ckpt: HFCheckpoint) -> list[tuple[int | None, list[list[str]]]]:
     """Tensor groups per transformer layer (None: embeddings, final norm, lm_head), in layer order."""
     by_layer: dict[int | None, list[list[str]]] = {}
@@ -346,11 +354,13 @@ def convert_hf_to_megatron(src, dst, *, params_dtype=None, overwrite: bool = Fal
     """HF directory -> megatron dist_checkpointing directory (+ hf_config.json), written atomically.
 
     params_dtype: the model's parameter dtype ("bf16" / "fp32"); default: bf16 for an FP8 or BF16 source,
-    fp32 for an FP32 one. One layer of HF tensors (dequantised) is in memory at a time, plus this rank's model.
+    fp32 for an FP32 one. One layer of HF tensors (dequantised) is in memory at a time, plus this rank's model;
+    of a layer's per-expert tensors only this expert-parallel rank's are read (a fused ``mlp.experts.gate_up_proj``
+    stack, not a release format, is read whole and sliced).
     """
     from megatron.core import dist_checkpointing
 
-    from k2_megatron.checkpoint.hf_adapter import hf_to_megatron, load_megatron_state_dict
+    from k2_megatron.checkpoint.hf_adapter import hf_to_megatron, load_megatron_state_dict, local_expert_range
 
     src, dst = _check_paths(src, dst)
     stats = ConversionStats("hf->megatron", src, dst)
@@ -366,6 +376,7 @@ def convert_hf_to_megatron(src, dst, *, params_dtype=None, overwrite: bool = Fal
         model = _megatron_ready(cfg, dtype)
         if ckpt.mtp_shapes:
             stats.notes.append(_mtp_note(ckpt, "skipped", "the megatron model has no multi-token-prediction layer"))
+        experts = local_expert_range(cfg.n_routed_experts)  # this expert-parallel rank's: the only ones read
         to_global = _global_layers(model)
         wanted_layers = set(to_global.values())
         needed_globals = set()
@@ -393,14 +404,16 @@ def convert_hf_to_megatron(src, dst, *, params_dtype=None, overwrite: bool = Fal
                         groups = [g for g in groups if g[0] in needed_globals]
                     elif layer not in wanted_layers:
                         groups = []
+                    else:
+                        groups = [g for g in groups if _expert_of(g[0]) is None or _expert_of(g[0]) in experts]
                     if not groups:  # not on this pipeline stage
                         bar.update(full)
                         continue
                     nbytes = sum(ckpt.group_bytes(g) for g in groups)
                     # FP8 dequantises straight to the model dtype; the rest is cast by the parameter copy
                     hf = {n: t for g in groups for n, t in ckpt.read_group(g, dtype=dtype if len(g) == 2 else None)}
-                    meg = hf_to_megatron(hf, cfg, strict=False)
-                    load_megatron_state_dict(model, meg, strict=False)
+                    meg = hf_to_megatron(hf, cfg, strict=False, experts=experts)
+                    load_megatron_state_dict(model, meg, strict=False, local_experts=True)
                     loaded.update(meg)
                     stats.tensors += len(hf)
                     stats.bytes_read += nbytes

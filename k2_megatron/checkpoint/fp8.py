@@ -1,7 +1,8 @@
 """FP8 block-quantised weights of the DeepSeek-V3 / Kimi K2 release: dequantise, quantise, which tensors.
 
-Release format (shared/K2_REFERENCE.md section 1): a linear weight ``q`` [out, in] is stored as
-float8_e4m3fn with a sibling ``<name>_scale_inv`` in float32 of shape [ceil(out/128), ceil(in/128)], and
+Release format (the FP8 safetensors of moonshotai/Kimi-K2-Instruct, as DeepSeek-V3's): a linear weight ``q``
+[out, in] is stored as float8_e4m3fn with a sibling ``<name>_scale_inv`` in float32 of shape
+[ceil(out/128), ceil(in/128)], and
 
     w[i, j] = q[i, j] * s[i // 128, j // 128]                                   (1)
 

@@ -39,7 +39,7 @@ import re
 
 import torch
 
-from k2_megatron.models.config import K2Config
+from k2_megatron.config.model import K2Config
 
 _ATTN = {
     "self_attn.q_a_proj.weight": "self_attention.linear_q_down_proj.weight",
@@ -90,12 +90,18 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def hf_to_megatron(hf: dict, cfg: K2Config, *, strict: bool = True) -> dict:
+def hf_to_megatron(hf: dict, cfg: K2Config, *, strict: bool = True, experts: range | None = None) -> dict:
     """megatron (single-rank) state dict from a Hugging Face DeepseekV3/K2 one (fused or per-expert experts).
 
     strict: raise StateDictMismatch when HF tensors are missing or left unused (``rotary_emb.inv_freq``
     buffers and FP8 ``*_scale_inv`` siblings excepted: dequantise FP8 before calling this).
+    experts: the routed experts to map (default: all); per-expert HF tensors of other experts are not expected,
+    and the expert stacks hold ``len(experts)`` experts (one expert-parallel rank's: see
+    ``load_megatron_state_dict(..., local_experts=True)``).
     """
+    experts = range(cfg.n_routed_experts) if experts is None else experts
+    if not (0 <= experts.start <= experts.stop <= cfg.n_routed_experts and experts.step == 1):
+        raise ValueError(f"experts: {experts} is not a contiguous range of the {cfg.n_routed_experts} experts")
     out, used, missing = {}, set(), []
     for hk, mk in _GLOBAL.items():
         if hk == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -121,24 +127,30 @@ def hf_to_megatron(hf: dict, cfg: K2Config, *, strict: bool = True) -> dict:
             t = _take(hf, hp + hk, used, missing)
             if t is not None:
                 out[mp + mk] = t.float() if mk.endswith("expert_bias") else t
-        if hp + "mlp.experts.gate_up_proj" in hf:
+        if hp + "mlp.experts.gate_up_proj" in hf:  # fused stacks of every expert: this range's rows
             w1 = _take(hf, hp + "mlp.experts.gate_up_proj", used, missing)
             w2 = _take(hf, hp + "mlp.experts.down_proj", used, missing)
+            if w1 is not None:
+                _check_shape(hp + "mlp.experts.gate_up_proj", w1, (E, 2 * F_moe, H))
+                w1 = w1[experts.start:experts.stop]
+            if w2 is not None:
+                _check_shape(hp + "mlp.experts.down_proj", w2, (E, H, F_moe))
+                w2 = w2[experts.start:experts.stop]
         else:
             gu, dn = [], []
-            for e in range(E):
+            for e in experts:
                 ep = hp + f"mlp.experts.{e}."
                 g, u, d = (_take(hf, ep + f"{n}_proj.weight", used, missing) for n in ("gate", "up", "down"))
                 if g is not None and u is not None and d is not None:
                     gu.append(torch.cat([g, u], 0))
                     dn.append(d)
-            w1 = torch.stack(gu) if len(gu) == E else None
-            w2 = torch.stack(dn) if len(dn) == E else None
+            w1 = torch.stack(gu) if len(gu) == len(experts) else None
+            w2 = torch.stack(dn) if len(dn) == len(experts) else None
         if w1 is not None:
-            _check_shape(hp + "mlp.experts (gate/up)", w1, (E, 2 * F_moe, H))
+            _check_shape(hp + "mlp.experts (gate/up)", w1, (len(experts), 2 * F_moe, H))
             out[mp + "mlp.experts.linear_fc1_weight"] = w1
         if w2 is not None:
-            _check_shape(hp + "mlp.experts (down)", w2, (E, H, F_moe))
+            _check_shape(hp + "mlp.experts (down)", w2, (len(experts), H, F_moe))
             out[mp + "mlp.experts.linear_fc2_weight"] = w2
         if cfg.n_shared_experts:
             sp = hp + "mlp.shared_experts."
@@ -237,9 +249,13 @@ def _global_layer_names(model) -> dict[int, int]:
 
 
 def _shard(name: str, full: torch.Tensor, local: torch.Tensor, param, tp_rank: int, tp_size: int,
-           ep_rank: int, ep_size: int) -> torch.Tensor:
+           ep_rank: int, ep_size: int, local_experts: bool = False) -> torch.Tensor:
     if _EXPERT.search(name):
         n = local.shape[0]
+        if local_experts:
+            if full.shape[0] != n:
+                raise ValueError(f"{name}: {full.shape[0]} experts given as this rank's, the model holds {n}")
+            return full
         if full.shape[0] != n * ep_size:
             raise ValueError(f"{name}: {full.shape[0]} experts in the state dict, model has {n} x EP {ep_size}")
         return full[ep_rank * n:(ep_rank + 1) * n]
@@ -252,9 +268,24 @@ def _shard(name: str, full: torch.Tensor, local: torch.Tensor, param, tp_rank: i
     return full
 
 
+def local_expert_range(num_experts: int) -> range:
+    """The routed experts of this expert-parallel rank (megatron's contiguous split of the experts)."""
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_expert_model_parallel_world_size()
+    if num_experts % size:
+        raise ValueError(f"num_experts: {num_experts} experts do not split over expert parallel size {size}")
+    n = num_experts // size
+    rank = parallel_state.get_expert_model_parallel_rank()
+    return range(rank * n, (rank + 1) * n)
+
+
 @torch.no_grad()
-def load_megatron_state_dict(model, full: dict, *, strict: bool = True) -> None:
-    """Copy a whole single-rank megatron state dict into ``model`` (one rank of any TP / PP / EP layout)."""
+def load_megatron_state_dict(model, full: dict, *, strict: bool = True, local_experts: bool = False) -> None:
+    """Copy a whole single-rank megatron state dict into ``model`` (one rank of any TP / PP / EP layout).
+
+    local_experts: the expert stacks hold this expert-parallel rank's experts only (``local_expert_range``; as
+    ``hf_to_megatron(..., experts=local_expert_range(E))`` makes them), not all of them."""
     from megatron.core import parallel_state
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -272,7 +303,7 @@ def load_megatron_state_dict(model, full: dict, *, strict: bool = True) -> None:
         if key not in full:
             missing.append(key)
             continue
-        value = _shard(name, full[key], local, params.get(name), tp_rank, tp_size, ep_rank, ep_size)
+        value = _shard(name, full[key], local, params.get(name), tp_rank, tp_size, ep_rank, ep_size, local_experts)
         if tuple(value.shape) != tuple(local.shape):
             raise ValueError(f"{name} (from {key}): shard shape {tuple(value.shape)} != parameter shape "
                              f"{tuple(local.shape)}")

@@ -39,7 +39,7 @@ from k2_megatron.checkpoint.fp8 import (
     fp8_scale_shape,
     is_fp8_quantized_in_release,
 )
-from k2_megatron.models.config import HF_MODEL_TYPES, K2Config, config_from_hf
+from k2_megatron.config.model import HF_MODEL_TYPES, K2Config, config_from_hf
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"

@@ -32,17 +32,82 @@ class DatasetExhaustedError(RuntimeError):
     """A SampleStream was asked for samples beyond the end of its dataset."""
 
 
-def _check_prefixes(name: str, prefixes: str | Sequence[str]) -> list[str]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+def _stat_tokens(prefix: str, dtype: np.dtype) -> int:
+    """Tokens of an indexed file from the size of its .bin (no read)."""
+    return os.path.getsize(prefix + ".bin") // dtype.itemsize
+
+
+def resolve_blend(name: str, prefixes: str | Sequence[str], weights: Sequence[float] | None = None, *,
+                  weighted: bool = True, weights_name: str = "weights") -> tuple[list[str], list[float] | None]:
+    """(indexed files, weights) of one split, each dataset prefix (PREFIX.bin/.idx, or a sharded PREFIX.shards/)
+    expanded into its files, each file checked against megatron-core's limits (reads 34 bytes per file).
+
+    Without sharded prefixes the prefixes and weights come back as given. With some, a file's weight is its
+    prefix's weight (default: the prefix's tokens) times its share of the prefix's tokens, so the shards of one
+    dataset blend as that dataset would (``weighted=False``, for a split read in one pass: no weights).
+    """
+    from k2_megatron.data.indexed import check_blend_size, check_indexed_dataset, dataset_shards, is_sharded
 
     prefixes = [prefixes] if isinstance(prefixes, str) else list(prefixes)
     if not prefixes:
         raise ValueError(f"{name}: at least one indexed-dataset prefix is needed")
-    for p in prefixes:
-        if not IndexedDataset.exists(p):
-            raise FileNotFoundError(f"{name}: no indexed dataset at {p!r} (expected {p}.bin and {p}.idx; "
-                                    "make them with tools/preprocess_data.py)")
-    return prefixes
+    if weights is not None and len(weights) != len(prefixes):
+        raise ValueError(f"{weights_name}: {len(weights)} weights for {len(prefixes)} prefixes of {name}")
+    files, file_weights = [], []
+    for i, prefix in enumerate(prefixes):
+        try:
+            shards = dataset_shards(prefix)
+            headers = [check_indexed_dataset(s.prefix) for s in shards]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{name}: no indexed dataset at {prefix!r} (expected {prefix}.bin and "
+                                    f"{prefix}.idx, or a sharded dataset {prefix}.shards/; make them with "
+                                    "tools/preprocess_data.py)") from None
+        tokens = [s.tokens if s.tokens is not None else _stat_tokens(s.prefix, h.dtype)
+                  for s, h in zip(shards, headers)]
+        total = sum(tokens)
+        share = weights[i] if weights is not None else total
+        files += [s.prefix for s in shards]
+        file_weights += [share * t / total for t in tokens]
+    check_blend_size(name, len(files))
+    if not any(is_sharded(p) for p in prefixes):
+        return files, list(weights) if weights is not None else None
+    return files, file_weights if weighted else None
+
+
+def _check_sizes(seq_length: int, train_samples: int, valid_samples: int | None) -> None:
+    if not isinstance(seq_length, int) or seq_length < 1:
+        raise ValueError(f"seq_length: must be a positive int, got {seq_length!r}")
+    if not isinstance(train_samples, int) or train_samples < 1:
+        raise ValueError(f"train_samples: must be a positive int, got {train_samples!r}")
+    if valid_samples is not None and (not isinstance(valid_samples, int) or valid_samples < 1):
+        raise ValueError(f"valid_samples: must be None or a positive int, got {valid_samples!r}")
+
+
+def split_blends(train_prefixes, valid_prefixes, train_weights) -> list:
+    """megatron's ``blend_per_split`` (train, valid, test) for these prefixes."""
+    blends = [resolve_blend("train_prefixes", train_prefixes, train_weights, weights_name="train_weights"), None,
+              None]
+    if valid_prefixes is not None:
+        blends[1] = resolve_blend("valid_prefixes", valid_prefixes, weighted=False)
+    return blends
+
+
+def build_megatron_datasets(tokenizer: TextTokenizer, seq_length: int, blends: list, sizes: list, *, seed: int,
+                            path_to_cache: str, is_built_on_rank: Callable[[], bool] | None = None,
+                            fast_cache_load: bool = False):
+    """(train, valid) from megatron-core's BlendedMegatronDatasetBuilder over GPTDataset; the one place their
+    config is made. ``fast_cache_load``: megatron's mode that only loads indices found in ``path_to_cache``."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend_per_split=blends, tokenizer=tokenizer,
+        path_to_cache=path_to_cache, fast_cache_load=fast_cache_load,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+    )
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config)
+    train, valid, _ = builder.build()
+    return train, valid
 
 
 def build_pretraining_datasets(tokenizer: TextTokenizer, seq_length: int, train_prefixes: str | Sequence[str],
@@ -53,34 +118,20 @@ def build_pretraining_datasets(tokenizer: TextTokenizer, seq_length: int, train_
     """(train, valid) megatron GPTDatasets (or BlendedDatasets for several weighted prefixes); valid is None
     without ``valid_prefixes``.
 
-    ``train_samples``: samples the run will draw (train_iters * global_batch_size); GPTDataset repeats epochs
-    (each reshuffled) to cover it. ``valid_samples``: None for one pass over the held-out data. Samples are
-    dicts of 1-D tensors: tokens, labels (tokens shifted by one), loss_mask, position_ids. ``path_to_cache``
-    defaults to ``<cache>/gpt_indices``. Must be called on every rank of a distributed run.
+    A prefix is an indexed dataset (PREFIX.bin/.idx) or a sharded one (PREFIX.shards/, blended by tokens, see
+    ``resolve_blend``). ``train_samples``: samples the run will draw (train_iters * global_batch_size);
+    GPTDataset repeats epochs (each reshuffled) to cover it. ``valid_samples``: None for one pass over the
+    held-out data. Samples are dicts of 1-D tensors: tokens, labels (tokens shifted by one), loss_mask,
+    position_ids. ``path_to_cache`` defaults to ``<cache>/gpt_indices``. Must be called on every rank of a
+    distributed run. The indices are built here when not cached (by rank 0, in time that grows with the
+    data): for large data build them offline and load them with ``dataset_index.load_dataset_index``.
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    if not isinstance(seq_length, int) or seq_length < 1:
-        raise ValueError(f"seq_length: must be a positive int, got {seq_length!r}")
-    if not isinstance(train_samples, int) or train_samples < 1:
-        raise ValueError(f"train_samples: must be a positive int, got {train_samples!r}")
-    if valid_samples is not None and (not isinstance(valid_samples, int) or valid_samples < 1):
-        raise ValueError(f"valid_samples: must be None or a positive int, got {valid_samples!r}")
-    train_prefixes = _check_prefixes("train_prefixes", train_prefixes)
-    if train_weights is not None and len(train_weights) != len(train_prefixes):
-        raise ValueError(f"train_weights: {len(train_weights)} weights for {len(train_prefixes)} prefixes")
-    blends = [(train_prefixes, list(train_weights) if train_weights is not None else None), None, None]
-    if valid_prefixes is not None:
-        blends[1] = (_check_prefixes("valid_prefixes", valid_prefixes), None)
-    config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend_per_split=blends, tokenizer=tokenizer,
-        path_to_cache=path_to_cache or os.path.join(default_cache_dir(), "gpt_indices"),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-    )
-    sizes = [train_samples, valid_samples, None]
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config)
-    train, valid, _ = builder.build()
+    _check_sizes(seq_length, train_samples, valid_samples)
+    blends = split_blends(train_prefixes, valid_prefixes, train_weights)
+    train, valid = build_megatron_datasets(tokenizer, seq_length, blends, [train_samples, valid_samples, None],
+                                           seed=seed, is_built_on_rank=is_built_on_rank,
+                                           path_to_cache=path_to_cache or os.path.join(default_cache_dir(),
+                                                                                       "gpt_indices"))
     if train is not None and len(train) < train_samples:
         raise RuntimeError(f"train_samples: the training dataset holds {len(train)} samples, fewer than the "
                            f"{train_samples} requested")
@@ -183,36 +234,81 @@ def validation_batches(dataset, micro_batch_size: int, num_micro_batches: int | 
         yield stream.next_batch()
 
 
-def _token_counts(prefix: str, vocab_size: int) -> np.ndarray:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path
+# The unigram baseline's reads of a dataset without stored token counts: at most this many tokens, in this
+# many evenly spaced windows.
+UNIGRAM_SAMPLE_TOKENS = 1 << 24
+UNIGRAM_SAMPLE_WINDOWS = 256
+_READ_CHUNK_TOKENS = 1 << 22
 
-    dtype = IndexedDataset(prefix).index.dtype
-    tokens = np.memmap(get_bin_path(prefix), dtype=dtype, mode="r")
+
+def _token_windows(total: int, budget: int, windows: int) -> list[tuple[int, int]]:
+    """(start, length) windows of [0, total): the whole range when it fits ``budget``, else ``windows`` evenly
+    spaced windows of ``budget // windows`` tokens."""
+    if total <= budget:
+        return [(start, min(_READ_CHUNK_TOKENS, total - start)) for start in range(0, total, _READ_CHUNK_TOKENS)]
+    length = max(1, budget // windows)
+    windows = min(windows, budget)
+    last = total - length
+    return [(round(k * last / max(windows - 1, 1)), length) for k in range(windows)]
+
+
+def token_counts(prefix: str, vocab_size: int, *, max_sample_tokens: int = UNIGRAM_SAMPLE_TOKENS
+                 ) -> tuple[np.ndarray, bool]:
+    """(counts of each id, int64 [vocab_size]; exact) of the dataset at ``prefix``.
+
+    The counts the preprocessing stored beside the dataset (``PREFIX.token_counts.npy``, or the sharded
+    dataset's ``token_counts.npy``) when there are some: exact, one small file read. Otherwise counted on at
+    most ``max_sample_tokens`` tokens read from the .bin files in ``UNIGRAM_SAMPLE_WINDOWS`` evenly spaced
+    windows (exact only when the dataset is no larger): a bounded read whatever the dataset's size.
+    """
+    from k2_megatron.data.indexed import check_indexed_dataset, dataset_shards, token_counts_path
+
+    path = token_counts_path(prefix)
+    if path is not None:
+        counts = np.load(path)
+        if counts.shape != (vocab_size,) or counts.dtype.kind not in "iu":
+            raise ValueError(f"vocab_size: {path} holds {counts.dtype} counts of shape {list(counts.shape)}, not "
+                             f"[vocab_size={vocab_size}] (was the dataset made with another tokenizer?)")
+        return counts.astype(np.int64), True
+    files = [(s.prefix, check_indexed_dataset(s.prefix).dtype) for s in dataset_shards(prefix)]
+    sizes = np.array([_stat_tokens(p, dtype) for p, dtype in files], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    total = int(ends[-1]) if len(ends) else 0
     counts = np.zeros(vocab_size, dtype=np.int64)
-    chunk = 1 << 24
-    for start in range(0, tokens.shape[0], chunk):
-        part = np.asarray(tokens[start:start + chunk])
+    for start, length in _token_windows(total, max_sample_tokens, UNIGRAM_SAMPLE_WINDOWS):
+        i = int(np.searchsorted(ends, start, side="right"))  # the file holding token ``start``
+        (file, dtype), offset = files[i], start - int(ends[i] - sizes[i])
+        with open(file + ".bin", "rb") as f:
+            f.seek(offset * dtype.itemsize)
+            part = np.fromfile(f, dtype=dtype, count=min(length, int(sizes[i]) - offset))
         if part.size and int(part.max()) >= vocab_size:
-            raise ValueError(f"vocab_size: {prefix} holds token id {int(part.max())} >= vocab_size={vocab_size}")
+            raise ValueError(f"vocab_size: {file} holds token id {int(part.max())} >= vocab_size={vocab_size}")
         counts += np.bincount(part, minlength=vocab_size)
-    return counts
+    return counts, total <= max_sample_tokens
 
 
 def unigram_baseline(train_prefixes: str | Sequence[str], valid_prefixes: str | Sequence[str], vocab_size: int,
-                     *, smoothing: float = 1.0) -> float:
+                     *, smoothing: float = 1.0, max_sample_tokens: int = UNIGRAM_SAMPLE_TOKENS) -> float:
     """Cross-entropy in nats per token of the held-out data under the training split's unigram distribution.
 
     p(t) = (count_train(t) + smoothing) / (N_train + smoothing * vocab_size) (additive smoothing, so a token
     absent from training costs a finite amount); returns -mean over every held-out token of log p(t), eod ids
     included (they are predicted targets in training too). A language model that learned anything beyond
     token frequencies has a validation loss below this.
+
+    Reads a bounded amount of data whatever the datasets' size (``token_counts``): the counts stored by the
+    preprocessing (exact), else at most ``max_sample_tokens`` tokens of each dataset (an estimate).
     """
     if not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size: must be a positive int, got {vocab_size!r}")
     if not smoothing > 0:
         raise ValueError(f"smoothing: must be > 0, got {smoothing}")
-    train_counts = sum(_token_counts(p, vocab_size) for p in _check_prefixes("train_prefixes", train_prefixes))
-    valid_counts = sum(_token_counts(p, vocab_size) for p in _check_prefixes("valid_prefixes", valid_prefixes))
+    counts = {}
+    for name, prefixes in (("train_prefixes", train_prefixes), ("valid_prefixes", valid_prefixes)):
+        prefixes = [prefixes] if isinstance(prefixes, str) else list(prefixes)
+        resolve_blend(name, prefixes, weighted=False)  # every dataset there, within megatron's limits
+        counts[name] = sum(token_counts(p, vocab_size, max_sample_tokens=max_sample_tokens)[0] for p in prefixes)
+    train_counts, valid_counts = counts["train_prefixes"], counts["valid_prefixes"]
     n_valid = int(valid_counts.sum())
     if n_valid == 0:
         raise ValueError("valid_prefixes: the held-out data holds no tokens")

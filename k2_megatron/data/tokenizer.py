@@ -277,11 +277,15 @@ class TiktokenTokenizer(TextTokenizer):
 def split_long_runs(text: str, max_chars: int | None = None, max_run: int | None = None) -> list[str]:
     """Cuts ``text`` into chunks of ``max_chars`` (400k) characters, then cuts every run of more than ``max_run``
     (25k) consecutive whitespace or non-whitespace characters (``str.isspace``) after each ``max_run``
-    characters of the run, as K2's tokenizer wrapper does before calling tiktoken. Ordinary text is one piece."""
+    characters of the run, as K2's tokenizer wrapper does before calling tiktoken. Ordinary text is one piece.
+
+    Linear time: a run is only matched from its first character (the look-behinds), so a run shorter than
+    ``max_run`` is scanned once, not once per position as a plain ``\\S{n,}`` search would (quadratic in the
+    run length: code, base64, unspaced scripts)."""
     max_chars = max_chars or TIKTOKEN_MAX_CHARS
     max_run = max_run or TIKTOKEN_MAX_RUN_CHARS
     pieces = []
-    long_run = re.compile(r"\s{%d,}|\S{%d,}" % (max_run + 1, max_run + 1))
+    long_run = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % (max_run + 1, max_run + 1))
     for start in range(0, max(len(text), 1), max_chars):
         chunk = text[start:start + max_chars]
         cut = 0

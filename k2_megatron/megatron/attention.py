@@ -12,15 +12,19 @@ gathers the column-parallel kv down-projection with an op whose backward keeps o
 assuming the gradient is the same on every rank, which for k_R it is not (each rank sees only its heads).
 Summing over TP ranks before the broadcast's own sum over local heads gives the sum over all heads.
 
-Every forward records ``current_max_attn_logits`` (float32 [heads on this TP rank]): the running maximum of
-the scaled, causally masked logits since the last reset (megatron's MLASelfAttention.clip_qk() and its
-optimizer/qk_clip.py read it and set it back to None; ``reset_max_attn_logits()`` does the same).
+Max logits for QK-Clip, one protocol: every forward records ``current_max_attn_logits`` (float32 [heads on this
+TP rank]), the running maximum of the scaled, causally masked logits (the attribute megatron's
+MLASelfAttention.clip_qk() reads); ``take_max_attn_logits()`` hands it over and resets it, and
+``take_global_max_attn_logits(layers)`` does so for every layer of a model at once, all-reduced (MAX) over the
+data- and context-parallel ranks: the one reduction, used by k2_megatron.megatron.optimizer.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
@@ -28,6 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from k2_megatron import ops  # looked up per call: ops.<name> is whatever k2_megatron.ops exports then
+from k2_megatron.megatron.layout import collective_device
 
 
 class K2MLACoreAttention(MegatronModule):
@@ -72,8 +77,10 @@ class K2MLACoreAttention(MegatronModule):
         k_nope, k_rope = key.split([key.shape[-1] - self.qk_rope_head_dim, self.qk_rope_head_dim], dim=-1)
         return torch.cat([k_nope, copy_to_tensor_model_parallel_region(k_rope, group=self.tp_group)], dim=-1)
 
-    def reset_max_attn_logits(self) -> None:
-        self.current_max_attn_logits = None
+    def take_max_attn_logits(self) -> torch.Tensor | None:
+        """The per-head max logits of the forwards since the last call (None if there was none); resets them."""
+        logits, self.current_max_attn_logits = self.current_max_attn_logits, None
+        return logits
 
     def _record(self, max_logits: torch.Tensor) -> None:
         max_logits = max_logits.detach().float()
@@ -118,3 +125,27 @@ class K2MLACoreAttention(MegatronModule):
                                              causal=True, softmax_scale=self.softmax_scale)
         self._record(max_logits)
         return out.transpose(0, 1).reshape(s, b, h * out.shape[-1])
+
+
+def take_global_max_attn_logits(attention_layers) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Each layer's max logits since it last handed them over (``take_max_attn_logits``), all-reduced (MAX) over
+    the data- and context-parallel ranks, and the names of the layers that recorded none (-inf heads there).
+
+    attention_layers: [(name, MLASelfAttention with a K2MLACoreAttention)], the same layers in the same order on
+    every rank of the data-parallel group. A collective, on the device of the group's backend (NCCL refuses CPU
+    tensors)."""
+    if not attention_layers:
+        return {}, []
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    device = collective_device(group)
+    values, missing = [], []
+    for name, attn in attention_layers:
+        core = attn.core_attention
+        logits = core.take_max_attn_logits()
+        if logits is None:
+            missing.append(name)
+            logits = torch.full((core.num_heads_per_partition,), float("-inf"))
+        values.append(logits.detach().to(device=device, dtype=torch.float32))
+    flat = torch.cat(values)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    return dict(zip([name for name, _ in attention_layers], flat.split([v.numel() for v in values]))), missing

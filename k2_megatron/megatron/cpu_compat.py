@@ -1,8 +1,8 @@
 """Run megatron-core on a CPU with gloo: the one place where megatron-core / torch.cuda are patched.
 
-megatron-core 0.19 assumes CUDA in a handful of places that have nothing to do with the maths
-(shared/MEGATRON_CPU.md lists them, measured): it reads and sets torch.cuda RNG states, asks
-torch.cuda.current_device() for the device of new tensors, creates tensors with device="cuda" or .cuda(),
+megatron-core 0.19 assumes CUDA in a handful of places that have nothing to do with the maths (found by
+running a tiny MLA + MoE GPTModel of megatron-core 0.19.2 on a CPU with gloo): it reads and sets torch.cuda RNG
+states, asks torch.cuda.current_device() for the device of new tensors, creates tensors with device="cuda" or .cuda(),
 opens CUDA streams/events around the MoE all-to-all and pipeline p2p, and keeps MoE all-to-all split
 sizes as tensors unless they live on a GPU (gloo's all_to_all_single then gets tensors instead of lists).
 

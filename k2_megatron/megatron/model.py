@@ -1,4 +1,4 @@
-"""Build the K2 model on megatron-core: K2Config (+ parallel layout) -> MLATransformerConfig -> GPTModel.
+"""Build the K2 model on megatron-core: K2Config + ParallelLayout -> MLATransformerConfig -> GPTModel.
 
 ``build_k2_model`` is the model provider: call it on every rank after megatron's parallel_state is
 initialised (``initialize_model_parallel``); it builds this rank's pipeline stage with the K2 spec
@@ -17,40 +17,30 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-from k2_megatron.models.config import K2Config, check_parallel_layout, get_preset, resolve_pipeline_layout
+from k2_megatron.config.model import K2Config, get_preset
+from k2_megatron.config.parallel import ParallelLayout
+from k2_megatron.megatron.layout import initialize_model_parallel, initialized_layout
 from k2_megatron.megatron.spec import get_k2_decoder_block_spec
 
 
-def to_transformer_config(cfg: K2Config, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                          virtual_pipeline_stages: int | None = None, expert_parallel: int = 1,
-                          first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-                          pipeline_layout: str | None = None, sequence_parallel: bool | None = None,
-                          params_dtype: torch.dtype = torch.float32,
+def to_transformer_config(cfg: K2Config, layout: ParallelLayout = ParallelLayout(), *,
+                          sequence_parallel: bool | None = None, params_dtype: torch.dtype = torch.float32,
                           bias_update_rate: float = 1e-3, token_dispatcher: str = "alltoall",
                           use_cpu_initialization: bool | None = None, **overrides) -> MLATransformerConfig:
-    """megatron-core's MLATransformerConfig for ``cfg`` on a given layout (raises ValueError for a bad layout).
-
-    first_stage_layers / last_stage_layers: uneven pipeline split (see check_parallel_layout).
-    pipeline_layout: "auto" (a balanced split over pipeline_parallel x virtual_pipeline_stages chunks) or a
-    megatron layout string (k2_megatron.models.config.resolve_pipeline_layout); it becomes megatron's
+    """megatron-core's MLATransformerConfig for ``cfg`` on ``layout`` (raises ValueError for a layout the model
+    cannot be split into). The layout's pipeline_layout ("auto" or a megatron layout string) becomes megatron's
     pipeline_model_parallel_layout, so any layer count works with virtual stages (61 layers on PP16 x VPP2).
     bias_update_rate: the aux-loss-free expert-bias step (expert_bias += rate * sign(mean load - load) per
     global batch, applied by megatron's finalize_model_grads); 0 freezes the bias.
     Any other MLATransformerConfig field can be passed through ``overrides``.
     """
-    check_parallel_layout(cfg, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
-                          virtual_pipeline_stages=virtual_pipeline_stages, expert_parallel=expert_parallel,
-                          first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
-                          pipeline_layout=pipeline_layout)
-    if pipeline_layout is not None:
-        pipeline_layout = resolve_pipeline_layout(cfg.num_hidden_layers, pipeline_parallel,
-                                                  virtual_pipeline_stages, pipeline_layout)
+    layout.check_model(cfg)
     if cfg.q_lora_rank is None:
         raise ValueError("q_lora_rank=None (a single query projection) cannot be built with megatron-core 0.19's "
                          "MLA: with the latent norms on (qk_layernorm) it requires a Transformer-Engine fused "
                          "norm+linear query projection. K2 uses q_lora_rank=1536.")
     if sequence_parallel is None:
-        sequence_parallel = tensor_parallel > 1  # megatron requires it for TP > 1 with MoE
+        sequence_parallel = layout.tensor_parallel > 1  # megatron requires it for TP > 1 with MoE
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
     rope = {}
@@ -110,14 +100,15 @@ def to_transformer_config(cfg: K2Config, *, tensor_parallel: int = 1, pipeline_p
         moe_router_dtype="fp32",
         moe_grouped_gemm=True,
         moe_token_dispatcher_type=token_dispatcher,
-        tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_stages,
-        num_layers_in_first_pipeline_stage=first_stage_layers,
-        num_layers_in_last_pipeline_stage=last_stage_layers,
-        pipeline_model_parallel_layout=pipeline_layout,
-        expert_model_parallel_size=expert_parallel,
-        expert_tensor_parallel_size=1,
+        tensor_model_parallel_size=layout.tensor_parallel,
+        pipeline_model_parallel_size=layout.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_stages,
+        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
+        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
+        pipeline_model_parallel_layout=layout.megatron_pipeline_layout(cfg.num_hidden_layers),
+        expert_model_parallel_size=layout.expert_parallel,
+        expert_tensor_parallel_size=layout.expert_tensor_parallel,
+        context_parallel_size=layout.context_parallel,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -133,32 +124,29 @@ def to_transformer_config(cfg: K2Config, *, tensor_parallel: int = 1, pipeline_p
     if not torch.cuda.is_available():
         from k2_megatron.megatron import cpu_compat
 
-        kwargs.update(cpu_compat.config_overrides(pipeline_parallel=pipeline_parallel))
+        kwargs.update(cpu_compat.config_overrides(pipeline_parallel=layout.pipeline_parallel))
     kwargs.update(overrides)
     return MLATransformerConfig(**kwargs)
 
 
 def build_k2_model(cfg: K2Config | str, transformer_config: MLATransformerConfig | None = None, *,
-                   pre_process: bool | None = None, post_process: bool | None = None, vp_stage: int | None = None,
-                   **config_kwargs) -> GPTModel:
+                   layout: ParallelLayout | None = None, pre_process: bool | None = None,
+                   post_process: bool | None = None, vp_stage: int | None = None, **config_kwargs) -> GPTModel:
     """This rank's (pipeline stage of the) K2 model as a megatron-core GPTModel with the K2 spec.
 
-    cfg: a K2Config or a preset name. transformer_config: built with ``to_transformer_config(cfg,
-    **config_kwargs)`` when not given; parallel sizes in it must match the initialised parallel_state.
+    cfg: a K2Config or a preset name. transformer_config: built with ``to_transformer_config(cfg, layout,
+    **config_kwargs)`` when not given, ``layout`` defaulting to the initialised parallel_state's (layers split
+    evenly); the parallel sizes must match the initialised parallel_state.
     """
     if isinstance(cfg, str):
         cfg = get_preset(cfg)
     if transformer_config is None:
-        if parallel_state.model_parallel_is_initialized():
-            config_kwargs.setdefault("tensor_parallel", parallel_state.get_tensor_model_parallel_world_size())
-            config_kwargs.setdefault("pipeline_parallel", parallel_state.get_pipeline_model_parallel_world_size())
-            config_kwargs.setdefault("expert_parallel", parallel_state.get_expert_model_parallel_world_size())
-            if config_kwargs.get("pipeline_layout") is not None:  # the layout's chunks are PP x VPP
-                config_kwargs.setdefault("virtual_pipeline_stages",
-                                         parallel_state.get_virtual_pipeline_model_parallel_world_size())
-        transformer_config = to_transformer_config(cfg, **config_kwargs)
-    elif config_kwargs:
-        raise ValueError(f"pass either transformer_config or config kwargs, not both (got {sorted(config_kwargs)})")
+        if layout is None:
+            layout = initialized_layout() if parallel_state.model_parallel_is_initialized() else ParallelLayout()
+        transformer_config = to_transformer_config(cfg, layout, **config_kwargs)
+    elif config_kwargs or layout is not None:
+        raise ValueError(f"pass either transformer_config or a layout and config kwargs, not both (got layout="
+                         f"{layout}, {sorted(config_kwargs)})")
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("build_k2_model: megatron parallel_state is not initialised; call "
                            "megatron.core.parallel_state.initialize_model_parallel(...) first "
@@ -181,10 +169,9 @@ def build_k2_model(cfg: K2Config | str, transformer_config: MLATransformerConfig
                     position_embedding_type="none", vp_stage=vp_stage)
 
 
-def init_distributed_cpu(*, tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
-                         virtual_pipeline_stages: int | None = None, seed: int = 1234, rank: int | None = None,
+def init_distributed_cpu(layout: ParallelLayout = ParallelLayout(), *, seed: int = 1234, rank: int | None = None,
                          world_size: int | None = None, init_method: str | None = None) -> None:
-    """gloo process group + megatron parallel_state + RNG seeds on a CPU (cpu_compat enabled).
+    """gloo process group + megatron parallel_state for ``layout`` + RNG seeds on a CPU (cpu_compat enabled).
 
     rank/world_size/init_method default to the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT);
     a single process without them gets a private file store.
@@ -205,26 +192,25 @@ def init_distributed_cpu(*, tensor_parallel: int = 1, pipeline_parallel: int = 1
 
                 init_method = f"file://{tempfile.mkstemp(prefix='k2_gloo_')[1]}"
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, init_method=init_method)
+    layout.for_world(torch.distributed.get_world_size())  # a clear error before megatron's assertions
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_stages, expert_model_parallel_size=expert_parallel,
-        expert_tensor_parallel_size=1)
+    initialize_model_parallel(layout)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 
 
-def k2_model_provider(cfg: K2Config | str, **config_kwargs):
+def k2_model_provider(cfg: K2Config | str, layout: ParallelLayout | None = None, **config_kwargs):
     """A megatron-style model provider: ``provider(pre_process=..., post_process=..., vp_stage=...)`` builds
-    this rank's model (chunk) of ``cfg`` with ``build_k2_model`` (config kwargs as for to_transformer_config)."""
+    this rank's model (chunk) of ``cfg`` on ``layout`` with ``build_k2_model`` (config kwargs as for
+    to_transformer_config)."""
     if isinstance(cfg, str):
         cfg = get_preset(cfg)
 
     def provider(pre_process: bool | None = None, post_process: bool | None = None, vp_stage: int | None = None,
                  **unused) -> GPTModel:
-        return build_k2_model(cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
-                              **config_kwargs)
+        return build_k2_model(cfg, layout=layout, pre_process=pre_process, post_process=post_process,
+                              vp_stage=vp_stage, **config_kwargs)
 
     return provider
 

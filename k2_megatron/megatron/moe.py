@@ -30,7 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
-from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+from megatron.core.tensor_parallel.random import (
+    CheckpointWithoutOutput,
+    get_cuda_rng_tracker,
+    get_expert_parallel_rng_tracker_name,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
@@ -38,7 +42,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from k2_megatron import ops  # looked up per call: ops.<name> is whatever k2_megatron.ops exports then
-from k2_megatron.megatron import activation_memory
+from k2_megatron.megatron.activation_memory import fp8_saved_tensors, swiglu_recompute_enabled
 
 
 class K2GroupedMLP(MegatronModule):
@@ -63,7 +67,7 @@ class K2GroupedMLP(MegatronModule):
         if config.moe_apply_probs_on_input:
             raise ValueError("K2GroupedMLP: moe_apply_probs_on_input is not supported")
         self.num_local_experts = num_local_experts
-        self.fp8_activation_storage = False  # FP8 copies of the saved fc1 / SwiGLU inputs (activation_memory)
+        self.fp8_activation_storage = False  # FP8 copies of the saved fc1 / SwiGLU inputs (apply_activation_memory)
         hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
         self.ffn_hidden_size = ffn
         dtype = config.params_dtype
@@ -98,14 +102,20 @@ class K2GroupedMLP(MegatronModule):
         if batch_sizes.numel() != self.num_local_experts:
             raise ValueError(f"K2GroupedMLP: tokens_per_expert has {batch_sizes.numel()} entries, expected "
                              f"{self.num_local_experts} (local experts)")
-        if activation_memory.uses_activation_memory(self):  # FP8-stored / recomputed SwiGLU (same outputs)
-            return activation_memory.grouped_mlp_forward(self, x, batch_sizes, permuted_probs), None
-        h = ops.grouped_gemm(x, self.linear_fc1_weight, batch_sizes, trans_b=True)
-        gate, up = torch.chunk(h, 2, dim=-1)
-        h = F.silu(gate) * up
-        h = (h * permuted_probs.unsqueeze(-1)).to(x.dtype)
-        out = ops.grouped_gemm(h, self.linear_fc2_weight, batch_sizes, trans_b=True)
-        return out, None
+        # FP8 storage and SwiGLU recomputation change what is kept for backward, never the outputs.
+        fp8 = self.fp8_activation_storage
+        with fp8_saved_tensors(x, enabled=fp8):
+            h = ops.grouped_gemm(x, self.linear_fc1_weight, batch_sizes, trans_b=True)
+        if swiglu_recompute_enabled(self.config) and torch.is_grad_enabled():
+            ckpt = CheckpointWithoutOutput(fp8=None)
+            with fp8_saved_tensors(h, enabled=fp8):  # the checkpoint keeps only its inputs: h (FP8) and probs
+                a = ckpt.checkpoint(_weighted_swiglu, h, permuted_probs)
+            out = ops.grouped_gemm(a, self.linear_fc2_weight, batch_sizes, trans_b=True)
+            ckpt.discard_output_and_register_recompute(out)  # a is freed; recomputed before fc2's backward
+            return out, None
+        with fp8_saved_tensors(h, enabled=fp8):
+            a = _weighted_swiglu(h, permuted_probs)
+        return ops.grouped_gemm(a, self.linear_fc2_weight, batch_sizes, trans_b=True), None
 
     def backward_dw(self) -> None:
         """No delayed weight-gradient computation: gradients are produced in the backward pass."""
@@ -121,6 +131,12 @@ class K2GroupedMLP(MegatronModule):
                 key, param, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
                 replica_id=(0, 0, dp_rank), prepend_axis_num=len(sharded_offsets))
         return out
+
+
+def _weighted_swiglu(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """p * silu(gate) * up of fc1's output h = [gate | up] (the formula above), in h's dtype."""
+    gate, up = torch.chunk(h, 2, dim=-1)
+    return (F.silu(gate) * up * probs.unsqueeze(-1)).to(h.dtype)
 
 
 class K2Router(TopKRouter):

@@ -3,23 +3,28 @@
     opt = get_muonclip_optimizer(OptimizerConfig(lr=2e-4, bf16=True, use_distributed_optimizer=True), model_chunks)
     ... forward_backward_func(...) ...
     update_successful, grad_norm, _ = opt.step()
-    opt.qk_clip_stats  # {layer: (max logit, clipped heads)} of the last step
+    opt.qk_clip_stats  # {layer: QKClipStats (per-head max logits, clipped heads)} of the last step
 
-Structure (K2 report sections 2 and 4): megatron-core builds its usual optimizer (parameter groups with its
-weight-decay rules and lr multipliers, one DistributedOptimizer for dense and one for expert parameters under
-ZeRO-1, fp32 master weights); the inner torch optimizer of each is replaced by ``k2_megatron.optim.MuonClip``
-working on megatron's master weights (flat shards under ZeRO-1):
-- Muon for the hidden matrices (``k2_megatron.optim.uses_muon``: 2-D weights and 3-D expert stacks, not the
-  embeddings, the output layer or the router), AdamW for the rest.
-- Newton-Schulz always sees whole matrices. Under ZeRO-1 (``ShardedOrthogonalizer``) the momentum of each
-  gradient bucket is all-gathered over the data-parallel ranks, every matrix is orthogonalised ONCE by the rank
-  that owns it (matrices dealt to ranks by Newton-Schulz cost, batched by shape through our kernel), and a
-  reduce-scatter hands each rank its shard of the update; momentum stays sharded. A tensor-parallel matrix is
-  all-gathered over its TP group before Newton-Schulz and sliced after, so the result equals the unsharded one.
-  Expert stacks [E, n, m] count as E matrices (each EP rank its local experts).
+Structure (K2 report sections 2 and 4): megatron-core's parameter groups (its weight-decay rules and lr
+multipliers) and gradient buffers, one optimizer for dense and one for expert parameters, fp32 master weights;
+each is one of megatron's optimizer wrappers built with ``k2_megatron.optim.MuonClip`` as its inner optimizer,
+working on megatron's master weights (flat shards under ZeRO-1), as KellerJordan's Muon keeps a distributed
+and a local variant:
+- ``MuonClipDistributedOptimizer`` (ZeRO-1, megatron's DistributedOptimizer): Newton-Schulz always sees whole
+  matrices. The momentum of each gradient bucket is all-gathered over the data-parallel ranks, every matrix is
+  orthogonalised ONCE by the rank that owns it (matrices dealt to ranks by Newton-Schulz cost, batched by shape
+  through our kernel), and a reduce-scatter hands each rank its shard of the update; momentum stays sharded.
+- ``MuonClipFloat16Optimizer`` / ``MuonClipFP32Optimizer`` (megatron's replicated wrappers): whole matrices
+  already.
+  In both, a tensor-parallel matrix is all-gathered over its TP group before Newton-Schulz and sliced after, so
+  the result equals the unsharded one. Expert stacks [E, n, m] count as E matrices (each EP rank its local
+  experts). Muon for the hidden matrices (``k2_megatron.optim.uses_muon``: 2-D weights and 3-D expert stacks,
+  not the embeddings, the output layer or the router), AdamW for the rest.
 - QK-Clip runs inside the inner step on the master weights, before megatron copies them into the bf16 model
-  weights, so both copies are clipped. The per-head max logits of every attention layer are all-reduced (MAX)
-  over data- and context-parallel ranks in ``MuonClipChainedOptimizer.step``.
+  weights, so both copies are clipped. ``MuonClipChainedOptimizer.step`` takes every attention layer's max
+  logits once per step (k2_megatron.megatron.attention.take_global_max_attn_logits: all-reduced (MAX) over data-
+  and context-parallel ranks) and hands them to the inner optimizers; with QK-Clip off it still reads them for
+  ``qk_clip_stats`` (the run's log).
 - Non-finite gradients and missing or non-finite max logits are detected on every rank and agreed on by all
   ranks before anything is updated (a rank raising alone would leave the others waiting in a collective).
 Optimizer state (momentum, Adam moments, step) is saved and loaded with megatron's dist_checkpointing in its
@@ -29,18 +34,26 @@ DP-reshardable format (``MuonClipChainedOptimizer.sharded_state_dict``), so a ru
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (ChainedOptimizer, OptimizerConfig, _get_param_groups_and_buffers,
+                                     check_config_overrides_consistency, get_standard_config_overrides)
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-from megatron.core.optimizer.optimizer import param_group_identifier_keys
+from megatron.core.optimizer.optimizer import (FP32Optimizer, Float16OptimizerWithFloat16Params,
+                                               param_group_identifier_keys)
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
+from k2_megatron.megatron.attention import K2MLACoreAttention, take_global_max_attn_logits
+from k2_megatron.megatron.layout import collective_device
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
 from k2_megatron.optim.muon import MUON_UPDATE_SCALE, muon_orthogonalize
-from k2_megatron.optim.muonclip import DEFAULT_ADAMW_PATTERNS, MuonClip, NonFiniteGradientError, uses_muon
+from k2_megatron.optim.muonclip import (DEFAULT_ADAMW_PATTERNS, MuonClip, NonFiniteGradientError, QKClipStats,
+                                        uses_muon)
 from k2_megatron.optim.qk_clip import QK_CLIP_ALPHA, QK_CLIP_TAU, MLAHeadLayout, WeightShard, check_qk_clip_args
 
 
@@ -136,16 +149,29 @@ def _pair_param_groups(current_groups: list[dict], state_dict_groups: list[dict]
     return paired
 
 
-_MUON_AWARE_CLASSES: dict[type, type] = {}
+def _megatron_muonclip(param_groups: list[dict], config: OptimizerConfig, muonclip: MuonClipConfig,
+                       orthogonalize) -> _MegatronMuonClip | None:
+    """The inner MuonClip of one megatron wrapper over megatron's param groups (None for none: a stub wrapper).
+    Gradients are checked across all ranks by MuonClipChainedOptimizer.step, not here."""
+    if not param_groups:
+        return None
+    for g in param_groups:
+        g.setdefault("use_muon", False)
+        # megatron's lr scheduler rewrites lr and weight_decay each step with these multipliers; start the same.
+        g["lr"] = config.lr * g.get("lr_mult", 1.0)
+        g["weight_decay"] = config.weight_decay * g.get("wd_mult", 1.0)
+    return _MegatronMuonClip(
+        param_groups, lr=config.lr, momentum=muonclip.momentum, nesterov=muonclip.nesterov,
+        weight_decay=config.weight_decay, ns_steps=muonclip.ns_steps, ns_coefficients=muonclip.ns_coefficients,
+        ns_eps=muonclip.ns_eps, ns_dtype=muonclip.ns_dtype, update_scale=muonclip.update_scale,
+        adamw_betas=(config.adam_beta1, config.adam_beta2), adamw_eps=config.adam_eps,
+        qk_clip_tau=muonclip.qk_clip_tau, qk_clip_alpha=muonclip.qk_clip_alpha, orthogonalize=orthogonalize,
+        check_finite=False)
 
 
-def _muon_aware(cls: type) -> type:
-    """A subclass of megatron's Float16/FP32 optimizer wrapper whose checkpoint loading pairs groups by
-    ``_pair_param_groups`` (the distributed optimizer pairs them in its own code, which MuonClip handles)."""
-    if cls not in _MUON_AWARE_CLASSES:
-        _MUON_AWARE_CLASSES[cls] = type(f"MuonClip{cls.__name__}", (cls,),
-                                        {"_filter_and_reorder_param_groups": staticmethod(_pair_param_groups)})
-    return _MUON_AWARE_CLASSES[cls]
+def _init_muonclip_state(optimizer: MuonClip, config=None) -> None:
+    """megatron's init_state_fn: every parameter's state allocated before a checkpoint is loaded into it."""
+    optimizer.init_state()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,15 +233,133 @@ def _orthogonalize_whole(local: list[torch.Tensor], partition_dims: list[int | N
     return out
 
 
-class ReplicatedOrthogonalizer:
-    """For optimizers whose master weights are whole (TP-local) parameters: Float16/FP32 optimizers."""
+# ---------------------------------------------------------------------------------------------------------
+# megatron's optimizer wrappers with MuonClip inside
 
-    def __init__(self, main_to_model: dict, tp_group):
-        self.main_to_model = main_to_model
-        self.tp_group = tp_group
-        self.matrices_orthogonalized = 0
 
-    def __call__(self, items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+class _MuonClipWrapper:
+    """What the MuonClip wrappers share: megatron's process-group attributes (set by megatron's own factory on its
+    wrappers), the map from inner (master) tensors to model parameters, and where QK-Clip finds each weight."""
+
+    def _init_muonclip(self, groups: _SubOptimizerGroups) -> None:
+        self.grad_stats_parallel_group = groups.grad_stats
+        self.tp_group = groups.tensor
+        self.expert_tp_group = groups.expert_tensor
+        self.matrices_orthogonalized = 0  # by this rank, since construction
+        self.main_to_model = _main_to_model(self) if self.optimizer is not None else {}
+        self._main_of = {model: main for main, model in self.main_to_model.items()}
+        if self.optimizer is not None:
+            self.optimizer.init_state()
+
+    def weight_shard(self, weight: torch.nn.Parameter) -> WeightShard | None:
+        """The piece of 2-D model weight ``weight`` this optimizer updates, as a flat WeightShard of its master
+        copy (None: no piece of it here)."""
+        if weight not in self._main_of:
+            return None
+        return WeightShard(self._main_of[weight].view(-1), self._first_element(weight), weight.shape[0],
+                           weight.shape[1])
+
+    def _first_element(self, model: torch.nn.Parameter) -> int:
+        return 0
+
+
+class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
+    """megatron's DistributedOptimizer (ZeRO-1) with MuonClip over the fp32 master shards. Newton-Schulz per
+    gradient bucket: all-gather the momentum shards over the data-parallel group, orthogonalise each matrix once
+    on its owner rank, reduce-scatter the result.
+
+    Owners are dealt by Newton-Schulz cost (largest first, to the least-loaded rank), identically on every rank
+    of the data-parallel group and of the TP group, so the TP all-gathers inside the owners' batches pair up.
+    ``distributed``: DistributedOptimizer's own arguments (model_chunks, per_model_buffers, data_parallel_group,
+    data_parallel_group_gloo, data_parallel_group_idx, distributed_optimizer_instance_id).
+    """
+
+    def __init__(self, param_groups: list[dict], config: OptimizerConfig, muonclip: MuonClipConfig, *, is_muon,
+                 groups: _SubOptimizerGroups, **distributed):
+        inner = _megatron_muonclip(param_groups, config, muonclip, self.orthogonalize)
+        super().__init__(inner, config, None, _init_muonclip_state, **distributed)
+        self._init_muonclip(groups)
+        self.ns_plan, self.ns_load = self._deal_matrices(is_muon) if inner is not None else ([], [0.0])
+
+    def _first_element(self, model: torch.nn.Parameter) -> int:
+        return self._get_model_param_range_map(model)["param"].start
+
+    def _deal_matrices(self, is_muon) -> tuple[list, list[float]]:
+        """Per bucket (buffer index, bucket index, [(matrix, bucket-relative offset, owner rank)]), and the
+        Newton-Schulz FLOPs dealt to each data-parallel rank."""
+        dp_size = dist.get_world_size(self.data_parallel_group)
+        tp_size = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
+        plan, load = [], [0.0] * dp_size
+        for gbuf_idx, buffer in enumerate(self.buffers):
+            for bucket_idx, bucket in enumerate(buffer.buckets):
+                units = []
+                params = sorted((p for p in bucket.params_list if is_muon(p)),
+                                key=lambda p: buffer.param_index_map[p][0])
+                for p in params:
+                    start = buffer.param_index_map[p][0] - bucket.offset
+                    for m in _matrices_of(p, tp_size):
+                        units.append((m, start + m.index * m.numel))
+                # Deal the matrices to DP ranks by cost (deterministic: ties broken by position).
+                owners = {}
+                for idx in sorted(range(len(units)), key=lambda i: (-units[i][0].cost, i)):
+                    owner = min(range(dp_size), key=lambda r: (load[r], r))
+                    owners[idx] = owner
+                    load[owner] += units[idx][0].cost
+                if units:
+                    plan.append((gbuf_idx, bucket_idx, [(m, off, owners[i]) for i, (m, off) in enumerate(units)]))
+        return plan, load
+
+    def owned_cost(self) -> float:
+        """This rank's Newton-Schulz FLOPs per step."""
+        return self.ns_load[dist.get_rank(self.data_parallel_group)]
+
+    def orthogonalize(self, items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Muon's O of each (group, master shard, momentum shard), computed on whole matrices (see the class)."""
+        dp_group = self.data_parallel_group
+        dp_size, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+        group = items[0][0] if items else None
+        update_of = {self.main_to_model[main]: update for _, main, update in items}
+        out_of = {}
+        for gbuf_idx, bucket_idx, units in self.ns_plan:
+            bucket = self.buffers[gbuf_idx].buckets[bucket_idx]
+            numel = bucket.grad_data.numel()
+            local = torch.zeros(numel // dp_size, dtype=torch.float32, device=bucket.grad_data.device)
+            ranges = {}
+            for p in {m.param for m, _, _ in units}:
+                try:
+                    rmap = self._get_model_param_range_map(p)
+                except KeyError:
+                    continue  # no piece of this parameter on this rank
+                lo, hi = rmap["gbuf_local"].start, rmap["gbuf_local"].end
+                ranges[p] = (lo, hi)
+                local[lo:hi] = update_of[p].float() if p in update_of else 0.0
+            full = torch.empty(numel, dtype=torch.float32, device=local.device)
+            dist.all_gather_into_tensor(full, local, group=dp_group)
+            result = torch.zeros_like(full)
+            mine = [(m, off) for m, off, owner in units if owner == dp_rank]
+            if group is None:  # no Muon item on this rank: take the settings from any Muon group
+                group = next(g for g in self.optimizer.param_groups if g["use_muon"])
+            ortho = _orthogonalize_whole([full[off:off + m.numel].view(m.shape) for m, off in mine],
+                                         [m.partition_dim for m, _ in mine], group, self.tp_group) if mine else []
+            self.matrices_orthogonalized += len(mine)
+            for (m, off), o in zip(mine, ortho):
+                result[off:off + m.numel] = o.reshape(-1).float()
+            local_out = torch.empty_like(local)
+            dist.reduce_scatter_tensor(local_out, result, group=dp_group)
+            for p, (lo, hi) in ranges.items():
+                out_of[p] = local_out[lo:hi]
+        return [out_of[self.main_to_model[main]].to(update.dtype) for _, main, update in items]
+
+
+class _ReplicatedMuonClip(_MuonClipWrapper):
+    """For megatron's wrappers whose master weights are whole (TP-local) parameters. Their checkpoints pair saved
+    with current param groups by ``_pair_param_groups`` (the distributed optimizer pairs them in its own code,
+    which MuonClip handles)."""
+
+    _filter_and_reorder_param_groups = staticmethod(_pair_param_groups)
+
+    def orthogonalize(self, items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Muon's O of each (group, master weight, momentum), batched by shape, TP-split matrices made whole."""
         tp_size = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
         local, pdims, owners = [], [], []
         for k, (group, main, update) in enumerate(items):
@@ -235,87 +379,24 @@ class ReplicatedOrthogonalizer:
         return out
 
 
-class ShardedOrthogonalizer:
-    """Muon for a megatron DistributedOptimizer (ZeRO-1): per gradient bucket, all-gather the momentum shards
-    over the data-parallel group, orthogonalise each matrix once on its owner rank, reduce-scatter the result.
+class MuonClipFloat16Optimizer(_ReplicatedMuonClip, Float16OptimizerWithFloat16Params):
+    """megatron's Float16OptimizerWithFloat16Params (bf16 model, fp32 master weights) with MuonClip inside."""
 
-    Owners are dealt by Newton-Schulz cost (largest first, to the least-loaded rank), identically on every rank
-    of the data-parallel group and of the TP group, so the TP all-gathers inside the owners' batches pair up.
-    """
-
-    def __init__(self, dist_opt: DistributedOptimizer, is_muon, main_to_model: dict, tp_group):
-        self.dist_opt = dist_opt
-        self.main_to_model = main_to_model
-        self.tp_group = tp_group
-        self.dp_group = dist_opt.data_parallel_group
-        self.dp_size = dist.get_world_size(self.dp_group)
-        self.dp_rank = dist.get_rank(self.dp_group)
-        tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-        # Per bucket: (buffer index, bucket index, [(matrix, bucket-relative offset, owner)]).
-        self.plan = []
-        load = [0.0] * self.dp_size
-        for gbuf_idx, buffer in enumerate(dist_opt.buffers):
-            for bucket_idx, bucket in enumerate(buffer.buckets):
-                units = []
-                params = sorted((p for p in bucket.params_list if is_muon(p)),
-                                key=lambda p: buffer.param_index_map[p][0])
-                for p in params:
-                    start = buffer.param_index_map[p][0] - bucket.offset
-                    for m in _matrices_of(p, tp_size):
-                        units.append((m, start + m.index * m.numel))
-                # Deal the matrices to DP ranks by cost (deterministic: ties broken by position).
-                owners = {}
-                for idx in sorted(range(len(units)), key=lambda i: (-units[i][0].cost, i)):
-                    owner = min(range(self.dp_size), key=lambda r: (load[r], r))
-                    owners[idx] = owner
-                    load[owner] += units[idx][0].cost
-                if units:
-                    self.plan.append((gbuf_idx, bucket_idx, [(m, off, owners[i]) for i, (m, off) in enumerate(units)]))
-        self.load = load  # Newton-Schulz FLOPs per DP rank
-        self.matrices_orthogonalized = 0  # on this rank, since construction
-
-    def owned_cost(self) -> float:
-        return self.load[self.dp_rank]
-
-    def __call__(self, items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        group = items[0][0] if items else None
-        update_of = {self.main_to_model[main]: update for _, main, update in items}
-        out_of = {}
-        for gbuf_idx, bucket_idx, units in self.plan:
-            buffer = self.dist_opt.buffers[gbuf_idx]
-            bucket = buffer.buckets[bucket_idx]
-            numel = bucket.grad_data.numel()
-            shard = numel // self.dp_size
-            local = torch.zeros(shard, dtype=torch.float32, device=bucket.grad_data.device)
-            ranges = {}
-            for p in {m.param for m, _, _ in units}:
-                try:
-                    rmap = self.dist_opt._get_model_param_range_map(p)
-                except KeyError:
-                    continue  # no piece of this parameter on this rank
-                lo, hi = rmap["gbuf_local"].start, rmap["gbuf_local"].end
-                ranges[p] = (lo, hi)
-                local[lo:hi] = update_of[p].float() if p in update_of else 0.0
-            full = torch.empty(numel, dtype=torch.float32, device=local.device)
-            dist.all_gather_into_tensor(full, local, group=self.dp_group)
-            result = torch.zeros_like(full)
-            mine = [(m, off) for m, off, owner in units if owner == self.dp_rank]
-            if group is None:  # no Muon item on this rank: take the settings from any Muon group
-                group = next(g for g in self.dist_opt.optimizer.param_groups if g["use_muon"])
-            ortho = _orthogonalize_whole([full[off:off + m.numel].view(m.shape) for m, off in mine],
-                                         [m.partition_dim for m, _ in mine], group, self.tp_group) if mine else []
-            self.matrices_orthogonalized += len(mine)
-            for (m, off), o in zip(mine, ortho):
-                result[off:off + m.numel] = o.reshape(-1).float()
-            local_out = torch.empty_like(local)
-            dist.reduce_scatter_tensor(local_out, result, group=self.dp_group)
-            for p, (lo, hi) in ranges.items():
-                out_of[p] = local_out[lo:hi]
-        return [out_of[self.main_to_model[main]].to(update.dtype) for _, main, update in items]
+    def __init__(self, param_groups: list[dict], config: OptimizerConfig, muonclip: MuonClipConfig, *,
+                 groups: _SubOptimizerGroups):
+        super().__init__(_megatron_muonclip(param_groups, config, muonclip, self.orthogonalize), config, None,
+                         _init_muonclip_state)
+        self._init_muonclip(groups)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# building
+class MuonClipFP32Optimizer(_ReplicatedMuonClip, FP32Optimizer):
+    """megatron's FP32Optimizer (fp32 model, no master copies) with MuonClip inside."""
+
+    def __init__(self, param_groups: list[dict], config: OptimizerConfig, muonclip: MuonClipConfig, *,
+                 groups: _SubOptimizerGroups):
+        super().__init__(_megatron_muonclip(param_groups, config, muonclip, self.orthogonalize), config,
+                         _init_muonclip_state)
+        self._init_muonclip(groups)
 
 
 def _named_params(model_chunks) -> dict:
@@ -340,24 +421,21 @@ def _main_to_model(sub) -> dict:
     return mapping
 
 
-def _model_to_shard(sub, main_to_model: dict) -> dict:
-    """model parameter -> (inner tensor, first element of the parameter it holds)."""
-    out = {}
-    for main, model in main_to_model.items():
-        start = sub._get_model_param_range_map(model)["param"].start if isinstance(sub, DistributedOptimizer) else 0
-        out[model] = (main, start)
-    return out
-
-
-def _attention_layers(model_chunks) -> list[tuple[str, torch.nn.Module]]:
-    """(unique name, MLA self-attention module) of every layer in the chunks (global layer numbers)."""
-    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
-
+def _attention_layers(model_chunks, qk_clip: bool) -> list[tuple[str, MLASelfAttention]]:
+    """(unique name, MLA self-attention module) of every layer in the chunks (global layer numbers) whose core
+    attention records max logits (K2MLACoreAttention); with QK-Clip on, every one must."""
     layers = []
     for chunk in model_chunks:
         for module in chunk.modules():
-            if isinstance(module, MLASelfAttention):
-                layers.append((f"layers.{module.layer_number - 1}.self_attention", module))
+            if not isinstance(module, MLASelfAttention):
+                continue
+            name = f"layers.{module.layer_number - 1}.self_attention"
+            if isinstance(module.core_attention, K2MLACoreAttention):
+                layers.append((name, module))
+            elif qk_clip:
+                raise ValueError(f"MuonClip: QK-Clip needs every attention layer's max logits, but the core attention "
+                                 f"of {name} is a {type(module.core_attention).__name__}, which records none (build "
+                                 "the model with the K2 spec, k2_megatron.megatron.spec)")
     return layers
 
 
@@ -379,20 +457,56 @@ def _check_config(config: OptimizerConfig, model_chunks) -> None:
             raise ValueError(f"get_muonclip_optimizer: OptimizerConfig.{field} is not supported with MuonClip")
     if not getattr(config, "decoupled_weight_decay", True):
         raise ValueError("get_muonclip_optimizer: MuonClip uses decoupled weight decay (decoupled_weight_decay=True)")
-    if getattr(model_chunks[0], "ddp_config", None) is not None and model_chunks[0].ddp_config.use_megatron_fsdp:
+    if config.fp16 or config.loss_scale:
+        raise ValueError("get_muonclip_optimizer: MuonClip runs bf16 or fp32 without loss scaling (got fp16="
+                         f"{config.fp16}, loss_scale={config.loss_scale})")
+    if config.overlap_param_gather_with_optimizer_step:
+        raise ValueError("get_muonclip_optimizer: overlap_param_gather_with_optimizer_step is not supported")
+    ddp_config = getattr(model_chunks[0], "ddp_config", None)
+    if ddp_config is not None and ddp_config.use_megatron_fsdp:
         raise ValueError("get_muonclip_optimizer: megatron FSDP is not supported; use ZeRO-1 "
                          "(use_distributed_optimizer=True)")
+    if ddp_config is not None and ddp_config.num_distributed_optimizer_instances > 1:
+        raise ValueError(f"get_muonclip_optimizer: num_distributed_optimizer_instances="
+                         f"{ddp_config.num_distributed_optimizer_instances} is not supported (1: one ZeRO-1 group)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building
+
+
+@dataclass(frozen=True)
+class _SubOptimizerGroups:
+    """The process groups of one sub-optimizer (dense or expert parameters), as megatron-core's factory picks them."""
+
+    model_parallel: dist.ProcessGroup     # the ranks holding one copy of these parameters, split
+    data_parallel: dist.ProcessGroup      # ZeRO-1 shards the optimizer state over it
+    data_parallel_gloo: dist.ProcessGroup | None
+    grad_stats: dist.ProcessGroup         # gradient norm and zero counts are reduced over it
+    tensor: dist.ProcessGroup             # TP-split matrices are made whole over it for Newton-Schulz
+    expert_tensor: dist.ProcessGroup
+
+
+def _sub_optimizer_groups(model_chunks: list, expert: bool, distributed: bool) -> _SubOptimizerGroups:
+    groups = ProcessGroupCollection.setup_process_groups_for_optimizer(None, model_chunks,
+                                                                       use_gloo_process_groups=True)
+    mpu = ProcessGroupCollection.use_mpu_process_groups()
+    model_parallel = groups["expt_tp_pp_with_egtp_remat_group" if expert else "mp_group"]
+    return _SubOptimizerGroups(
+        model_parallel=model_parallel, data_parallel=groups["intra_expt_dp_group" if expert else "intra_dp_cp_group"],
+        data_parallel_gloo=groups["intra_expt_dp_group_gloo" if expert else "intra_dp_cp_group_gloo"],
+        grad_stats=groups["intra_dist_opt_group"] if distributed else model_parallel, tensor=mpu.tp,
+        expert_tensor=getattr(mpu, "expt_tp", mpu.tp))
 
 
 def get_muonclip_optimizer(config: OptimizerConfig, model_chunks: list,
-                           muonclip: MuonClipConfig | None = None) -> "MuonClipChainedOptimizer":
-    """megatron-core's optimizer for ``model_chunks`` (DDP-wrapped, as for get_megatron_optimizer) with MuonClip
-    as the inner optimizer: ZeRO-1 when ``config.use_distributed_optimizer``, mixed precision per ``config``."""
+                           muonclip: MuonClipConfig | None = None) -> MuonClipChainedOptimizer:
+    """The optimizer of ``model_chunks`` (DDP-wrapped, as for megatron's get_megatron_optimizer): megatron's
+    parameter groups and wrappers with MuonClip inside, ZeRO-1 when ``config.use_distributed_optimizer``, mixed
+    precision per ``config``; one sub-optimizer for dense and one for expert parameters."""
     muonclip = muonclip or MuonClipConfig()
     model_chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     _check_config(config, model_chunks)
-    from megatron.core.optimizer import get_standard_config_overrides
-
     names = _named_params(model_chunks)
 
     def is_muon(p, name=None) -> bool:
@@ -400,76 +514,57 @@ def get_muonclip_optimizer(config: OptimizerConfig, model_chunks: list,
 
     overrides = get_standard_config_overrides(config)
     overrides[ParamKey(with_name_predicate=ParamWithNamePredicate(name="k2_muon", fn=is_muon))] = {"use_muon": True}
-    built = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
-    subs = built.chained_optimizers if isinstance(built, ChainedOptimizer) else [built]
-    tp_group = parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized() \
-        else None
-    for sub in subs:
-        _install(sub, config, muonclip, is_muon, tp_group)
+    check_config_overrides_consistency(config, overrides)
+    subs = []
+    for expert in (False, True):
+        param_groups, buffers = _get_param_groups_and_buffers(
+            model_chunks, model_chunk_offset=0, config=config, config_overrides=overrides,
+            filter_fn=lambda g, expert=expert: g["is_expert_parallel"] == expert,
+            buffer_name="expert_parallel_buffers" if expert else "buffers")
+        if expert and not param_groups:
+            continue  # no experts on this rank's chunks: no expert optimizer (as megatron)
+        groups = _sub_optimizer_groups(model_chunks, expert, config.use_distributed_optimizer)
+        if config.use_distributed_optimizer:
+            subs.append(MuonClipDistributedOptimizer(
+                param_groups, config, muonclip, is_muon=is_muon, groups=groups, model_chunks=model_chunks,
+                per_model_buffers=buffers, data_parallel_group=groups.data_parallel,
+                data_parallel_group_gloo=groups.data_parallel_gloo,
+                data_parallel_group_idx=dist.get_rank(groups.model_parallel), distributed_optimizer_instance_id=0))
+        else:
+            wrapper = MuonClipFloat16Optimizer if config.bf16 else MuonClipFP32Optimizer
+            subs.append(wrapper(param_groups, config, muonclip, groups=groups))
     return MuonClipChainedOptimizer(subs, muonclip, model_chunks)
 
 
-def _install(sub, config: OptimizerConfig, muonclip: MuonClipConfig, is_muon, tp_group) -> None:
-    """Swaps megatron's inner Adam of one sub-optimizer for MuonClip over the same master weights."""
-    if getattr(sub, "is_stub_optimizer", False) or sub.optimizer is None:
-        return
-    groups = sub.optimizer.param_groups
-    for g in groups:
-        g.setdefault("use_muon", False)
-        # megatron's lr scheduler rewrites lr and weight_decay each step with these multipliers; start the same.
-        g["lr"] = config.lr * g.get("lr_mult", 1.0)
-        g["weight_decay"] = config.weight_decay * g.get("wd_mult", 1.0)
-    inner = _MegatronMuonClip(
-        groups, lr=config.lr, momentum=muonclip.momentum, nesterov=muonclip.nesterov, weight_decay=config.weight_decay,
-        ns_steps=muonclip.ns_steps, ns_coefficients=muonclip.ns_coefficients, ns_eps=muonclip.ns_eps,
-        ns_dtype=muonclip.ns_dtype, update_scale=muonclip.update_scale,
-        adamw_betas=(config.adam_beta1, config.adam_beta2), adamw_eps=config.adam_eps,
-        qk_clip_tau=muonclip.qk_clip_tau, qk_clip_alpha=muonclip.qk_clip_alpha)
-    inner.check_finite = False  # MuonClipChainedOptimizer.step agrees on it across all ranks first
-    main_to_model = _main_to_model(sub)
-    if isinstance(sub, DistributedOptimizer):
-        inner.orthogonalize_items = ShardedOrthogonalizer(sub, is_muon, main_to_model, tp_group)
-    else:
-        inner.orthogonalize_items = ReplicatedOrthogonalizer(main_to_model, tp_group)
-        sub.__class__ = _muon_aware(type(sub))
-    inner.init_state()
-    sub.optimizer = inner
-    sub.init_state_fn = lambda opt, config=None: opt.init_state()
-    sub.k2_model_to_shard = _model_to_shard(sub, main_to_model)  # for QK-Clip's registration
-
-
 class MuonClipChainedOptimizer(ChainedOptimizer):
-    """megatron-core's ChainedOptimizer of the MuonClip sub-optimizers, plus the global checks and QK-Clip
+    """megatron-core's ChainedOptimizer of the MuonClip sub-optimizers, plus the global checks and the QK-Clip
     bookkeeping that must agree across ranks."""
 
     def __init__(self, chained_optimizers, muonclip: MuonClipConfig, model_chunks: list):
         super().__init__(chained_optimizers)
         self.muonclip = muonclip
         self.model_chunks = model_chunks
-        self.attention_layers = _attention_layers(model_chunks) if muonclip.qk_clip_tau is not None else []
-        self.qk_clip_stats: dict[str, tuple[float, int]] = {}
+        self.attention_layers = _attention_layers(model_chunks, qk_clip=muonclip.qk_clip_tau is not None)
+        self.qk_clip_stats: dict[str, QKClipStats] = {}
         self.skipped_steps = 0
-        for name, attn in self.attention_layers:
-            self._register_qk_clip(name, attn)
+        self._step_max_logits: dict[str, torch.Tensor] = {}  # this step's global max logits, during step()
+        if muonclip.qk_clip_tau is not None:
+            for name, attn in self.attention_layers:
+                self._register_qk_clip(name, attn)
 
-    def _register_qk_clip(self, name: str, attn) -> None:
+    def _register_qk_clip(self, name: str, attn: MLASelfAttention) -> None:
         layout = _layout_of(attn)
         w_q, w_kv = _q_up_weight(attn), attn.linear_kv_up_proj.weight
         for sub in self.chained_optimizers:
-            inner = sub.optimizer
-            if not isinstance(inner, MuonClip):
+            if sub.optimizer is None:
                 continue
-            shards = sub.k2_model_to_shard
-            if w_q not in shards and w_kv not in shards:
-                continue
+            q, kv = sub.weight_shard(w_q), sub.weight_shard(w_kv)
+            if q is not None or kv is not None:
+                sub.optimizer.register_attention(name, w_q_up=q, w_kv_up=kv, layout=layout,
+                                                 max_logits=partial(self._max_logits_of, name))
 
-            def piece(w):
-                if w not in shards:
-                    return None
-                main, start = shards[w]
-                return WeightShard(main.view(-1), start, w.shape[0], w.shape[1])
-
-            inner.register_attention(name, w_q_up=piece(w_q), w_kv_up=piece(w_kv), layout=layout)
+    def _max_logits_of(self, name: str) -> torch.Tensor | None:
+        return self._step_max_logits.get(name)
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata: dict | None = None):
         """megatron's, defaulting to the DP-reshardable format (the model-space default of megatron-core 0.19.2
@@ -484,7 +579,7 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
 
     def _agree(self, flags: list[bool]) -> list[bool]:
         """Element-wise OR of the flags over all ranks."""
-        t = torch.tensor([float(f) for f in flags], device="cuda" if torch.cuda.is_available() else "cpu")
+        t = torch.tensor([float(f) for f in flags], device=collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
@@ -492,83 +587,63 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
     def step(self):
         grads_bad = not all(bool(torch.isfinite(b.grad_data).all()) for chunk in self.model_chunks
                             for b in (*getattr(chunk, "buffers", []), *getattr(chunk, "expert_parallel_buffers", [])))
-        logits, missing = self.global_max_logits()
-        logits_bad = any(not bool(torch.isfinite(v).all()) for v in logits.values())
-        grads_bad, missing_any, logits_bad = self._agree([grads_bad, bool(missing), logits_bad])
+        logits, missing = take_global_max_attn_logits(self.attention_layers)
+        qk_clip = self.muonclip.qk_clip_tau is not None  # without it the logits are only logged
+        logits_bad = [n for n, v in logits.items() if not bool(torch.isfinite(v).all())]
+        grads_bad, missing_any, logits_bad_any = self._agree([grads_bad, qk_clip and bool(missing),
+                                                              qk_clip and bool(logits_bad)])
         if missing_any:
             raise RuntimeError(f"MuonClip: attention layers recorded no max logits this step (no forward since the "
                                f"last step?): {missing or 'on another rank'}")
-        if logits_bad:
+        if logits_bad_any:
             raise ValueError("MuonClip: non-finite max attention logits (the forward overflowed or produced NaN); "
-                             f"refusing to clip. This rank: {[n for n, v in logits.items() if not torch.isfinite(v).all()]}")
+                             f"refusing to clip. This rank: {logits_bad}")
         if grads_bad:
             if self.muonclip.nonfinite == "raise":
                 raise NonFiniteGradientError("MuonClip: non-finite gradients on at least one rank; nothing was updated")
             self.skipped_steps += 1
-            self.reset_max_logits()
+            self.qk_clip_stats = self._layer_stats(logits, tau=None)  # seen, nothing clipped
             return False, None, None
-        for sub in self.chained_optimizers:
-            inner = sub.optimizer
-            if isinstance(inner, MuonClip):
-                for name in inner.qk_clip_targets:
-                    inner.record_max_logits(name, logits[name])
-        result = super().step()
-        self.qk_clip_stats = self._layer_stats(logits)
-        self.reset_max_logits()
+        self._step_max_logits = logits
+        try:
+            result = super().step()
+        finally:
+            self._step_max_logits = {}
+        self.qk_clip_stats = self._layer_stats(logits, tau=self.muonclip.qk_clip_tau)
         return result
 
-    def _layer_stats(self, logits: dict[str, torch.Tensor]) -> dict[str, tuple[float, int]]:
-        """(max logit, clipped heads) of each of this rank's layers, over all its heads (TP ranks combined)."""
+    def _layer_stats(self, logits: dict[str, torch.Tensor], tau: float | None) -> dict[str, QKClipStats]:
+        """QKClipStats of each of this rank's layers over all of its heads (TP ranks' heads gathered), heads above
+        ``tau`` clipped (None: none)."""
         if not logits:
             return {}
         names = list(logits)
-        max_logit = torch.stack([logits[n].max() for n in names])
-        clipped = torch.stack([(logits[n] > self.muonclip.qk_clip_tau).sum().float() for n in names])
+        local = torch.stack([logits[n] for n in names])  # [layers, heads on this TP rank]
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=tp_group)
-        dist.all_reduce(clipped, op=dist.ReduceOp.SUM, group=tp_group)
-        return {n: (float(m), int(c)) for n, m, c in zip(names, max_logit.tolist(), clipped.tolist())}
-
-    def global_max_logits(self) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """Per-layer max logits of this rank's layers since the last step, all-reduced (MAX) over data- and
-        context-parallel ranks, and the layers that recorded none. A collective: every rank calls it."""
-        if not self.attention_layers:
-            return {}, []
-        values, missing = [], []
-        for name, attn in self.attention_layers:
-            v = getattr(attn.core_attention, "current_max_attn_logits", None)
-            if v is None:
-                missing.append(name)
-                v = torch.full((attn.num_attention_heads_per_partition,), float("-inf"),
-                               device=attn.linear_kv_up_proj.weight.device)
-            values.append(v.detach().float())
-        flat = torch.cat(values)
-        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group(
-            with_context_parallel=True))
-        out, offset = {}, 0
-        for (name, _), v in zip(self.attention_layers, values):
-            out[name] = flat[offset:offset + v.numel()]
-            offset += v.numel()
-        return out, missing
+        tp_size = dist.get_world_size(tp_group)
+        heads = local
+        if tp_size > 1:  # TP rank r holds heads [r * local, (r + 1) * local)
+            gathered = torch.empty((tp_size * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)
+            dist.all_gather_into_tensor(gathered, local.contiguous(), group=tp_group)
+            heads = gathered.view(tp_size, *local.shape).permute(1, 0, 2).reshape(len(names), -1)
+        clipped = heads > tau if tau is not None else torch.zeros_like(heads, dtype=torch.bool)
+        return {n: QKClipStats(max_logits=heads[i], clipped=clipped[i]) for i, n in enumerate(names)}
 
     def reset_max_logits(self) -> None:
-        """Forgets the recorded max logits (step() does this after using them)."""
+        """Forgets the max logits recorded since the last step (e.g. by evaluation forwards); no collective."""
         for _, attn in self.attention_layers:
-            attn.core_attention.current_max_attn_logits = None
+            attn.core_attention.take_max_attn_logits()
 
     def newton_schulz_work(self) -> dict[str, float]:
         """Matrices orthogonalised on this rank so far, and this rank's share of the Newton-Schulz FLOPs per step."""
         matrices, mine, total = 0, 0.0, 0.0
         for sub in self.chained_optimizers:
-            orth = getattr(sub.optimizer, "orthogonalize_items", None)
-            if orth is None:
-                continue
-            matrices += orth.matrices_orthogonalized
-            if isinstance(orth, ShardedOrthogonalizer):
-                mine += orth.owned_cost()
-                total += sum(orth.load)
+            matrices += sub.matrices_orthogonalized
+            if isinstance(sub, MuonClipDistributedOptimizer) and sub.optimizer is not None:
+                mine += sub.owned_cost()
+                total += sum(sub.ns_load)
         return {"matrices": matrices, "flops_share": mine / total if total else 1.0}
 
 
-__all__ = ["MuonClipChainedOptimizer", "MuonClipConfig", "ReplicatedOrthogonalizer", "ShardedOrthogonalizer",
-           "get_muonclip_optimizer"]
+__all__ = ["MuonClipChainedOptimizer", "MuonClipConfig", "MuonClipDistributedOptimizer", "MuonClipFP32Optimizer",
+           "MuonClipFloat16Optimizer", "get_muonclip_optimizer"]

@@ -24,22 +24,15 @@ from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
-from megatron.core.transformer.enums import AttnMaskType, LayerType
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
-from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import (
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import (
-    TransformerLayer,
-    TransformerLayerSubmodules,
-    get_transformer_layer_offset,
-)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from k2_megatron.megatron.attention import K2MLACoreAttention
+from k2_megatron.megatron.layout import transformer_config_layout
 from k2_megatron.megatron.moe import K2GroupedMLP, K2MoELayer, K2Router
 
 
@@ -145,26 +138,10 @@ def get_k2_decoder_block_spec(config: TransformerConfig, vp_stage: int | None = 
 def stage_layer_range(config: TransformerConfig, vp_stage: int | None = None,
                       pp_rank: int | None = None) -> range:
     """Global (0-based) indices of the decoder layers of pipeline stage ``pp_rank`` (default: this rank's),
-    virtual stage ``vp_stage``. With config.pipeline_model_parallel_layout it reads the layout itself:
-    megatron-core 0.19's get_transformer_layer_offset / get_num_layers_to_build ignore pp_rank for a layout and
-    take vp_stage = 0 while parallel_state has no virtual size, so they cannot answer for another stage."""
-    layout = config.pipeline_model_parallel_layout
-    if layout is None:
-        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
-        return range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank))
-    if not isinstance(layout, PipelineParallelLayerLayout):  # TransformerConfig.__post_init__ converts it
-        layout = PipelineParallelLayerLayout(layout, config.pipeline_model_parallel_size)
-    pp, vpp = layout.pipeline_model_parallel_size, layout.virtual_pipeline_model_parallel_size
+    virtual stage ``vp_stage``: the split of config's ParallelLayout (k2_megatron.config.parallel), which equals
+    megatron-core's (tests/test_pipeline_layout.py). megatron-core 0.19's own get_transformer_layer_offset /
+    get_num_layers_to_build ignore pp_rank for a pipeline layout and take vp_stage = 0 while parallel_state has no
+    virtual size, so they cannot answer for another stage."""
     if pp_rank is None:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    if vp_stage is None:
-        if vpp > 1:
-            raise ValueError(f"vp_stage is required: the pipeline layout has {vpp} virtual stages")
-        vp_stage = 0
-    if not 0 <= pp_rank < pp or not 0 <= vp_stage < vpp:
-        raise ValueError(f"pp_rank={pp_rank} / vp_stage={vp_stage} out of range for a layout of {pp} pipeline "
-                         f"stages x {vpp} virtual stages")
-    counts = [[chunk.count(LayerType.decoder) for chunk in row] for row in layout.layout]  # [pp_rank][vp_stage]
-    offset = (sum(counts[r][v] for v in range(vp_stage) for r in range(pp))
-              + sum(counts[r][vp_stage] for r in range(pp_rank)))
-    return range(offset, offset + counts[pp_rank][vp_stage])
+    return transformer_config_layout(config).stage_layers(config.num_layers, pp_rank, vp_stage)

@@ -4,13 +4,15 @@
     opt = MuonClip(groups)
     for layer in attention_layers:
         opt.register_attention(f"layers.{i}", w_q_up=..., w_kv_up=..., layout=MLAHeadLayout(...),
-                               max_logits=lambda: layer.core_attention.current_max_attn_logits)
+                               max_logits=layer.core_attention.take_max_attn_logits)
     loss.backward(); opt.step(); opt.zero_grad()
 
 Each param group says ``use_muon``. Muon params are 2-D matrices or 3-D expert stacks [E, n, m] (E matrices);
 all Muon updates of the same matrix shape, dtype, device and Newton-Schulz settings are orthogonalised in
 one batched ``newton_schulz`` call. This class is the single-process optimizer; the megatron integration
-(ZeRO-1 shards, TP/EP/PP) reuses the pure functions of ``k2_megatron.optim.muon`` and ``qk_clip``.
+(ZeRO-1 shards, TP/EP/PP) builds it with its own ``orthogonalize`` and reuses the pure functions of
+``k2_megatron.optim.muon`` and ``qk_clip``. QK-Clip takes each layer's per-head max logits one way: the
+``max_logits`` callable given at registration, asked once per step.
 """
 
 import math
@@ -94,20 +96,26 @@ def batched_orthogonalize(items: list[tuple[dict, torch.Tensor, torch.Tensor]]) 
 
 @dataclass
 class QKClipTarget:
-    """One attention layer registered for QK-Clip: its up-projections (whole weights or WeightShards)."""
+    """One attention layer registered for QK-Clip: its up-projections (whole weights or WeightShards) and the
+    callable that hands over its per-head max logits for a step."""
 
     w_q_up: torch.Tensor | WeightShard | None  # None: no piece of it is updated by this optimizer
     w_kv_up: torch.Tensor | WeightShard | None
     layout: MLAHeadLayout
-    max_logits_source: Callable[[], torch.Tensor | None] | None = None
+    max_logits: Callable[[], torch.Tensor | None]
 
 
 @dataclass
 class QKClipStats:
-    """What QK-Clip saw and did on one layer in the last step (tensors: read them when you log)."""
+    """What QK-Clip saw and did on one attention layer in the last step (tensors: read them when you log)."""
 
-    max_logit: torch.Tensor  # 0-d, the layer's largest head max logit
-    clipped: torch.Tensor  # bool [h]
+    max_logits: torch.Tensor  # float [h]: each head's max logit over the step's global batch
+    clipped: torch.Tensor  # bool [h]: the heads QK-Clip rescaled
+
+    @property
+    def max_logit(self) -> torch.Tensor:
+        """0-d: the layer's largest head max logit."""
+        return self.max_logits.max()
 
     @property
     def num_clipped(self) -> int:
@@ -128,6 +136,11 @@ class MuonClip(torch.optim.Optimizer):
         qk_clip_tau, qk_clip_alpha: QK-Clip threshold and split; tau=None turns QK-Clip off.
         nonfinite: "raise" (default) raises NonFiniteGradientError on an inf/NaN gradient before anything is
             updated; "skip" skips the whole step with a warning and counts it in ``skipped_steps``.
+        orthogonalize: maps [(group, param, update)] of every Muon parameter to the orthogonalised updates; default
+            ``batched_orthogonalize`` (same-shaped matrices batched on this process). The megatron integration
+            passes its own, for ZeRO-1 shards and TP-split matrices.
+        check_finite: check the gradients for inf / NaN (``nonfinite``); the megatron integration checks them
+            across all ranks before the step instead.
     """
 
     def __init__(self, params, lr: float = 2e-4, *, momentum: float = 0.95, nesterov: bool = False,
@@ -135,7 +148,8 @@ class MuonClip(torch.optim.Optimizer):
                  ns_eps: float = 1e-7, ns_dtype: torch.dtype = torch.bfloat16,
                  update_scale: float = MUON_UPDATE_SCALE, adamw_betas: tuple[float, float] = (0.9, 0.95),
                  adamw_eps: float = 1e-8, qk_clip_tau: float | None = QK_CLIP_TAU,
-                 qk_clip_alpha: float = QK_CLIP_ALPHA, nonfinite: str = "raise"):
+                 qk_clip_alpha: float = QK_CLIP_ALPHA, nonfinite: str = "raise",
+                 orthogonalize: Callable[[list], list] = batched_orthogonalize, check_finite: bool = True):
         if not (lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"MuonClip: lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -161,12 +175,8 @@ class MuonClip(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.qk_clip_targets: dict[str, QKClipTarget] = {}
         self.qk_clip_stats: dict[str, QKClipStats] = {}
-        self._recorded_max_logits: dict[str, torch.Tensor] = {}
-        # Maps [(group, param, update)] of every Muon parameter -> the orthogonalised updates. The default batches
-        # same-shaped matrices on this process; the megatron integration installs one for ZeRO-1 shards and TP.
-        self.orthogonalize_items: Callable[[list], list] = batched_orthogonalize
-        # The megatron integration checks gradients globally (all ranks must agree) and turns this off.
-        self.check_finite = True
+        self.orthogonalize = orthogonalize
+        self.check_finite = check_finite
 
     def add_param_group(self, param_group: dict) -> None:
         if "use_muon" not in param_group:
@@ -187,28 +197,21 @@ class MuonClip(torch.optim.Optimizer):
     # ---- QK-Clip registration --------------------------------------------------------------------------
 
     def register_attention(self, name: str, *, w_q_up: torch.Tensor | WeightShard | None,
-                           w_kv_up: torch.Tensor | WeightShard | None,
-                           layout: MLAHeadLayout, max_logits: Callable[[], torch.Tensor | None] | None = None) -> None:
-        """Registers an MLA layer for QK-Clip. ``max_logits`` (optional) is called at each step for the
-        layer's per-head max logits; otherwise feed them with ``record_max_logits`` before ``step``.
-        The weights are the tensors this optimizer updates: whole 2-D weights, or ``WeightShard``s of them."""
+                           w_kv_up: torch.Tensor | WeightShard | None, layout: MLAHeadLayout,
+                           max_logits: Callable[[], torch.Tensor | None]) -> None:
+        """Registers an MLA layer for QK-Clip. ``max_logits`` is called once per step for the layer's per-head
+        max logits over the step's (global) batch, None when it has none (e.g. a K2 core attention's
+        ``take_max_attn_logits``). The weights are the tensors this optimizer updates: whole 2-D weights, or
+        ``WeightShard``s of them."""
         if self.qk_clip_tau is None:
             raise ValueError("MuonClip: register_attention needs QK-Clip on (qk_clip_tau is None)")
         if name in self.qk_clip_targets:
             raise ValueError(f"MuonClip: attention layer {name!r} is already registered")
+        if not callable(max_logits):
+            raise TypeError(f"MuonClip: max_logits of {name!r} must be a callable returning the step's per-head max "
+                            f"logits, got {type(max_logits).__name__}")
         check_mla_weights(w_q_up, w_kv_up, layout)
         self.qk_clip_targets[name] = QKClipTarget(w_q_up, w_kv_up, layout, max_logits)
-
-    def record_max_logits(self, name: str, max_logits: torch.Tensor) -> None:
-        """Feeds the per-head max logits (already reduced over the global batch) for the next step."""
-        if name not in self.qk_clip_targets:
-            raise KeyError(f"MuonClip: no attention layer registered as {name!r}; "
-                           f"registered: {sorted(self.qk_clip_targets)}")
-        layout = self.qk_clip_targets[name].layout
-        if not isinstance(max_logits, torch.Tensor) or max_logits.shape != (layout.num_heads,):
-            shape = tuple(max_logits.shape) if isinstance(max_logits, torch.Tensor) else type(max_logits).__name__
-            raise ValueError(f"MuonClip: max_logits for {name!r} must have shape [{layout.num_heads}], got {shape}")
-        self._recorded_max_logits[name] = max_logits.detach()
 
     # ---- step ----------------------------------------------------------------------------------------
 
@@ -287,7 +290,7 @@ class MuonClip(torch.optim.Optimizer):
                 self._advance_step(group, state)
                 update = muon_momentum_(state[self.MOMENTUM_KEY], p.grad, group["momentum"], group["nesterov"])
                 items.append((group, p, update))
-        for (group, p, _), ortho in zip(items, self.orthogonalize_items(items)):
+        for (group, p, _), ortho in zip(items, self.orthogonalize(items)):
             apply_decoupled_update_(p, ortho.view_as(p), group["lr"], group["weight_decay"])
 
     def _adamw_group_step(self, group: dict) -> None:
@@ -300,18 +303,13 @@ class MuonClip(torch.optim.Optimizer):
                         betas=group["adamw_betas"], eps=group["adamw_eps"], weight_decay=group["weight_decay"])
 
     def _collect_max_logits(self) -> dict[str, torch.Tensor]:
-        """The validated per-head max logits of every registered layer for this step (recorded or sourced)."""
-        recorded, self._recorded_max_logits = self._recorded_max_logits, {}
-        if self.qk_clip_tau is None:
-            return {}
+        """The validated per-head max logits of every registered layer for this step."""
         collected = {}
         for name, target in self.qk_clip_targets.items():
-            logits = recorded.get(name)
-            if logits is None and target.max_logits_source is not None:
-                logits = target.max_logits_source()
+            logits = target.max_logits()
             if logits is None:
-                raise RuntimeError(f"MuonClip: no max logits for attention layer {name!r} this step; record them "
-                                   "with record_max_logits() or register a max_logits source")
+                raise RuntimeError(f"MuonClip: no max logits for attention layer {name!r} this step (no forward "
+                                   "since the last step?)")
             check_max_logits(logits, target.layout.num_heads, where=f"QK-Clip of {name!r}")
             collected[name] = logits.detach()
         return collected
@@ -322,4 +320,4 @@ class MuonClip(torch.optim.Optimizer):
             target = self.qk_clip_targets[name]
             clipped = qk_clip_(target.w_q_up, target.w_kv_up, logits, target.layout, tau=self.qk_clip_tau,
                                alpha=self.qk_clip_alpha)
-            self.qk_clip_stats[name] = QKClipStats(max_logit=logits.max(), clipped=clipped)
+            self.qk_clip_stats[name] = QKClipStats(max_logits=logits, clipped=clipped)

@@ -1,13 +1,9 @@
-"""Pretraining: the K2 schedule (warmup-stable-decay lr, batch size in tokens, YaRN settings), the run config,
-the loop (``k2_megatron.training.pretrain``: ``pretrain(cfg)`` and the ``k2-pretrain`` command, ``main``),
-atomic checkpoints (``checkpoint``), run logging and plots (``logging``) and the dry-run memory planner (``plan``).
+"""Pretraining: the loop (``k2_megatron.training.pretrain``: ``pretrain(cfg)`` and the ``k2-pretrain`` command,
+``main``), atomic checkpoints (``checkpoint``), run logging and plots (``logging``), the learning-rate schedule
+applied to optimizers (``schedule``) and the dry-run memory planner (``plan``). The run's configuration is
+k2_megatron.config (PretrainConfig, load_config, WSDSchedule, ...).
 """
 
-from k2_megatron.training.config import ConfigError, PretrainConfig, load_config
-from k2_megatron.training.schedule import (K2_GLOBAL_BATCH_TOKENS, K2_MIN_LR, K2_PEAK_LR, K2_SEQ_LENGTH,
-                                          K2_WARMUP_STEPS, K2_WEIGHT_DECAY, BatchLayout, WSDLRScheduler,
-                                          WSDSchedule, YarnConfig, batch_layout, set_lr, wsd_lr_scheduler)
+from k2_megatron.training.schedule import WSDLRScheduler, set_lr, wsd_lr_scheduler
 
-__all__ = ["ConfigError", "PretrainConfig", "load_config", "K2_GLOBAL_BATCH_TOKENS", "K2_MIN_LR", "K2_PEAK_LR",
-           "K2_SEQ_LENGTH", "K2_WARMUP_STEPS", "K2_WEIGHT_DECAY", "BatchLayout", "WSDLRScheduler", "WSDSchedule",
-           "YarnConfig", "batch_layout", "set_lr", "wsd_lr_scheduler"]
+__all__ = ["WSDLRScheduler", "set_lr", "wsd_lr_scheduler"]

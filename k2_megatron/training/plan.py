@@ -6,12 +6,12 @@ Computed analytically from the K2Config and the parallel layout (nothing is buil
 made): building each rank's stage on the meta device was tried, but megatron-core's CPU initialisation
 materialises some weights (the 163,840 x 7,168 embedding alone is 4.7 GB in fp32), so it is neither free nor
 fast. The per-layer parameter formulas below are checked against real megatron-core K2 models in
-tests/test_pretrain_plan.py (every parameter of k2-tiny and of a 2-stage / 2-expert-rank split).
+tests/training/test_pretrain_plan.py (every parameter of k2-tiny and of a 2-stage / 2-expert-rank split).
 
-Layout (megatron-core's): world = TP x PP x DP; experts split over EP ranks taken inside DP x TP; expert
-data-parallel size = world / (PP x EP) (expert TP = 1). Model chunks: with V virtual stages the layers form
-PP x V chunks, chunk c on pipeline stage c mod PP; the embedding sits in chunk 0, the final norm and output
-layer in the last chunk.
+Layout: the run's k2_megatron.config.ParallelLayout (megatron-core's: world = TP x PP x DP; experts split over
+EP ranks taken inside DP x TP; expert data-parallel size = world / (PP x EP)) and its split of the layers into
+PP x V chunks (V virtual stages, chunk c on pipeline stage c mod PP); the embedding sits in chunk 0, the final
+norm and output layer in the last chunk.
 
 Memory per rank (bytes per parameter):
 - weights: 2 (bf16) or 4 (fp32) for every parameter the rank holds;
@@ -22,7 +22,7 @@ Memory per rank (bytes per parameter):
 - activations of the in-flight micro-batches of the rank's stage (1F1B: PP - stage micro-batches; interleaved:
   megatron's warm-up count), bf16, without and with K2's selective recomputation (norms, SwiGLU, MLA
   up-projections recomputed); and with the config's ``memory`` section (recompute, FP8 storage, CPU offload:
-  k2_megatron.training.memory.activation_bytes_per_token).
+  ``activation_bytes_per_token``).
 K2 report (section 4): bf16 weights + fp32 gradient buffers ~6 TB over a 256-GPU model-parallel group (~30 GB
 per GPU).
 """
@@ -30,9 +30,11 @@ per GPU).
 from __future__ import annotations
 
 import sys
+from collections import defaultdict
 from dataclasses import dataclass, field
 
-from k2_megatron.training.memory import activation_bytes_per_token
+from k2_megatron.config import ConfigError, K2Config, MemoryOptions, ParallelLayout, PretrainConfig, get_preset
+from k2_megatron.config.schedule import BatchLayout, batch_layout
 
 GIB = 1024**3
 PAPER_WEIGHTS_GRADS_TB = 6.0
@@ -70,31 +72,6 @@ def layer_params(cfg, layer: int) -> LayerParams:
     return LayerParams(attn_mats + norms + shared, attn_mats + shared, cfg.n_routed_experts * h, experts)
 
 
-def split_layers(num_layers: int, pp: int, vpp: int, first: int | None = None, last: int | None = None) -> list[int]:
-    """Layers per model chunk (PP x V chunks, in chunk order). Uneven first/last stages as in
-    check_parallel_layout; otherwise an even split, or, when the layers do not divide, chunks of
-    ceil/floor size with the short chunks at the first chunk (embedding) and at the end (output layer): the
-    split of parallel.pipeline_layout="auto" (k2_megatron.models.config.balanced_chunk_layers), which builds it."""
-    chunks = pp * vpp
-    if first is not None or last is not None:
-        stage = [None] * pp
-        rest, rest_stages = num_layers, pp
-        if first is not None:
-            stage[0], rest, rest_stages = first, rest - first, rest_stages - 1
-        if last is not None:
-            stage[-1], rest, rest_stages = last, rest - last, rest_stages - 1
-        for s in range(pp):
-            if stage[s] is None:
-                stage[s] = rest // rest_stages
-        return [stage[c % pp] // vpp for c in range(chunks)]
-    base, extra = divmod(num_layers, chunks)
-    if extra == 0:
-        return [base] * chunks
-    short = chunks - extra
-    short_chunks = {0} | set(range(chunks - (short - 1), chunks)) if short > 1 else {0}
-    return [base if c in short_chunks else base + 1 for c in range(chunks)]
-
-
 def _activation_elements_per_token(cfg, layer: int, recompute: bool) -> int:
     """bf16 elements kept for backward per token in one decoder layer (rough, megatron local modules)."""
     h, H = cfg.hidden_size, cfg.num_attention_heads
@@ -115,6 +92,41 @@ def _activation_elements_per_token(cfg, layer: int, recompute: bool) -> int:
     return attn + mlp
 
 
+def activation_bytes_per_token(cfg: K2Config, layer: int, options: MemoryOptions, dtype_bytes: int = 2) -> float:
+    """Bytes kept for backward per token by decoder layer ``layer`` of K2Config ``cfg`` (rough count of the
+    megatron local modules, as the dry-run planner's; activations in ``dtype_bytes``), with ``options``:
+    recompute drops the outputs of the listed modules, FP8 stores the MoE fc1 and SwiGLU inputs in
+    1 byte + 4 bytes per 128, CPU offload moves the listed modules' saved inputs off the GPU."""
+    rc, off = set(options.recompute), set(options.cpu_offload)
+    h, H = cfg.hidden_size, cfg.num_attention_heads
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    ql, kl = cfg.q_lora_rank or 0, cfg.kv_lora_rank
+    fp8 = (1 + 4 / 128) / dtype_bytes  # FP8 bytes per element, in units of dtype_bytes
+    norm = "layernorm" in rc
+    up = "mla_up_proj" in rc
+    e = defaultdict(float)  # elements per token, by module
+    e["attn_norm"] = h + (0 if norm else h)                       # residual in (norm input), norm out
+    e["qkv_linear"] = (ql + kl + dr)                              # q / kv latents (down-projection outputs)
+    # normed latents (kept: megatron's "mla_up_proj" recomputes from them), q and kv up-projection outputs
+    e["mla_up"] = ql + kl + (0 if up else H * (dn + dr) + H * (dn + dv))
+    e["core_attn"] = 2 * H * (dn + dr) + H * dv                   # q, k (with rope), v into attention
+    e["attn_proj"] = H * dv                                       # attention output (projection input)
+    e["mlp_norm"] = h + (0 if norm else h)
+    if layer < cfg.first_k_dense_replace:
+        f = cfg.intermediate_size
+        e["mlp"] = 0 if "dense_mlp" in rc else 2 * f + f         # fc1 out (SwiGLU in), SwiGLU out
+    else:
+        k, fe, fs = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts
+        swiglu_rc = "swiglu" in rc
+        fc1_in = k * h * (fp8 if options.fp8_activations else 1)
+        swiglu_in = k * 2 * fe * (fp8 if options.fp8_activations else 1)
+        e["router"] = 2 * cfg.n_routed_experts                    # fp32 logits
+        e["experts"] = fc1_in + swiglu_in + (0 if swiglu_rc else k * fe) + k * h  # ... SwiGLU out, combine in
+        e["shared"] = 0 if "shared_expert" in rc else 2 * fs + fs
+    total = sum(v for name, v in e.items() if name not in off)
+    return total * dtype_bytes
+
+
 @dataclass
 class StagePlan:
     stage: int
@@ -130,7 +142,7 @@ class StagePlan:
     activations: float           # no recomputation
     activations_recompute: float
     in_flight: int               # micro-batch x chunk passes alive at the peak
-    activations_configured: float = 0.0  # with the config's memory section (k2_megatron.training.memory)
+    activations_configured: float = 0.0  # with the config's memory section (activation_bytes_per_token)
 
     @property
     def states(self) -> float:
@@ -139,65 +151,57 @@ class StagePlan:
 
 @dataclass
 class Plan:
-    world_size: int
-    tp: int
-    pp: int
-    vpp: int
-    ep: int
-    dp: int
-    expert_dp: int
+    layout: ParallelLayout       # on the planned world (data_parallel known)
     total_params: int
     active_params: int
     stages: list[StagePlan] = field(default_factory=list)
 
     @property
+    def expert_dp(self) -> int:
+        return self.layout.expert_data_parallel
+
+    @property
     def model_parallel_group(self) -> int:
         """Ranks holding one full copy of the model: TP x PP x EP."""
-        return self.tp * self.pp * self.ep
+        return self.layout.tensor_parallel * self.layout.pipeline_parallel * self.layout.expert_parallel
 
     def weights_and_grads_per_model_copy(self) -> float:
         """Bytes of weights + gradient buffers summed over one TP x PP x EP group (the paper's accounting)."""
-        return sum((s.weights + s.grads) * self.tp * self.ep for s in self.stages)
+        return sum((s.weights + s.grads) * self.layout.tensor_parallel * self.layout.expert_parallel
+                   for s in self.stages)
 
 
-def plan_memory(cfg, world_size: int) -> Plan:
+def _planned_layout(cfg: PretrainConfig, world_size: int, k2: K2Config) -> tuple[ParallelLayout, list[int]]:
+    """(the config's ParallelLayout on ``world_size`` ranks, decoder layers per chunk); ConfigError when the
+    world or the model does not split into it."""
+    layout = cfg.parallel.layout(world_size)
+    try:
+        chunk_layers = layout.chunk_layers(k2.num_hidden_layers)
+    except ValueError as e:
+        raise ConfigError(f"{'parallel.pipeline_layout' if layout.pipeline_layout else 'parallel'}: {e}") from None
+    try:
+        layout.check_model(k2)
+    except ValueError as e:
+        raise ConfigError(f"parallel: {e}") from None
+    return layout, chunk_layers
+
+
+def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
     """The per-stage plan of PretrainConfig ``cfg`` on ``world_size`` ranks (analytic, no allocation)."""
-    from k2_megatron.training.config import ConfigError
-
-    p = cfg.parallel
-    tp, pp, ep = p.tensor, p.pipeline, p.expert
-    vpp = p.virtual_stages or 1
-    if not isinstance(world_size, int) or world_size < 1 or world_size % (tp * pp):
-        raise ConfigError(f"--world-size: {world_size!r} is not a positive multiple of TP x PP = {tp * pp}")
-    dp = world_size // (tp * pp)
-    if (dp * tp) % ep:
-        raise ConfigError(f"parallel.expert={ep} must divide DP x TP = {dp} x {tp}")
-    expert_dp = world_size // (pp * ep)
-    vocab = _vocab_size(cfg)
-    k2 = cfg.k2_config(vocab)
-    if k2.n_routed_experts % ep:
-        raise ConfigError(f"parallel.expert={ep} must divide n_routed_experts={k2.n_routed_experts}")
-    if getattr(p, "pipeline_layout", None) is not None:
-        from k2_megatron.models.config import pipeline_layout_chunk_layers
-
-        try:
-            chunk_layers = pipeline_layout_chunk_layers(k2.num_hidden_layers, pp, p.virtual_stages, p.pipeline_layout)
-        except ValueError as e:
-            raise ConfigError(f"parallel.pipeline_layout: {e}") from None
-    else:
-        chunk_layers = split_layers(k2.num_hidden_layers, pp, vpp, p.first_stage_layers, p.last_stage_layers)
-    if sum(chunk_layers) != k2.num_hidden_layers or min(chunk_layers) < 0:
-        raise ConfigError(f"parallel: cannot split {k2.num_hidden_layers} layers over {pp} x {vpp} chunks with "
-                          f"first_stage_layers={p.first_stage_layers}, last_stage_layers={p.last_stage_layers}")
+    k2 = cfg.k2_config(_vocab_size(cfg))
+    layout, chunk_layers = _planned_layout(cfg, world_size, k2)
+    tp, pp, vpp, ep = (layout.tensor_parallel, layout.pipeline_parallel, layout.virtual_stages,
+                       layout.expert_parallel)
+    dp, expert_dp = layout.data_parallel, layout.expert_data_parallel
     starts = [sum(chunk_layers[:c]) for c in range(len(chunk_layers))]
     wbytes = 2 if cfg.model.params_dtype == "bfloat16" else 4
     master = 4 if wbytes == 2 else 0
     seq, mbs = cfg.data.seq_length, cfg.train.micro_batch_size
     tokens = seq * mbs
-    _, layout = _layout_or_none(cfg, world_size)
-    n_micro = layout.num_micro_batches if layout else pp * vpp
+    batches = _batch_layout_or_none(cfg, dp)
+    n_micro = batches.num_micro_batches if batches else pp * vpp
     h, V = k2.hidden_size, k2.vocab_size
-    plan = Plan(world_size, tp, pp, vpp, ep, dp, expert_dp, 0, 0)
+    plan = Plan(layout, 0, 0)
     total = active = 0
     for s in range(pp):
         chunks = [c for c in range(pp * vpp) if c % pp == s]
@@ -246,11 +250,9 @@ def plan_memory(cfg, world_size: int) -> Plan:
     return plan
 
 
-def _vocab_size(cfg) -> int:
+def _vocab_size(cfg: PretrainConfig) -> int:
     """The model's vocabulary: model.overrides.vocab_size, else N of a 'default:N' tokenizer, else the preset's
     (no tokenizer file is read)."""
-    from k2_megatron.models import get_preset
-
     if "vocab_size" in cfg.model.overrides:
         return cfg.model.overrides["vocab_size"]
     kind, _, arg = cfg.data.tokenizer.partition(":")
@@ -259,27 +261,26 @@ def _vocab_size(cfg) -> int:
     return get_preset(cfg.model.preset).vocab_size
 
 
-def _layout_or_none(cfg, world_size: int):
-    from k2_megatron.training.schedule import batch_layout
-
+def _batch_layout_or_none(cfg: PretrainConfig, dp: int) -> BatchLayout | None:
     try:
-        dp = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
-        return dp, batch_layout(cfg.train.global_batch_tokens, cfg.data.seq_length, cfg.train.micro_batch_size, dp)
+        return batch_layout(cfg.train.global_batch_tokens, cfg.data.seq_length, cfg.train.micro_batch_size, dp)
     except ValueError:
-        return None, None
+        return None
 
 
-def format_plan(plan: Plan, cfg) -> str:
+def format_plan(plan: Plan, cfg: PretrainConfig) -> str:
     gb = lambda b: b / GIB  # noqa: E731
+    lay = plan.layout
     lines = [f"dry run: {cfg.model.preset}, {plan.total_params / 1e9:.2f}B parameters "
              f"({plan.active_params / 1e9:.2f}B activated per token), analytic (nothing built or allocated)",
-             f"world {plan.world_size} = TP{plan.tp} x PP{plan.pp}"
-             f"{f' x {plan.vpp} virtual stages' if plan.vpp > 1 else ''} x DP{plan.dp}; EP{plan.ep} inside DP; "
-             f"ZeRO-1 over DP{plan.dp} (dense) and DP{plan.expert_dp} (experts); "
+             f"world {lay.world_size} = TP{lay.tensor_parallel} x PP{lay.pipeline_parallel}"
+             f"{f' x {lay.virtual_stages} virtual stages' if lay.virtual_stages > 1 else ''} x DP{lay.data_parallel}; "
+             f"EP{lay.expert_parallel} inside DP; ZeRO-1 over DP{lay.data_parallel} (dense) and DP{plan.expert_dp} "
+             "(experts); "
              f"model-parallel group TP x PP x EP = {plan.model_parallel_group} ranks",
              f"every rank of a pipeline stage holds the same amounts (experts: "
-             f"{cfg.k2_config(_vocab_size(cfg)).n_routed_experts // plan.ep} local per MoE layer); per rank, memory "
-             "in GiB:",
+             f"{cfg.k2_config(_vocab_size(cfg)).n_routed_experts // lay.expert_parallel} local per MoE layer); "
+             "per rank, memory in GiB:",
              f"{'stage':>5} {'layers':>14} {'params':>9} {'experts':>9} {'bf16 w':>7} {'fp32 g':>7} {'optim':>7} "
              f"{'states':>7} {'act':>7} {'act rc':>7} {'in-flight':>9}"]
     for s in plan.stages:
@@ -334,5 +335,5 @@ def dry_run(cfg, world_size: int | None = None, file=None) -> int:
     return 0
 
 
-__all__ = ["LayerParams", "Plan", "StagePlan", "dry_run", "format_plan", "layer_params", "plan_memory",
-           "split_layers"]
+__all__ = ["LayerParams", "Plan", "StagePlan", "activation_bytes_per_token", "dry_run", "format_plan", "layer_params",
+           "plan_memory"]

@@ -29,16 +29,17 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron's jit_fuser is tor
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from k2_megatron.training.config import ConfigError, PretrainConfig, load_config  # noqa: E402
+from k2_megatron.config import ConfigError, PretrainConfig, load_config  # noqa: E402
 
 
 # ----- distributed setup -----
 
 def _initialize(cfg: PretrainConfig) -> None:
-    p = cfg.parallel
+    layout = cfg.parallel.layout()
     if torch.cuda.is_available():
-        from megatron.core import parallel_state
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        from k2_megatron.megatron import initialize_model_parallel
 
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
@@ -47,17 +48,13 @@ def _initialize(cfg: PretrainConfig) -> None:
                 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
                                   RANK="0", WORLD_SIZE="1")
             dist.init_process_group("nccl")
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
-            virtual_pipeline_model_parallel_size=p.virtual_stages, expert_model_parallel_size=p.expert,
-            expert_tensor_parallel_size=1)
+        initialize_model_parallel(layout)
         torch.manual_seed(cfg.train.seed)
         model_parallel_cuda_manual_seed(cfg.train.seed)
     else:
         from k2_megatron.megatron import init_distributed_cpu
 
-        init_distributed_cpu(tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, expert_parallel=p.expert,
-                             virtual_pipeline_stages=p.virtual_stages, seed=cfg.train.seed)
+        init_distributed_cpu(layout, seed=cfg.train.seed)
 
 
 def _teardown() -> None:
@@ -116,24 +113,21 @@ def _build_model(cfg: PretrainConfig, k2cfg):
 
     from k2_megatron.megatron import activation_memory, build_k2_model, to_transformer_config
 
-    p = cfg.parallel
+    layout = cfg.parallel.layout()
     dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
     memory = cfg.memory.options()
     try:
         activation_memory.check_supported(memory)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    tc = to_transformer_config(k2cfg, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
-                               virtual_pipeline_stages=p.virtual_stages, expert_parallel=p.expert,
-                               first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers,
-                               pipeline_layout=p.pipeline_layout, params_dtype=dtype, bias_update_rate=cfg.model.bias_update_rate,
+    tc = to_transformer_config(k2cfg, layout, params_dtype=dtype, bias_update_rate=cfg.model.bias_update_rate,
                                **activation_memory.transformer_config_overrides(memory))
     # Always megatron's DistributedOptimizer (ZeRO-1; at DP=1 nothing is sharded): one code path for every
     # data-parallel size, and each matrix's Newton-Schulz done once per data-parallel group.
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
                                                overlap_grad_reduce=False, bucket_size=None)
     chunks = []
-    vpp = p.virtual_stages if p.virtual_stages and p.virtual_stages > 1 else None
+    vpp = layout.virtual_stages if layout.virtual_stages > 1 else None
     for vp in range(vpp or 1):
         model = build_k2_model(k2cfg, tc, vp_stage=vp if vpp else None)
         activation_memory.apply_activation_memory(model, memory)
@@ -156,13 +150,6 @@ def _routers(chunks):
                 layer = getattr(m, "layer_number", None)
                 out.append((f"layers.{layer - 1}" if layer is not None else name, m))
     return out
-
-
-def _attention_modules(chunks):
-    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
-
-    return [(f"layers.{m.layer_number - 1}.self_attention", m) for c in chunks for m in c.modules()
-            if isinstance(m, MLASelfAttention)]
 
 
 def _parameter_counts(chunks, k2cfg) -> tuple[int, int]:
@@ -264,7 +251,6 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
 
         tc, chunks = _build_model(cfg, k2cfg)
         routers = _routers(chunks)
-        attention = _attention_modules(chunks)
         o = cfg.optim
         opt_config = OptimizerConfig(optimizer="adam", lr=o.peak_lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                                      adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
@@ -369,8 +355,7 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
             out = run_microbatches(batches, forward_only=True)
             for c in chunks:
                 c.train()
-            for _, attn in attention:  # evaluation forwards must not feed the next QK-Clip step
-                attn.core_attention.current_max_attn_logits = None
+            opt.reset_max_logits()  # evaluation forwards must not feed the next QK-Clip step
             for _, router in routers:  # nor the expert-bias update
                 router.local_tokens_per_expert.zero_()
             loss = global_mean([r["lm loss"] for r in out] if pp_last else [])
@@ -401,8 +386,8 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
             ok, grad_norm, _ = opt.step()
             if not ok:
                 logger.print(f"step {step}: skipped (non-finite gradients)")
-            # max logits: from the optimizer's QK-Clip (global over DP), else read them here (no clipping)
-            stats = dict(opt.qk_clip_stats) if o.qk_clip_tau is not None else _read_max_logits(attention, dp)
+            # per layer: max logit over the global batch and all heads, clipped heads (0 without QK-Clip)
+            stats = {name: (float(s.max_logit), s.num_clipped) for name, s in opt.qk_clip_stats.items()}
             loss = global_mean([r["lm loss"] for r in out] if pp_last else [])
             if world > 1:  # stats/loads of all pipeline stages to rank 0
                 gathered = [None] * world
@@ -477,25 +462,6 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
 def _layer_index(name: str) -> int:
     parts = name.split(".")
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-
-
-def _read_max_logits(attention, dp: int) -> dict:
-    """Per-layer (max logit, 0) from the attention modules (global over data-parallel ranks); resets them.
-    Used when QK-Clip is off (the optimizer then neither reads nor resets them)."""
-    from megatron.core import parallel_state
-
-    if not attention:
-        return {}
-    values = []
-    for _, attn in attention:
-        v = attn.core_attention.current_max_attn_logits
-        values.append(torch.full((1,), float("-inf")) if v is None else v.detach().float().max().reshape(1).cpu())
-        attn.core_attention.current_max_attn_logits = None
-    flat = torch.cat(values)
-    if dp > 1:
-        dist.all_reduce(flat, op=dist.ReduceOp.MAX,
-                        group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    return {name: (float(v), 0) for (name, _), v in zip(attention, flat)}
 
 
 def _jsonable(obj):

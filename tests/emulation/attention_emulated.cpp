@@ -1,6 +1,6 @@
 // The four attention ops of csrc/attention/attention.cpp with the CUDA launches replaced by the CPU
 // emulator (warp_emulator.h): the same host preparation (host.cpp) and kernel source, on CPU tensors.
-// Built by tests/test_attention_emulated.py with torch.utils.cpp_extension.load.
+// Built by tests/ops/test_attention_emulated.py with torch.utils.cpp_extension.load.
 #include <torch/extension.h>
 
 #include <tuple>

@@ -1,0 +1,107 @@
+"""The dry-run planner: its parameter formulas against a real megatron-core K2 model, and the full K2 layout on a
+simulated world of 256 ranks against the K2 report's accounting, without allocating memory."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import pytest
+
+from k2_megatron.config import ConfigError, load_config
+from k2_megatron.config import ParallelLayout
+from k2_megatron.training.plan import dry_run, layer_params, plan_memory
+
+from tests.helpers import REPO_ROOT
+
+CONFIGS = str(REPO_ROOT / "examples" / "configs")
+
+
+def test_parameter_formulas_match_the_real_model():
+    """Every parameter of a megatron-core k2-tiny (dense layer 0, MoE layers 1-3, embedding, head) is counted."""
+    from tests.helpers.model import require_no_cuda, teardown_megatron
+
+    require_no_cuda()
+    from k2_megatron.megatron import build_k2_model, init_distributed_cpu
+    from k2_megatron.config import get_preset
+
+    cfg = get_preset("k2-tiny")
+    init_distributed_cpu()
+    try:
+        model = build_k2_model(cfg)
+    finally:
+        teardown_megatron()
+    per_layer: dict[int, int] = {}
+    other = 0
+    for name, p in model.named_parameters():
+        if name.startswith("decoder.layers."):
+            layer = int(name.split(".")[2])
+            per_layer[layer] = per_layer.get(layer, 0) + p.numel()
+        else:
+            other += p.numel()
+    for layer in range(cfg.num_hidden_layers):
+        lp = layer_params(cfg, layer)
+        assert per_layer[layer] == lp.dense + lp.router + lp.experts, layer
+    assert other == 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size  # embedding, output layer, final norm
+    plan = plan_memory(load_config(None, ["model.overrides.vocab_size=1024"]), 1)
+    assert plan.total_params == sum(p.numel() for p in model.parameters())
+    assert plan.stages[0].params == plan.total_params
+
+
+def test_layer_splits():
+    assert ParallelLayout(pipeline_parallel=2).chunk_layers(4) == [2, 2]
+    assert ParallelLayout(pipeline_parallel=2, virtual_pipeline_stages=2).chunk_layers(4) == [1, 1, 1, 1]
+    assert ParallelLayout(pipeline_parallel=16, first_stage_layers=3, last_stage_layers=2).chunk_layers(61) == (
+        [3] + [4] * 14 + [2])
+    chunks = ParallelLayout(pipeline_parallel=16, virtual_pipeline_stages=2, pipeline_layout="auto").chunk_layers(61)
+    assert sum(chunks) == 61 and len(chunks) == 32 and sorted(set(chunks)) == [1, 2]
+    assert chunks[0] == 1 and chunks[-1] == 1  # the short chunks carry the embedding and the output layer
+
+
+def test_k2_full_dry_run_on_256_ranks_matches_the_paper_without_allocating(capsys):
+    cfg = load_config(os.path.join(CONFIGS, "k2_full.yaml"))
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    tracemalloc.start()
+    try:
+        assert dry_run(cfg, world_size=256) == 0
+        plan = plan_memory(cfg, 256)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20 and psutil.Process().memory_info().rss - rss < 200 * 2**20  # nothing real built
+    out = capsys.readouterr().out
+    assert "world 256 = TP1 x PP16 x 2 virtual stages x DP16" in out and "K2 report" in out
+    assert len(plan.stages) == 16 and plan.model_parallel_group == 256 and plan.expert_dp == 1
+    assert sum(len(s.layers) for s in plan.stages) == 61
+    # 1.04T total / 32.6B activated (the report), within 2%
+    assert plan.total_params == pytest.approx(1.04e12, rel=0.02)
+    assert plan.active_params == pytest.approx(32.6e9, rel=0.02)
+    # bf16 weights + fp32 gradient buffers: ~6 TB over the 256-GPU group, ~30 GB per GPU (report, section 4)
+    total = plan.weights_and_grads_per_model_copy()
+    assert 5e12 < total < 8e12
+    per_gpu = [s.weights + s.grads for s in plan.stages]
+    assert all(20e9 < b < 35e9 for b in per_gpu)
+    # ZeRO-1: the optimizer state per rank shrinks with a larger world (experts sharded over expert-DP)
+    bigger = plan_memory(cfg, 2048)
+    assert bigger.expert_dp == 8 and bigger.stages[1].optimizer < plan.stages[1].optimizer / 4
+
+
+def test_dry_run_command_line(capsys):
+    from k2_megatron.training.pretrain import main
+
+    assert main(["--config", os.path.join(CONFIGS, "k2_full.yaml"), "--dry-run", "--world-size", "512"]) == 0
+    assert "world 512 = TP1 x PP16 x 2 virtual stages x DP32" in capsys.readouterr().out
+    assert main(["--dry-run", "train.iters=0"]) == 2
+    assert "config error: train.iters: must be an int >= 1" in capsys.readouterr().err
+
+
+def test_dry_run_errors():
+    cfg = load_config(os.path.join(CONFIGS, "k2_full.yaml"))
+    with pytest.raises(ConfigError, match="not a positive multiple of TP x PP = 16"):
+        plan_memory(cfg, 100)
+    with pytest.raises(ConfigError, match="parallel.expert=16 must divide DP x TP = 1 x 1"):
+        plan_memory(cfg, 16)
