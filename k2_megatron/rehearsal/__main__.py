@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     args = build_parser().parse_args(argv)
     from k2_megatron.rehearsal.report import RehearsalReport, format_memory_table
-    from k2_megatron.training.config import ConfigError, load_config
+    from k2_megatron.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

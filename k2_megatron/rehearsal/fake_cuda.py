@@ -9,7 +9,7 @@ What stands in the way on a CPU-only machine with torch 2.13 (CUDA build) and me
 | torch.cuda answers "no GPU" (is_available, device count, properties, current device) | answer for the rehearsed device (``RehearsedDevice``, an H100 by default) |
 | indexing a fake CUDA tensor enters a CUDA device guard; autograd's backward stashes the stream of every device with a primary context (asks the driver) | ``fake_cuda_runtime.cpp``: a no-op CUDA device guard on device 0 and a "yes" to hasPrimaryContext(0), built on first use; ``FakeCudaTensorMode`` keeps torch from swapping the guard back |
 | megatron's CUDA RNG tracker, CUDA streams and events | cpu_compat's patches (the same fix: the CPU generator, no-op streams), with stream/event/device synchronisation reported as host synchronisations |
-| megatron's gloo groups (ProcessGroupGloo needs a real store) | a group asked for with backend "gloo" becomes a fake group, remembered as gloo (host tensors allowed in its collectives) |
+| megatron's gloo groups (ProcessGroupGloo needs a real store) | a group asked for with backend "gloo" becomes a fake group, remembered as gloo (host tensors allowed in its collectives); ``get_backend`` answers gloo for those and NCCL for the others |
 | rotary / YaRN caches built eagerly at construction | built on fake CUDA tensors like any other op (they went through the CUDA device guard above) |
 | MoE all-to-all split sizes read on the host (megatron's device-to-host copy of the token counts) | the counts of the declared routing (``k2_megatron.rehearsal.routing``), reported as the host synchronisation it is |
 | ``Module.cuda()`` / ``.to()`` / ``.bfloat16()`` swap tensor subclasses (FakeTensor) into parameters in place, which fails with weak references | host parameters are replaced by fake device parameters with the same attributes; fake parameters take converted tensors as their data |
@@ -218,6 +218,17 @@ def _object_coll_device(group=None):
     return "cpu" if is_gloo_group(group) else "cuda"
 
 
+def _make_get_backend(original):
+    def get_backend(group=None):
+        """The backend the group stands for: gloo for the groups asked for as gloo, NCCL for every other one."""
+        backend = original(group)
+        if str(backend) != "fake":
+            return backend
+        return dist.Backend.GLOO if is_gloo_group(group or dist.group.WORLD) else dist.Backend.NCCL
+
+    return get_backend
+
+
 def _make_object_collectives() -> dict:
     """all_gather_object / broadcast_object_list / gather_object / scatter_object_list stand-ins: pickled objects
     go through the device and come back to the host (two collectives and a host synchronisation on NCCL); fake
@@ -400,6 +411,7 @@ def _patch_list(device: RehearsedDevice, local_rank: int):
                 (torch.nn.Module, "_apply", _make_module_apply(torch.nn.Module._apply)),
                 (dist, "new_group", _make_new_group(dist.new_group)),
                 (c10d, "_get_object_coll_device", _object_coll_device),
+                (dist, "get_backend", _make_get_backend(dist.get_backend)),
                 (MoEAlltoAllTokenDispatcher, "_maybe_dtoh_and_synchronize", _moe_dtoh_and_synchronize),
                 (schedules, "backward_step", _make_backward_step(schedules.backward_step))]
     patches += [(dist, name, value) for name, value in _make_object_collectives().items()]
@@ -468,7 +480,7 @@ PATCHES = ("torch.tensor (device values inside the data)",
            "megatron.core.tensor_parallel.random.{_get,_set}_cuda_rng_state, CudaRNGStatesTracker.{add,fork}",
            "torch.nn.Module.cuda (host parameters replaced by fake device parameters), torch.nn.Module._apply",
            "torch.distributed.new_group (gloo -> fake, remembered)",
-           "torch.distributed.distributed_c10d._get_object_coll_device",
+           "torch.distributed.distributed_c10d._get_object_coll_device", "torch.distributed.get_backend",
            "torch.distributed.{all_gather_object, broadcast_object_list, gather_object, scatter_object_list}",
            "megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
            "megatron.core.pipeline_parallel.schedules.backward_step (an observer hook, for micro-batch replay)",

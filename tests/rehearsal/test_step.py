@@ -1,6 +1,6 @@
 """A whole training step rehearsed through megatron-core (k2_megatron.rehearsal.step): micro-batch replay reports
 what computing every micro-batch reports, and a host synchronisation inserted into the MoE forward is caught with
-its location. Each scenario runs in a fresh process (tests/_rehearsal_scenarios.py)."""
+its location. Each scenario runs in a fresh process (tests/helpers/rehearsal.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import pytest
 
-from tests._rehearsal_scenarios import run
+from tests.helpers.rehearsal import run
+
+pytestmark = pytest.mark.slow  # each scenario runs a rehearsal in a fresh process
 
 
 def _counts(rows):
@@ -39,7 +41,7 @@ def test_replay_reports_what_computing_every_micro_batch_reports(monkeypatch, ra
 
 def test_an_item_in_the_moe_forward_is_reported_with_its_location():
     out = run("moe_item")
-    rows = [s for s in out["unexpected"] if f"tests/_rehearsal_scenarios.py:{out['line']} in forward_with_item"
+    rows = [s for s in out["unexpected"] if f"tests/helpers/rehearsal.py:{out['line']} in forward_with_item"
             in s["site"]]
     assert len(rows) == 1, out["unexpected"]
     assert rows[0]["kind"] == "value read" and rows[0]["phase"] == "forward-backward"

@@ -1,6 +1,6 @@
-"""Scenarios of the rehearsal tests, each run in a fresh process (a rehearsal owns the default process group and
-installs process-wide patches): ``python -m tests._rehearsal_scenarios <name>`` prints one JSON line of results.
-``run(name)`` is what the tests call. Not collected."""
+"""Scenarios of the rehearsal tests (tests/rehearsal/), each run in a fresh process (a rehearsal owns the default
+process group and installs process-wide patches): ``python -m tests.helpers.rehearsal <name>`` prints one JSON line
+of results; ``run(name)`` is what the tests call."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import warnings
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO_ROOT
+
+ROOT = str(REPO_ROOT)
 
 
 def run(name: str, *args: str, timeout: int = 600) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-m", "tests._rehearsal_scenarios", name, *args], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.rehearsal", name, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -172,10 +174,16 @@ def memory() -> dict:
             "allocated": allocated, "after_free": after_free, "weight": weight.numel() * 2}
 
 
+def harness() -> dict:
+    """The harness scenarios above, one rehearsal session after the other in this one process (one start-up)."""
+    return {"fake_cuda_patches": fake_cuda_patches(), "collectives": collectives(), "host_syncs": host_syncs(),
+            "memory": memory()}
+
+
 def step(config: str, world_size: str, rank: str, *overrides: str) -> dict:
     """rehearse_step of a config for one rank, with and without micro-batch replay (``REPLAY=both``) or one way."""
     from k2_megatron.rehearsal.step import rehearse_step
-    from k2_megatron.training.config import load_config
+    from k2_megatron.config import load_config
 
     results = {}
     for replay in ((True, False) if os.environ.get("REPLAY") == "both" else (True,)):
@@ -189,7 +197,7 @@ def moe_item() -> dict:
     """An .item() inserted into the MoE experts' forward is reported with its location."""
     from k2_megatron.megatron import moe
     from k2_megatron.rehearsal.step import rehearse_step
-    from k2_megatron.training.config import load_config
+    from k2_megatron.config import load_config
 
     original = moe.K2GroupedMLP.forward
 
@@ -206,7 +214,7 @@ def moe_item() -> dict:
 def pretrain_step(world_size: str, rank: str, *overrides: str) -> dict:
     """The pretraining loop itself (k2_megatron.training.pretrain.pretrain) under the rehearsal, one step."""
     from k2_megatron.rehearsal.session import rehearsal
-    from k2_megatron.training.config import load_config
+    from k2_megatron.config import load_config
     from k2_megatron.training.pretrain import pretrain
 
     import tempfile

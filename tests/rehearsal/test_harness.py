@@ -1,6 +1,6 @@
 """The rehearsal harness itself (k2_megatron.rehearsal): NCCL's rules on the fake process group, host
 synchronisations with their locations, device memory by category, the declared MoE routing, the fake-CUDA patches'
-gates. Scenarios that need a rehearsal session run in a fresh process each (tests/_rehearsal_scenarios.py)."""
+gates. The scenarios that need a rehearsal session run in one fresh process (tests/helpers/rehearsal.py)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,23 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 import numpy as np
 import pytest
 
-from tests._rehearsal_scenarios import run
+from tests.helpers.rehearsal import run
 
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast",
                "send", "recv")
 
 
 @pytest.fixture(scope="module")
-def collectives():
-    return run("collectives")
+def harness():
+    return run("harness")
 
 
+@pytest.fixture(scope="module")
+def collectives(harness):
+    return harness["collectives"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("op", COLLECTIVES)
 def test_a_host_tensor_in_any_collective_fails_like_nccl_with_its_location(collectives, op):
     error = collectives[f"host {op}"]
@@ -29,10 +35,11 @@ def test_a_host_tensor_in_any_collective_fails_like_nccl_with_its_location(colle
     message = error["message"]
     assert f"torch.distributed.{op} on TEST_PAIR_GROUP (2 ranks)" in message
     assert "a cpu tensor" in message and "No backend type associated with device type cpu" in message
-    assert f"tests/_rehearsal_scenarios.py:{collectives['issuing lines'][op]} in <lambda>" in message
+    assert f"tests/helpers/rehearsal.py:{collectives['issuing lines'][op]} in <lambda>" in message
     assert collectives[f"device {op}"]["type"] is None  # the same collective on device tensors is fine
 
 
+@pytest.mark.slow
 def test_collectives_are_recorded_with_group_bytes_dtype_and_device(collectives):
     records = {r["op"]: r for r in collectives["records"] if r["group"] == "TEST_PAIR_GROUP"}
     assert set(COLLECTIVES) <= set(records)
@@ -44,12 +51,14 @@ def test_collectives_are_recorded_with_group_bytes_dtype_and_device(collectives)
     assert all(r["device"] == "cuda" for r in records.values())
 
 
+@pytest.mark.slow
 def test_gloo_groups_take_host_tensors(collectives):
     assert collectives["host all_reduce on gloo"]["type"] is None
     assert {"op": "all_reduce", "group": "TEST_GLOO_GROUP", "group_size": 2, "bytes": 16, "dtype": "float32",
             "device": "cpu"} in collectives["records"]
 
 
+@pytest.mark.slow
 def test_size_rules_of_the_process_group(collectives):
     assert collectives["wrong all_gather size"]["type"] == "NCCLRuleError"
     assert "output has 6 elements, the input's 4 x 2 ranks = 8 expected" in collectives["wrong all_gather size"][
@@ -59,8 +68,9 @@ def test_size_rules_of_the_process_group(collectives):
         collectives["wrong all_to_all splits"]["message"]
 
 
-def test_host_synchronisations_are_reported_with_their_location_and_made_up_values():
-    out = run("host_syncs")
+@pytest.mark.slow
+def test_host_synchronisations_are_reported_with_their_location_and_made_up_values(harness):
+    out = harness["host_syncs"]
     assert out["item"] == 0.0 and out["flag"] is True and out["listed"] == [0.0, 0.0, 0.0]
     assert out["copied device"] == "cpu"
     assert out["shape error"]["type"] == out["rehearsal error"]
@@ -70,12 +80,13 @@ def test_host_synchronisations_are_reported_with_their_location_and_made_up_valu
     assert ("value read", out["lines"]["item"], 1) in kinds
     assert ("device-to-host copy", out["lines"]["cpu"], 1) in kinds
     assert any(k == "value read" and n == 3 for k, _, n in kinds)  # a .tolist() of 3 elements: one read of 3
-    assert all(e["file"] == "tests/_rehearsal_scenarios.py" for e in out["events"])
+    assert all(e["file"] == "tests/helpers/rehearsal.py" for e in out["events"])
     assert out["unexpected"] == len(out["events"])  # none of them is on the allowed list
 
 
-def test_memory_by_category_at_the_peak_and_after_frees():
-    out = run("memory")
+@pytest.mark.slow
+def test_memory_by_category_at_the_peak_and_after_frees(harness):
+    out = harness["memory"]
     kib = 1024
     assert out["weight"] == 512 * kib
     assert out["at_peak"]["parameters"] == 512 * kib
@@ -87,8 +98,9 @@ def test_memory_by_category_at_the_peak_and_after_frees():
     assert out["after_free"] == (512 + 1024) * kib
 
 
-def test_fake_cuda_answers_runs_a_backward_and_restores_everything():
-    out = run("fake_cuda_patches")
+@pytest.mark.slow
+def test_fake_cuda_answers_runs_a_backward_and_restores_everything(harness):
+    out = harness["fake_cuda_patches"]
     assert out["available before"] is False and out["available after"] is False
     assert out["inside"] == {"available": True, "count": 8, "current": 3, "name": "NVIDIA H100 80GB HBM3",
                              "capability": [9, 0], "memory": 80 * 1000**3}
