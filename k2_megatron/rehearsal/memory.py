@@ -46,7 +46,8 @@ class MemoryPeak:
 
 class MemoryTracker:
     def __init__(self):
-        self._live: dict[int, list] = {}  # storage key -> [bytes, category]
+        self._live: dict[int, list] = {}  # storage key -> [bytes, category, serial]
+        self._serial = 0
         self.current = dict.fromkeys(CATEGORIES, 0)
         self.total = 0
         self.peak = MemoryPeak(0, "", dict(self.current))
@@ -60,24 +61,32 @@ class MemoryTracker:
     # ----- counting -----
 
     def watch(self) -> dict:
-        """Starts recording the storages allocated from now on; returns {storage key: bytes}, filled until
-        ``unwatch()``. ``is_live(key)`` tells whether one is still alive."""
+        """Starts recording the storages allocated from now on; returns {(storage key, serial): bytes}, filled
+        until ``unwatch()``. ``is_live(entry)`` tells whether one is still alive (a storage's key is its address,
+        which a later allocation may reuse: the serial tells them apart)."""
         self._watched = {}
         return self._watched
 
     def unwatch(self) -> None:
         self._watched = None
 
-    def is_live(self, key: int) -> bool:
-        return key in self._live
+    def is_live(self, entry: tuple[int, int]) -> bool:
+        live = self._live.get(entry[0])
+        return live is not None and live[2] == entry[1]
+
+    def entry_of(self, t: torch.Tensor) -> tuple[int, int]:
+        """(storage key, serial) of a counted device tensor's storage."""
+        key = storage_key(t)
+        return key, self._live[key][2]
 
     def _add(self, storage, category: str) -> None:
         key = storage._cdata
         n = storage.nbytes()
+        self._serial += 1
         if self._watched is not None:
-            self._watched[key] = n
-        self._live[key] = [n, category]
-        weakref.finalize(storage, self._free, key)
+            self._watched[(key, self._serial)] = n
+        self._live[key] = [n, category, self._serial]
+        weakref.finalize(storage, self._free, key, self._serial)
         self.current[category] += n
         self.total += n
         if self.current[category] > self.category_max[category]:
@@ -87,9 +96,10 @@ class MemoryTracker:
         if self.total > self.peak.total:
             self.peak = MemoryPeak(self.total, self.phase, dict(self.current))
 
-    def _free(self, key: int) -> None:
-        entry = self._live.pop(key, None)
-        if entry is not None:
+    def _free(self, key: int, serial: int) -> None:
+        entry = self._live.get(key)
+        if entry is not None and entry[2] == serial:
+            del self._live[key]
             self.current[entry[1]] -= entry[0]
             self.total -= entry[0]
 

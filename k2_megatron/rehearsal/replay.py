@@ -4,8 +4,10 @@ K2's recipe runs 1024 micro-batches per rank and step; with fake tensors every m
 the same operators on the same shapes (the routing is declared, not data-dependent), yet each costs about a second of
 CPU in fake mode. So megatron's schedule (1F1B / interleaved, pipeline sends and receives, gradient accumulation and
 the finalize hooks) runs with the real micro-batch count, and each chunk's forward runs for real for micro-batches
-0, 1 and 2 and for the last one; micro-batch 1 is recorded (what its forward allocates that is still alive after
-micro-batch 2's forward is what it keeps for backward) and the ones in between are replayed from that record:
+0, 1 and 2 and for the last one; micro-batch 1 is recorded and the ones in between are replayed from that record.
+What a forward keeps for backward is what of its allocations its backward frees; until micro-batch 1's backward has
+run (the pipeline's warm-up runs many forwards first) it is estimated by what of them is still alive after
+micro-batch 2's forward.
 
 - forward: the chunk's output (same shape and dtype, connected to its input for autograd), the bytes the recorded
   forward kept for backward (one allocation of the same size, freed when the replayed backward is done; what a
@@ -37,14 +39,15 @@ class _Record:
     output_shape: tuple
     output_dtype: torch.dtype
     output_bytes: int
-    allocated: dict = dataclasses.field(default_factory=dict)  # storage key -> bytes, of the recorded forward
-    output_key: int = 0
-    kept: int = 0             # of those, bytes still alive after the next forward (saved for backward)
+    allocated: dict = dataclasses.field(default_factory=dict)  # (storage key, serial) -> bytes, recorded forward's
+    output_entry: tuple = ()
+    kept: int = 0             # of those, bytes the backward frees (saved for backward); estimated before it ran
     output_kept: bool = True  # whether the output is among them
     forward_high: int = 0     # high-water mark above the start of the forward
     backward_high: int = 0    # high-water mark above the start of the backward
     forward_events: tuple = ((), ())   # (collectives, host syncs)
     backward_events: tuple = ((), ())
+    backward_done: bool = False
 
 
 class _Replayed(torch.autograd.Function):
@@ -126,9 +129,10 @@ class MicroBatchReplay:
                 return self._replay(index, record)  # its backward comes after the recorded one's
             if i == MEASURED and record is not None:
                 out = original(*args, **kwargs)
-                mem = self.r.memory
-                record.kept = sum(n for key, n in record.allocated.items() if mem.is_live(key))
-                record.output_kept = mem.is_live(record.output_key)
+                if not record.backward_done:  # the estimate until the recorded backward says what it frees
+                    mem = self.r.memory
+                    record.kept = sum(n for entry, n in record.allocated.items() if mem.is_live(entry))
+                    record.output_kept = mem.is_live(record.output_entry)
                 return out
             if i != RECORDED:
                 return original(*args, **kwargs)
@@ -141,7 +145,7 @@ class MicroBatchReplay:
             finally:
                 mem.unwatch()
             record = _Record(tuple(out.shape), out.dtype, out.numel() * out.element_size(), allocated,
-                             out.untyped_storage()._cdata, forward_high=mem.region_max - start,
+                             mem.entry_of(out), forward_high=mem.region_max - start,
                              forward_events=self._since(marks))
             self.records[index] = record
             out.grad_fn.register_prehook(lambda grads: self._start_backward(record))
@@ -164,13 +168,19 @@ class MicroBatchReplay:
     def _start_backward(self, record):
         mem = self.r.memory
         mem.region_max = mem.total
-        self._backward = (record, mem.total, self._marks())
+        alive = {entry: n for entry, n in record.allocated.items() if mem.is_live(entry)}
+        self._backward = (record, mem.total, self._marks(), alive)
 
     def _around_backward(self, original, *args, **kwargs):
         out = original(*args, **kwargs)
         if self._backward is not None:
-            record, start, marks = self._backward
-            record.backward_high = self.r.memory.region_max - start
+            record, start, marks, alive = self._backward
+            mem = self.r.memory
+            record.backward_high = mem.region_max - start
             record.backward_events = self._since(marks)
+            # what the forward kept for backward: its allocations that the backward freed
+            record.kept = sum(n for entry, n in alive.items() if not mem.is_live(entry))
+            record.output_kept = record.output_entry in alive and not mem.is_live(record.output_entry)
+            record.backward_done = True
             self._backward = None
         return out
