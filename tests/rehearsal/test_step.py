@@ -31,9 +31,12 @@ def test_replay_reports_what_computing_every_micro_batch_reports(monkeypatch, ra
               "train.micro_batch_size=4")
     replay, computed = out["replay"], out["computed"]
     assert replay["micro_batches"] == computed["micro_batches"] == 8
-    assert replay["peak_total"] == pytest.approx(computed["peak_total"], rel=0.01)
+    # replay's known excess (k2_megatron/rehearsal/replay.py): up to two hidden states per model chunk
+    hidden_state = 128 * 4 * 64 * 4  # seq x micro-batch x hidden x fp32
+    excess = 2 * 2 * hidden_state
+    assert computed["peak_total"] <= replay["peak_total"] <= computed["peak_total"] * 1.005 + excess
     for category, value in computed["category_max"].items():
-        assert replay["category_max"][category] == pytest.approx(value, rel=0.02, abs=64 * 1024), category
+        assert value - 64 * 1024 <= replay["category_max"][category] <= value * 1.005 + excess, category
     assert _counts(replay["collectives"]) == _counts(computed["collectives"])
     assert _counts(replay["syncs"]) == _counts(computed["syncs"])
     assert {c["group"] for c in computed["collectives"]} >= {"PIPELINE_MODEL_PARALLEL_GROUP"}
