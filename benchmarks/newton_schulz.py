@@ -12,7 +12,8 @@ import argparse
 import torch
 
 from benchmarks.common import cuda_median_ms, print_table, require_cuda, run_metadata, write_json
-from k2_megatron.ops import DEFAULT_COEFFICIENTS, newton_schulz, reference
+from k2_megatron.ops import DEFAULT_COEFFICIENTS, newton_schulz
+from k2_megatron.ops.reference import newton_schulz as reference
 from k2_megatron.ops.newton_schulz import flatten_coefficients
 
 # name -> [batch, rows, cols]; the expert batches are an EP16 rank's 24 local experts.

@@ -38,11 +38,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from k2_megatron.checkpoint.fp8 import FP8_BLOCK_SIZE, SCALE_SUFFIX, is_fp8_quantized_in_release, quantize_fp8_blockwise
-from k2_megatron.checkpoint.safetensors_io import (
+from k2_megatron.checkpoint.errors import CheckpointError
+from k2_megatron.checkpoint.hf.fp8 import (FP8_BLOCK_SIZE, SCALE_SUFFIX, is_fp8_quantized_in_release,
+                                           quantize_fp8_blockwise)
+from k2_megatron.checkpoint.hf.safetensors_io import (
     CONFIG_NAME,
     INDEX_NAME,
-    CheckpointError,
     HFCheckpoint,
     ShardedSafetensorsWriter,
     make_staging_dir,
@@ -360,7 +361,7 @@ def convert_hf_to_megatron(src, dst, *, params_dtype=None, overwrite: bool = Fal
     """
     from megatron.core import dist_checkpointing
 
-    from k2_megatron.checkpoint.hf_adapter import hf_to_megatron, load_megatron_state_dict, local_expert_range
+    from k2_megatron.checkpoint.hf.adapter import hf_to_megatron, load_megatron_state_dict, local_expert_range
 
     src, dst = _check_paths(src, dst)
     stats = ConversionStats("hf->megatron", src, dst)
@@ -487,8 +488,8 @@ _MODEL_KEY = re.compile(r"^(embedding\.|decoder\.|output_layer\.)")
 def expected_megatron_shapes(cfg: K2Config) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the single-rank (global) megatron state dict of ``cfg`` and its shape: the HF
     shapes mapped through the adapter's hf_to_megatron on meta tensors (no memory)."""
-    from k2_megatron.checkpoint.hf_adapter import hf_to_megatron
-    from k2_megatron.checkpoint.safetensors_io import expected_hf_shapes
+    from k2_megatron.checkpoint.hf.adapter import hf_to_megatron
+    from k2_megatron.checkpoint.hf.safetensors_io import expected_hf_shapes
 
     meta = {k: torch.empty(s, device="meta") for k, s in expected_hf_shapes(cfg).items()}
     return {k: tuple(v.shape) for k, v in hf_to_megatron(meta, cfg).items()}
@@ -546,8 +547,8 @@ def convert_megatron_to_hf(src, dst, *, dtype=None, fp8_export: bool = False, ma
     first, then one layer at a time is read from the torch_dist files, mapped by the adapter's
     megatron_to_hf, and written. dtype: None keeps the stored dtype (the router bias stays fp32).
     """
-    from k2_megatron.checkpoint.hf_adapter import megatron_to_hf
-    from k2_megatron.checkpoint.safetensors_io import expected_hf_shapes
+    from k2_megatron.checkpoint.hf.adapter import megatron_to_hf
+    from k2_megatron.checkpoint.hf.safetensors_io import expected_hf_shapes
 
     src, dst = _check_paths(src, dst)
     out_dtype = resolve_dtype(dtype)
@@ -592,7 +593,7 @@ def convert_megatron_to_hf(src, dst, *, dtype=None, fp8_export: bool = False, ma
 def validate_megatron_conversion(megatron_dir, hf_dir) -> tuple[bool, list[str]]:
     """Compare every tensor of an HF directory with the megatron checkpoint it came from, one layer at a time
     (megatron tensors mapped by megatron_to_hf), with validate_hf_conversion's tolerances."""
-    from k2_megatron.checkpoint.hf_adapter import megatron_to_hf
+    from k2_megatron.checkpoint.hf.adapter import megatron_to_hf
 
     _, cfg, stored = read_megatron_index(megatron_dir)
     ckpt = HFCheckpoint(hf_dir)

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron's jit_fuser would torch.compile on a CPU
     from k2_megatron.checkpoint import convert
-    from k2_megatron.checkpoint.safetensors_io import CheckpointError
+    from k2_megatron.checkpoint.errors import CheckpointError
 
     progress = not args.no_progress
     try:

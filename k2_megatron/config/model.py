@@ -1,10 +1,15 @@
 """The K2 architecture as data: presets, validation and Hugging Face config.json I/O.
 
 Field names follow the Hugging Face DeepSeek-V3 / Kimi K2 config.json, so a release config maps one to one.
-The numbers of the ``k2`` preset are the released configuration (the Kimi K2 technical report,
+The numbers of the ``k2`` preset are the released architecture (the Kimi K2 technical report,
 arXiv:2507.20534, and the config.json of the moonshotai/Kimi-K2 releases); ``k2-mini`` and ``k2-tiny`` keep its
 structure (MLA with q/kv LoRA, rope on a separate slice of the head, first layer dense, sigmoid router with
-correction bias, one shared expert, YaRN) at smaller widths.
+correction bias, one shared expert) at smaller widths.
+
+Presets describe the architecture at its pretraining context with plain RoPE: K2 pretrains at 4096 without YaRN and
+applies YaRN (factor 32 over 4096) in its long-context stage. The training stage decides the RoPE scaling
+(``with_yarn``; the run config's model.yarn_factor); a config.json read with ``config_from_hf`` keeps its own (the
+release: YaRN to 128K), so the release equals ``get_preset("k2").with_yarn(YarnConfig())``.
 """
 
 from __future__ import annotations
@@ -149,20 +154,19 @@ class K2Config:
     def replace(self, **changes) -> "K2Config":
         return dataclasses.replace(self, **changes)
 
-
-def _yarn(factor: float, original: int) -> dict:
-    return YarnConfig(factor=factor, original_max_position_embeddings=original).rope_scaling()
+    def with_yarn(self, yarn: YarnConfig) -> "K2Config":
+        """This architecture in a long-context stage: YaRN's rope_scaling, context factor x original positions."""
+        return self.replace(rope_scaling=yarn.rope_scaling(), max_position_embeddings=yarn.max_position_embeddings)
 
 
 def _k2() -> K2Config:
-    # The released Kimi K2 (1.04T total, 32.6B activated).
+    # The released Kimi K2 (1.04T total, 32.6B activated), at its 4096-token pretraining context.
     return K2Config(
         vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
         num_hidden_layers=61, first_k_dense_replace=1, num_attention_heads=64, q_lora_rank=1536,
         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=384,
         num_experts_per_tok=8, n_shared_experts=1, routed_scaling_factor=2.827, norm_topk_prob=True,
-        n_group=1, topk_group=1, rms_norm_eps=1e-6, rope_theta=50000.0, rope_scaling=_yarn(32.0, 4096),
-        max_position_embeddings=32 * 4096)
+        n_group=1, topk_group=1, rms_norm_eps=1e-6, rope_theta=50000.0, max_position_embeddings=4096)
 
 
 def _k2_mini() -> K2Config:
@@ -173,18 +177,18 @@ def _k2_mini() -> K2Config:
         num_hidden_layers=12, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=256,
         kv_lora_rank=128, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=128,
         num_experts_per_tok=8, n_shared_experts=1, routed_scaling_factor=2.827, rope_theta=50000.0,
-        rope_scaling=_yarn(32.0, 4096), max_position_embeddings=32 * 4096)
+        max_position_embeddings=4096)
 
 
 def _k2_tiny() -> K2Config:
     # Trains on a CPU in minutes: 4 layers (1 dense + 3 MoE, so 2 pipeline stages split evenly), 8 experts
-    # top-2, 24/16 q.k/v head dims (the 192/128 ratio), YaRN over an original context of 128.
+    # top-2, 24/16 q.k/v head dims (the 192/128 ratio), a pretraining context of 128.
     return K2Config(
         vocab_size=1024, hidden_size=64, intermediate_size=160, moe_intermediate_size=32,
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=48,
         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
         num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.827, rope_theta=50000.0,
-        rope_scaling=_yarn(32.0, 128), max_position_embeddings=32 * 128)
+        max_position_embeddings=128)
 
 
 PRESETS = {"k2": _k2, "k2-mini": _k2_mini, "k2-tiny": _k2_tiny}
@@ -236,7 +240,7 @@ def config_from_hf(hf: dict | str | os.PathLike) -> K2Config:
     expect("num_key_value_heads", lambda v: v == hf.get("num_attention_heads"), "MLA has one KV head per head")
     # DeepSeek-V3 releases (and every DeepseekV3Config saved with its defaults) have one multi-token-prediction
     # layer. It is not part of the model built here: the main model converts, the MTP tensors are the checkpoint
-    # readers' business (k2_megatron.checkpoint.safetensors_io.mtp_layer_index).
+    # readers' business (k2_megatron.checkpoint.hf.safetensors_io.expected_mtp_shapes).
     expect("num_nextn_predict_layers", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
            "a non-negative number of multi-token-prediction layers")
     expect("attention_bias", lambda v: v is False, "attention projections have no bias")

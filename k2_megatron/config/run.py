@@ -38,7 +38,10 @@ class ModelSection:
     overrides: dict = field(default_factory=dict)  # K2Config field overrides (vocab_size follows the tokenizer)
     params_dtype: str = "float32"           # float32 (CPU) or bfloat16 (GPU: bf16 weights, fp32 master + grads)
     bias_update_rate: float = 1e-2          # aux-loss-free expert-bias step per global batch (K2 scale: 1e-3)
-    yarn_factor: float | None = None        # long-context stage: YaRN factor over original_max_position_embeddings
+    # RoPE of this training stage (presets are plain RoPE at their pretraining context, as K2 pretrains): null for
+    # plain RoPE; a long-context stage sets YaRN's factor over yarn_original_max_position_embeddings (default: the
+    # preset's context), e.g. K2's 32 over 4096 (examples/configs/k2_long_context.yaml)
+    yarn_factor: float | None = None
     yarn_original_max_position_embeddings: int | None = None
 
 
@@ -54,6 +57,12 @@ class ParallelSection:
     # (balanced; embedding in the first chunk, output layer in the last) or a megatron layout string such as
     # "Et|(tt|)*29,t|tL" (61 layers on PP16 x 2 virtual stages); see k2_megatron.config.parallel
     pipeline_layout: str | None = None
+    # EP all-to-all hidden behind computation (K2 report section 4): megatron-core's combined 1F1B runs one
+    # micro-batch's dispatch/combine while another computes attention or experts (needs expert > 1, bf16, and
+    # virtual_stages with pipeline > 1); delay_wgrad_compute also moves the experts' weight gradients after the
+    # dispatch backward, so that it overlaps them too
+    overlap_moe_expert_parallel_comm: bool = False
+    delay_wgrad_compute: bool = False
 
     def layout(self, world_size: int | None = None) -> ParallelLayout:
         """The ParallelLayout of this section (on ``world_size`` ranks when given: data_parallel derived);
@@ -182,6 +191,7 @@ class PretrainConfig:
             raise ConfigError(f"model.yarn_factor: must be a number >= 1 or null, got {m.yarn_factor!r}")
         _positive_int("data.seq_length", d.seq_length)
         self.parallel.layout()
+        self._validate_overlap()
         for name in ("iters", "global_batch_tokens", "micro_batch_size", "log_interval", "eval_micro_batches"):
             _positive_int(f"train.{name}", getattr(t, name))
         _nonneg_int("train.eval_interval", t.eval_interval)
@@ -231,9 +241,28 @@ class PretrainConfig:
             raise ConfigError(str(e)) from None
         return self
 
+    def _validate_overlap(self) -> None:
+        """What megatron-core 0.19's EP all-to-all overlap requires of the rest of the config."""
+        p = self.parallel
+        if p.delay_wgrad_compute and not p.overlap_moe_expert_parallel_comm:
+            raise ConfigError("parallel.delay_wgrad_compute: needs parallel.overlap_moe_expert_parallel_comm=true "
+                              "(the weight gradients are delayed inside its schedule)")
+        if not p.overlap_moe_expert_parallel_comm:
+            return
+        problems = []
+        if p.expert < 2:
+            problems.append(f"parallel.expert={p.expert} (needs >= 2: there is no all-to-all to hide)")
+        if p.pipeline > 1 and not (p.virtual_stages or 1) > 1:
+            problems.append(f"parallel.pipeline={p.pipeline} without parallel.virtual_stages (megatron overlaps "
+                            "inside interleaved 1F1B only)")
+        if self.model.params_dtype != "bfloat16":
+            problems.append(f"model.params_dtype={self.model.params_dtype!r} (megatron requires 'bfloat16')")
+        if problems:
+            raise ConfigError("parallel.overlap_moe_expert_parallel_comm: " + "; ".join(problems))
+
     def k2_config(self, vocab_size: int | None) -> K2Config:
-        """The K2Config of model.preset + model.overrides (+ YaRN stage), with the tokenizer's vocab size when
-        model.overrides does not fix one."""
+        """The K2Config of model.preset + model.overrides (+ this stage's YaRN: model.yarn_factor), with the
+        tokenizer's vocab size when model.overrides does not fix one."""
         overrides = dict(self.model.overrides)
         if vocab_size is not None:
             if "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
@@ -244,8 +273,8 @@ class PretrainConfig:
         if self.model.yarn_factor is not None:
             original = self.model.yarn_original_max_position_embeddings or (
                 cfg.rope_scaling or {}).get("original_max_position_embeddings", cfg.max_position_embeddings)
-            yarn = YarnConfig(factor=self.model.yarn_factor, original_max_position_embeddings=int(original))
-            cfg = cfg.replace(rope_scaling=yarn.rope_scaling(), max_position_embeddings=yarn.max_position_embeddings)
+            cfg = cfg.with_yarn(YarnConfig(factor=self.model.yarn_factor,
+                                           original_max_position_embeddings=int(original)))
         if self.data.seq_length > cfg.max_position_embeddings:
             raise ConfigError(f"data.seq_length={self.data.seq_length} exceeds the model's max_position_embeddings="
                               f"{cfg.max_position_embeddings} (set model.yarn_factor for a long-context stage)")

@@ -185,6 +185,17 @@ def _tracker_fork(self, name="model-parallel-rng"):
         self._current_state_name = orig_name
 
 
+def _make_record_stream(original):
+    def record_stream(self, stream):
+        # A CPU tensor's memory is not tied to a stream (aten::record_stream has no CPU kernel, and the argument
+        # parser refuses the stand-in streams); CUDA tensors keep the real behaviour.
+        if not self.is_cuda:
+            return None
+        return original(self, stream)
+
+    return record_stream
+
+
 def _make_move_to_cpu(original):
     def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
         # Upstream converts only CUDA tensors; CPU tensors stayed tensors, and all_to_all_single on gloo
@@ -242,6 +253,8 @@ def _patch_list():
         (torch.cuda, "current_stream", _current_stream, "stream bookkeeping around communication"),
         (torch.cuda, "stream", _stream_context, "`with torch.cuda.stream(s)` around communication"),
         (torch.cuda, "synchronize", _noop, "explicit device synchronisation"),
+        (torch.Tensor, "record_stream", _make_record_stream(torch.Tensor.record_stream),
+         "the combined 1F1B schedule (EP all-to-all overlap) records tensors on its streams"),
         (torch.cuda, "get_rng_state", _get_rng_state, "RNG tracker reads CUDA RNG state"),
         (torch.cuda, "set_rng_state", _set_rng_state, "RNG tracker writes CUDA RNG state"),
         (mrandom, "_get_cuda_rng_state", _get_rng_state, "RNG tracker fork reads CUDA RNG state"),
@@ -260,6 +273,7 @@ PATCHES = ("torch.cuda.current_device", "torch.cuda.Stream", "torch.cuda.Event",
            "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.add",
            "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.fork",
            "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
+           "torch.Tensor.record_stream",
            "CudaToCpuMode (device='cuda' / .cuda() / pin_memory -> CPU, Tensor.type() -> 'torch.cuda.*')")
 
 

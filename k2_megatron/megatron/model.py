@@ -15,12 +15,15 @@ import torch.nn.functional as F
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from k2_megatron.config.model import K2Config, get_preset
 from k2_megatron.config.parallel import ParallelLayout
 from k2_megatron.megatron.layout import initialize_model_parallel, initialized_layout
+from k2_megatron.megatron.moe import K2GroupedMLP
 from k2_megatron.megatron.spec import get_k2_decoder_block_spec
+from k2_megatron.optim.muon import set_row_matrices
 
 
 def to_transformer_config(cfg: K2Config, layout: ParallelLayout = ParallelLayout(), *,
@@ -163,10 +166,30 @@ def build_k2_model(cfg: K2Config | str, transformer_config: MLATransformerConfig
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     block_spec = get_k2_decoder_block_spec(tc, vp_stage=vp_stage)
-    return GPTModel(config=tc, transformer_layer_spec=block_spec, vocab_size=cfg.vocab_size,
-                    max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process,
-                    post_process=post_process, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-                    position_embedding_type="none", vp_stage=vp_stage)
+    model = GPTModel(config=tc, transformer_layer_spec=block_spec, vocab_size=cfg.vocab_size,
+                     max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process,
+                     post_process=post_process, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+                     position_embedding_type="none", vp_stage=vp_stage)
+    mark_swiglu_matrices(model)
+    return model
+
+
+def mark_swiglu_matrices(model: torch.nn.Module) -> int:
+    """Marks every SwiGLU fc1 weight of ``model`` as two matrices stacked along its rows, [gate; up] (on TP rank r
+    its shard [gate_r; up_r]), so that Muon orthogonalises gate and up one by one, as K2 does (the release stores
+    gate_proj and up_proj). The fused weights are megatron's MLP ``linear_fc1`` (the dense layers and the shared
+    expert) and our routed experts' ``linear_fc1_weight`` [E, 2F, H]; every other K2 weight is one matrix, as in
+    the release (kv_a_proj_with_mqa = megatron's linear_kv_down_proj [c_kv; k_R] and kv_b_proj =
+    linear_kv_up_proj are single tensors there too). Returns the number of weights marked."""
+    marked = 0
+    for module in model.modules():
+        if isinstance(module, MLP) and module.config.gated_linear_unit:
+            set_row_matrices(module.linear_fc1.weight, 2)
+            marked += 1
+        elif isinstance(module, K2GroupedMLP):
+            set_row_matrices(module.linear_fc1_weight, 2)
+            marked += 1
+    return marked
 
 
 def init_distributed_cpu(layout: ParallelLayout = ParallelLayout(), *, seed: int = 1234, rank: int | None = None,

@@ -12,6 +12,14 @@ with the routing weight p applied before the down projection (megatron's convent
 applying it to y_e). Weights keep the Hugging Face / nn.Linear orientation [out, in] per expert:
 linear_fc1_weight [E_local, 2F, H] = [gate; up], linear_fc2_weight [E_local, H, F].
 
+Delayed weight gradients (``config.delay_wgrad_compute``, with megatron's ``overlap_moe_expert_parallel_comm``):
+the backward pass computes only the input gradients and keeps (input, output gradient) of both GEMMs;
+``backward_dw()``, which megatron's combined 1F1B schedule calls after the layer's MLP backward (while the other
+micro-batch's dispatch all-to-all is in flight), computes dW = grouped_gemm_wgrad(...) and hands each weight's
+gradient to megatron's DDP through the hooks registered with ``register_wgrad_accumulation_and_reduce_hooks`` (DDP
+registers them instead of its autograd hooks for parameters marked ``skip_backward_post_hook`` when its own
+``delay_wgrad_compute`` is on).
+
 K2MoELayer is megatron's MoELayer whose all-to-all dispatcher (K2AlltoAllTokenDispatcher) does the local
 permutation (tokens -> rows grouped by expert, before the EP all-to-all) and its inverse with
 ``k2_megatron.ops.permute`` / ``unpermute``; the all-to-all, the split bookkeeping and the per-local-expert
@@ -77,9 +85,14 @@ class K2GroupedMLP(MegatronModule):
                                                                 device=device))
         self.linear_fc2_weight = torch.nn.Parameter(torch.empty(num_local_experts, hidden, ffn, dtype=dtype,
                                                                 device=device))
+        self.delay_wgrad = bool(config.delay_wgrad_compute)
+        self._pending_wgrad: list[tuple] = []  # (weight, input, output gradient, batch sizes) until backward_dw
+        self._wgrad_hooks: list = []  # megatron DDP's gradient accumulation/reduce hooks (delayed wgrad)
         for p in (self.linear_fc1_weight, self.linear_fc2_weight):
             # Expert parameters: gradients are reduced over the expert-data-parallel group, not all DP ranks.
             p.allreduce = False
+            # with delayed wgrad, DDP hooks backward_dw instead of the weights' gradient accumulation
+            p.skip_backward_post_hook = self.delay_wgrad
         if config.perform_initialization:
             self._initialize()
 
@@ -102,23 +115,52 @@ class K2GroupedMLP(MegatronModule):
         if batch_sizes.numel() != self.num_local_experts:
             raise ValueError(f"K2GroupedMLP: tokens_per_expert has {batch_sizes.numel()} entries, expected "
                              f"{self.num_local_experts} (local experts)")
+        if self._pending_wgrad and torch.is_grad_enabled():
+            raise RuntimeError("K2GroupedMLP: delay_wgrad_compute is on and the weight gradients of the last backward "
+                               "are still pending: call backward_dw() after each backward (megatron's combined 1F1B "
+                               "schedule does, with overlap_moe_expert_parallel_comm)")
         # FP8 storage and SwiGLU recomputation change what is kept for backward, never the outputs.
         fp8 = self.fp8_activation_storage
         with fp8_saved_tensors(x, enabled=fp8):
-            h = ops.grouped_gemm(x, self.linear_fc1_weight, batch_sizes, trans_b=True)
+            h = self._expert_gemm(x, self.linear_fc1_weight, batch_sizes)
         if swiglu_recompute_enabled(self.config) and torch.is_grad_enabled():
             ckpt = CheckpointWithoutOutput(fp8=None)
             with fp8_saved_tensors(h, enabled=fp8):  # the checkpoint keeps only its inputs: h (FP8) and probs
                 a = ckpt.checkpoint(_weighted_swiglu, h, permuted_probs)
-            out = ops.grouped_gemm(a, self.linear_fc2_weight, batch_sizes, trans_b=True)
+            out = self._expert_gemm(a, self.linear_fc2_weight, batch_sizes)
             ckpt.discard_output_and_register_recompute(out)  # a is freed; recomputed before fc2's backward
             return out, None
         with fp8_saved_tensors(h, enabled=fp8):
             a = _weighted_swiglu(h, permuted_probs)
-        return ops.grouped_gemm(a, self.linear_fc2_weight, batch_sizes, trans_b=True), None
+        return self._expert_gemm(a, self.linear_fc2_weight, batch_sizes), None
+
+    def _expert_gemm(self, x: torch.Tensor, weight: torch.Tensor, batch_sizes: torch.Tensor) -> torch.Tensor:
+        """x_e W_e^T per local expert; with delayed wgrad the backward leaves W's gradient to backward_dw."""
+        if self.delay_wgrad and torch.is_grad_enabled() and weight.requires_grad:
+            return _DelayedWgradGroupedLinear.apply(x, weight, batch_sizes, self._pending_wgrad)
+        return ops.grouped_gemm(x, weight, batch_sizes, trans_b=True)
+
+    def register_wgrad_accumulation_and_reduce_hooks(self, hook) -> None:
+        """megatron DDP (delay_wgrad_compute): ``hook()`` moves a weight's .grad into its gradient buffer (and
+        starts its reduction); called for every hook after backward_dw has set the gradients."""
+        self._wgrad_hooks.append(hook)
 
     def backward_dw(self) -> None:
-        """No delayed weight-gradient computation: gradients are produced in the backward pass."""
+        """The weight gradients the last backward left pending (delay_wgrad_compute), accumulated into the weights'
+        .grad, then handed to megatron's DDP hooks. A no-op without delayed wgrad."""
+        if not self._pending_wgrad:
+            return
+        if not self._wgrad_hooks and any(hasattr(w, "main_grad") for w, *_ in self._pending_wgrad):
+            raise RuntimeError("K2GroupedMLP: TransformerConfig.delay_wgrad_compute is on, but megatron's "
+                               "DistributedDataParallel was built with DistributedDataParallelConfig("
+                               "delay_wgrad_compute=False): it would never see the experts' weight gradients")
+        pending = list(self._pending_wgrad)
+        self._pending_wgrad.clear()  # the same list object: in-flight backward passes append to it
+        for weight, x, dy, batch_sizes in pending:
+            dw = ops.grouped_gemm_wgrad(x, dy, batch_sizes, trans_b=True)
+            weight.grad = dw if weight.grad is None else weight.grad.add_(dw)
+        for hook in self._wgrad_hooks:
+            hook()
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Both weights sharded along the expert dim (local experts = a contiguous slice of the global ones)."""
@@ -131,6 +173,25 @@ class K2GroupedMLP(MegatronModule):
                 key, param, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
                 replica_id=(0, 0, dp_rank), prepend_axis_num=len(sharded_offsets))
         return out
+
+
+class _DelayedWgradGroupedLinear(torch.autograd.Function):
+    """y = grouped_gemm(x, W, trans_b=True) whose backward returns dx only and queues (W, x, dy, batch_sizes) for
+    K2GroupedMLP.backward_dw. x and W are saved through the enclosing saved-tensor hooks (FP8 storage); the queue
+    names the parameter itself (what comes back from saved-tensor hooks is another tensor object)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, batch_sizes, pending):
+        ctx.save_for_backward(x, weight)
+        ctx.parameter, ctx.batch_sizes, ctx.pending = weight, batch_sizes, pending
+        return ops.grouped_gemm(x, weight, batch_sizes, trans_b=True)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = ops.grouped_gemm(dy, weight, ctx.batch_sizes, trans_b=False) if ctx.needs_input_grad[0] else None
+        ctx.pending.append((ctx.parameter, x, dy, ctx.batch_sizes))
+        return dx, None, None, None
 
 
 def _weighted_swiglu(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,10 @@ and a local variant:
   already.
   In both, a tensor-parallel matrix is all-gathered over its TP group before Newton-Schulz and sliced after, so
   the result equals the unsharded one. Expert stacks [E, n, m] count as E matrices (each EP rank its local
-  experts). Muon for the hidden matrices (``k2_megatron.optim.uses_muon``: 2-D weights and 3-D expert stacks,
-  not the embeddings, the output layer or the router), AdamW for the rest.
+  experts), and SwiGLU's fused fc1 [gate; up] (dense MLP, shared expert, every routed expert) as two: Muon works
+  per weight matrix, as in K2 (k2_megatron.optim.set_row_matrices; the model builder marks them). Muon for the
+  hidden matrices (``k2_megatron.optim.uses_muon``: 2-D weights and 3-D expert stacks, not the embeddings, the
+  output layer or the router), AdamW for the rest.
 - QK-Clip runs inside the inner step on the master weights, before megatron copies them into the bf16 model
   weights, so both copies are clipped. ``MuonClipChainedOptimizer.step`` takes every attention layer's max
   logits once per step (k2_megatron.megatron.attention.take_global_max_attn_logits: all-reduced (MAX) over data-
@@ -51,7 +53,7 @@ from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from k2_megatron.megatron.attention import K2MLACoreAttention, take_global_max_attn_logits
 from k2_megatron.megatron.layout import collective_device
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
-from k2_megatron.optim.muon import MUON_UPDATE_SCALE, muon_orthogonalize
+from k2_megatron.optim.muon import MUON_UPDATE_SCALE, matrix_shape, muon_orthogonalize
 from k2_megatron.optim.muonclip import (DEFAULT_ADAMW_PATTERNS, MuonClip, NonFiniteGradientError, QKClipStats,
                                         uses_muon)
 from k2_megatron.optim.qk_clip import QK_CLIP_ALPHA, QK_CLIP_TAU, MLAHeadLayout, WeightShard, check_qk_clip_args
@@ -180,10 +182,11 @@ def _init_muonclip_state(optimizer: MuonClip, config=None) -> None:
 
 @dataclass
 class _Matrix:
-    """One matrix Muon orthogonalises: a 2-D weight, or expert e of a 3-D stack, as this rank holds it."""
+    """One matrix Muon orthogonalises, as this rank holds it: a 2-D weight, expert e of a 3-D stack, or one of the
+    matrices a parameter stacks along its rows (k2_megatron.optim.set_row_matrices: SwiGLU's gate and up)."""
 
     param: torch.nn.Parameter  # the model parameter
-    index: int  # expert index for 3-D stacks, 0 otherwise
+    offset: int  # first element of the matrix in the (local) parameter, row-major
     shape: tuple[int, int]  # local (TP-sharded) shape
     partition_dim: int | None  # TP split dimension of the matrix, None if not TP-sharded
     cost: float  # Newton-Schulz FLOPs of the whole matrix (owner balancing)
@@ -194,7 +197,10 @@ class _Matrix:
 
 
 def _matrices_of(param: torch.nn.Parameter, tp_size: int) -> list[_Matrix]:
-    shape = tuple(param.shape[-2:])
+    """The matrices of ``param`` in memory order. Under TP, a matrix of a parameter split along its rows is split
+    the same way (megatron shards SwiGLU's fc1 as [gate_r; up_r] on TP rank r), so gathering it over TP along
+    partition_dim gives the whole matrix."""
+    shape = matrix_shape(param)
     pdim = None
     if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
         pdim = param.partition_dim - (param.dim() - 2)  # megatron's partition_dim counts the expert dim
@@ -203,8 +209,8 @@ def _matrices_of(param: torch.nn.Parameter, tp_size: int) -> list[_Matrix]:
         full[pdim] *= tp_size
     r, c = min(full), max(full)
     cost = 4.0 * r * r * c + 2.0 * r**3
-    count = param.shape[0] if param.dim() == 3 else 1
-    return [_Matrix(param, e, shape, pdim, cost) for e in range(count)]
+    numel = shape[0] * shape[1]
+    return [_Matrix(param, i * numel, shape, pdim, cost) for i in range(param.numel() // numel)]
 
 
 def _orthogonalize_whole(local: list[torch.Tensor], partition_dims: list[int | None], group: dict,
@@ -298,7 +304,7 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
                 for p in params:
                     start = buffer.param_index_map[p][0] - bucket.offset
                     for m in _matrices_of(p, tp_size):
-                        units.append((m, start + m.index * m.numel))
+                        units.append((m, start + m.offset))
                 # Deal the matrices to DP ranks by cost (deterministic: ties broken by position).
                 owners = {}
                 for idx in sorted(range(len(units)), key=lambda i: (-units[i][0].cost, i)):
@@ -361,21 +367,17 @@ class _ReplicatedMuonClip(_MuonClipWrapper):
     def orthogonalize(self, items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Muon's O of each (group, master weight, momentum), batched by shape, TP-split matrices made whole."""
         tp_size = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
-        local, pdims, owners = [], [], []
+        local, pdims, places = [], [], []
         for k, (group, main, update) in enumerate(items):
-            model = self.main_to_model[main]
-            for m in _matrices_of(model, tp_size):
-                local.append(update.view(model.shape)[m.index] if model.dim() == 3 else update.view(model.shape))
+            for m in _matrices_of(self.main_to_model[main], tp_size):
+                local.append(update.reshape(-1)[m.offset:m.offset + m.numel].view(m.shape))
                 pdims.append(m.partition_dim)
-                owners.append(k)
+                places.append((k, m))
         self.matrices_orthogonalized += len(local)
         ortho = _orthogonalize_whole(local, pdims, items[0][0], self.tp_group) if local else []
         out = [torch.empty_like(update) for _, _, update in items]
-        position = [0] * len(items)
-        for k, o in zip(owners, ortho):
-            n = o.numel()
-            out[k].view(-1)[position[k]:position[k] + n] = o.reshape(-1)
-            position[k] += n
+        for (k, m), o in zip(places, ortho):
+            out[k].view(-1)[m.offset:m.offset + m.numel] = o.reshape(-1)
         return out
 
 

@@ -17,6 +17,11 @@ def check_tensor(op: str, name: str, t, *, min_dim: int | None = None, ndim: int
         raise TypeError(f"{op}: {name} must have dtype in {_names(dtypes)}, got {t.dtype}")
 
 
+def check_same_device(op: str, name: str, t: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if t.device != other.device:
+        raise ValueError(f"{op}: {name} must be on the same device as {other_name} ({other.device}), got {t.device}")
+
+
 def check_kernel_dtype(op: str, name: str, t: torch.Tensor, dtypes) -> None:
     """For tensors that will run the CUDA kernel, whose dtype set is narrower than the reference's."""
     if t.dtype not in dtypes:

@@ -24,6 +24,7 @@ import torch
 
 from k2_megatron import _extension
 from k2_megatron.ops._checks import FLOAT_DTYPES, check_tensor
+from k2_megatron.ops._registration import register_op
 from k2_megatron.ops.reference import attention as _ref
 
 _OP = "mla_attention"
@@ -34,6 +35,7 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------- validation
+
 
 def _check_qkv(op: str, q, k, v, ndim: int) -> None:
     layout = "[b, s, h, d]" if ndim == 4 else "[total, h, d]"
@@ -110,53 +112,14 @@ def kernel_head_dims() -> tuple[tuple[int, int], ...]:
 
 def _use_registered_op(q: torch.Tensor, v: torch.Tensor) -> bool:
     # CPU and meta: the registered op (reference kernel, fake). CUDA: the kernel for bf16 / fp16 and the
-    # compiled head dims; other CUDA inputs run the reference (autograd.Function below).
-    if not _extension.dispatch_to_op("mla_attention_fwd", q):
+    # compiled head dims; other CUDA inputs run the reference (with the same autograd formula).
+    if not _FWD.dispatches(q):
         return False
     return q.device.type != "cuda" or (q.dtype in _KERNEL_DTYPES and (q.shape[-1], v.shape[-1]) in kernel_head_dims())
 
 
-def _backward(bwd, ctx, grad_out, *extra):
-    q, k, v, out, lse = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    return bwd(grad_out, q, k, v, out, lse, *extra, ctx.causal, ctx.softmax_scale)
-
-
-class _DenseReference(torch.autograd.Function):
-    """The dense op when the registered operator is not used (extension not built, CUDA without kernel)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale):
-        out, lse, max_logits = _ref.mla_attention_fwd(q, k, v, causal, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
-        ctx.mark_non_differentiable(lse, max_logits)
-        return out, lse, max_logits
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse, grad_max_logits):
-        return *_backward(_ref.mla_attention_bwd, ctx, grad_out), None, None
-
-
-class _VarlenReference(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
-        out, lse, max_logits = _ref.mla_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                             max_seqlen_k, causal, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
-        ctx.mark_non_differentiable(lse, max_logits)
-        return out, lse, max_logits
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse, grad_max_logits):
-        grads = _backward(_ref.mla_attention_varlen_bwd, ctx, grad_out, *ctx.varlen)
-        return *grads, None, None, None, None, None, None
-
-
 # ------------------------------------------------------------------------------------------------- the ops
+
 
 def mla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                   softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,10 +134,8 @@ def mla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     _check_qkv(_OP, q, k, v, ndim=4)
     causal = _check_causal(_OP, causal)
     scale = _resolve_scale(_OP, softmax_scale, q.shape[-1])
-    if _use_registered_op(q, v):
-        out, _, max_logits = torch.ops.k2_megatron.mla_attention_fwd(q, k, v, causal, scale)
-    else:
-        out, _, max_logits = _DenseReference.apply(q, k, v, causal, scale)
+    fwd = _FWD if _use_registered_op(q, v) else _FWD.reference
+    out, _, max_logits = fwd(q, k, v, causal, scale)
     return out, max_logits
 
 
@@ -193,72 +154,79 @@ def mla_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     causal = _check_causal(_OP_VARLEN, causal)
     scale = _resolve_scale(_OP_VARLEN, softmax_scale, q.shape[-1])
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
-    if _use_registered_op(q, v):
-        out, _, max_logits = torch.ops.k2_megatron.mla_attention_varlen_fwd(*args)
-    else:
-        out, _, max_logits = _VarlenReference.apply(*args)
+    fwd = _VARLEN_FWD if _use_registered_op(q, v) else _VARLEN_FWD.reference
+    out, _, max_logits = fwd(*args)
     return out, max_logits
 
 
-# ---------------------------------------------------------------------------- registrations on the schemas
+# ------------------------------------------------------------------- autograd, fakes and the registrations
+# The backward recomputes the probabilities from the saved log-sum-exp; it runs the registered bwd operator when
+# the forward ran the registered fwd operator (the same choice, made on the same q and v), else the reference.
+
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-if _extension.extension_loaded():
-    _NS = "k2_megatron::"
+def _save(ctx, q, k, v, output, causal, softmax_scale, *extra_tensors):
+    out, lse, max_logits = output
+    ctx.save_for_backward(q, k, v, out, lse, *extra_tensors)
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.mark_non_differentiable(lse, max_logits)
 
-    @torch.library.register_fake(_NS + "mla_attention_fwd")
-    def _(q, k, v, causal, softmax_scale):
-        b, s, h, _ = q.shape
-        return (q.new_empty((b, s, h, v.shape[-1])), q.new_empty((b, h, s), dtype=_lse_dtype(q.dtype)),
-                q.new_empty((h,), dtype=torch.float32))
 
-    @torch.library.register_fake(_NS + "mla_attention_bwd")
-    def _(grad_out, q, k, v, out, lse, causal, softmax_scale):
-        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+def _saved_with_grad(ctx, grad_out):
+    q, k, v, out, lse, *extra = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    return (grad_out, q, k, v, out, lse), extra
 
-    @torch.library.register_fake(_NS + "mla_attention_varlen_fwd")
-    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
-        total, h, _ = q.shape
-        return (q.new_empty((total, h, v.shape[-1])), q.new_empty((h, total), dtype=_lse_dtype(q.dtype)),
-                q.new_empty((h,), dtype=torch.float32))
 
-    @torch.library.register_fake(_NS + "mla_attention_varlen_bwd")
-    def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-          softmax_scale):
-        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+def _setup_dense(ctx, inputs, output):
+    q, k, v, causal, softmax_scale = inputs
+    _save(ctx, q, k, v, output, causal, softmax_scale)
 
-    for _name in ("mla_attention_fwd", "mla_attention_bwd", "mla_attention_varlen_fwd", "mla_attention_varlen_bwd"):
-        torch.library.register_kernel(_NS + _name, "cpu", getattr(_ref, _name))
 
-    def _setup_dense(ctx, inputs, output):
-        q, k, v, causal, softmax_scale = inputs
-        out, lse, max_logits = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
-        ctx.mark_non_differentiable(lse, max_logits)
+def _backward_dense(ctx, grad_out, grad_lse, grad_max_logits):
+    saved, _ = _saved_with_grad(ctx, grad_out)
+    q, v = saved[1], saved[3]
+    bwd = _BWD if _use_registered_op(q, v) else _BWD.reference
+    return *bwd(*saved, ctx.causal, ctx.softmax_scale), None, None
 
-    def _backward_dense(ctx, grad_out, grad_lse, grad_max_logits):
-        return *_backward(torch.ops.k2_megatron.mla_attention_bwd, ctx, grad_out), None, None
 
-    def _setup_varlen(ctx, inputs, output):
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale = inputs
-        out, lse, max_logits = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
-        ctx.mark_non_differentiable(lse, max_logits)
+def _setup_varlen(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale = inputs
+    _save(ctx, q, k, v, output, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
 
-    def _backward_varlen(ctx, grad_out, grad_lse, grad_max_logits):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        grads = torch.ops.k2_megatron.mla_attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q,
-                                                               cu_seqlens_k, *ctx.max_seqlens, ctx.causal,
-                                                               ctx.softmax_scale)
-        return *grads, None, None, None, None, None, None
 
-    torch.library.register_autograd(_NS + "mla_attention_fwd", _backward_dense, setup_context=_setup_dense)
-    torch.library.register_autograd(_NS + "mla_attention_varlen_fwd", _backward_varlen, setup_context=_setup_varlen)
+def _backward_varlen(ctx, grad_out, grad_lse, grad_max_logits):
+    saved, cu_seqlens = _saved_with_grad(ctx, grad_out)
+    q, v = saved[1], saved[3]
+    bwd = _VARLEN_BWD if _use_registered_op(q, v) else _VARLEN_BWD.reference
+    grads = bwd(*saved, *cu_seqlens, *ctx.max_seqlens, ctx.causal, ctx.softmax_scale)
+    return *grads, None, None, None, None, None, None
+
+
+def _fake_fwd(q, k, v, causal, softmax_scale):
+    b, s, h, _ = q.shape
+    return (q.new_empty((b, s, h, v.shape[-1])), q.new_empty((b, h, s), dtype=_lse_dtype(q.dtype)),
+            q.new_empty((h,), dtype=torch.float32))
+
+
+def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    total, h, _ = q.shape
+    return (q.new_empty((total, h, v.shape[-1])), q.new_empty((h, total), dtype=_lse_dtype(q.dtype)),
+            q.new_empty((h,), dtype=torch.float32))
+
+
+def _fake_bwd(grad_out, q, k, v, out, lse, *args):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+_FWD = register_op("mla_attention_fwd", reference=_ref.mla_attention_fwd, fake=_fake_fwd,
+                   backward=_backward_dense, setup_context=_setup_dense)
+_BWD = register_op("mla_attention_bwd", reference=_ref.mla_attention_bwd, fake=_fake_bwd)
+_VARLEN_FWD = register_op("mla_attention_varlen_fwd", reference=_ref.mla_attention_varlen_fwd,
+                          fake=_fake_varlen_fwd, backward=_backward_varlen, setup_context=_setup_varlen)
+_VARLEN_BWD = register_op("mla_attention_varlen_bwd", reference=_ref.mla_attention_varlen_bwd, fake=_fake_bwd)

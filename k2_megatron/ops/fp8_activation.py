@@ -4,9 +4,9 @@ backward in this form while the compute stays BF16). Conventions in k2_megatron/
 
 import torch
 
-from k2_megatron import _extension
-from k2_megatron.ops import reference
 from k2_megatron.ops._checks import check_tensor
+from k2_megatron.ops._registration import register_op
+from k2_megatron.ops.reference import fp8 as reference
 from k2_megatron.ops.reference.fp8 import E4M3_MAX, TILE
 
 _Q = "fp8_tile_quantize"
@@ -30,9 +30,9 @@ def fp8_tile_quantize(x: torch.Tensor, *, check_finite: bool = True) -> tuple[to
             raise ValueError(f"{_Q}: x holds {int(bad.sum())} non-finite value(s) (inf/NaN), the first at index "
                              f"{first} = {x[first].item()}; FP8 storage needs finite activations")
     x = x.contiguous()
-    if _extension.dispatch_to_op(_Q, x):
-        return torch.ops.k2_megatron.fp8_tile_quantize(x)
-    return reference.fp8_tile_quantize(x)
+    if _QUANTIZE.dispatches(x):
+        return _QUANTIZE(x)
+    return _QUANTIZE.reference(x)
 
 
 def fp8_tile_dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -48,24 +48,23 @@ def fp8_tile_dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     if scales.device != q.device:
         raise ValueError(f"{_DQ}: scales must be on q's device {q.device}, got {scales.device}")
     q, scales = q.contiguous(), scales.contiguous()
-    if _extension.dispatch_to_op(_DQ, q):
-        return torch.ops.k2_megatron.fp8_tile_dequantize(q, scales, dtype)
-    return reference.fp8_tile_dequantize(q, scales, dtype)
+    if _DEQUANTIZE.dispatches(q):
+        return _DEQUANTIZE(q, scales, dtype)
+    return _DEQUANTIZE.reference(q, scales, dtype)
 
 
-if _extension.extension_loaded() and _extension.op_registered(_Q):
-    # The schemas and the CUDA kernels come from k2_megatron._C; the CPU kernels are the references.
-    @torch.library.register_fake("k2_megatron::fp8_tile_quantize")
-    def _(x):
-        tiles = -(-x.shape[-1] // TILE)
-        return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
-                x.new_empty((*x.shape[:-1], tiles), dtype=torch.float32))
+def _fake_quantize(x):
+    tiles = -(-x.shape[-1] // TILE)
+    return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
+            x.new_empty((*x.shape[:-1], tiles), dtype=torch.float32))
 
-    @torch.library.register_fake("k2_megatron::fp8_tile_dequantize")
-    def _(q, scales, dtype):
-        return torch.empty(q.shape, dtype=dtype, device=q.device)
 
-    torch.library.register_kernel("k2_megatron::fp8_tile_quantize", "cpu",
-                                  lambda x: reference.fp8_tile_quantize(x))
-    torch.library.register_kernel("k2_megatron::fp8_tile_dequantize", "cpu",
-                                  lambda q, scales, dtype: reference.fp8_tile_dequantize(q, scales, dtype))
+def _fake_dequantize(q, scales, dtype):
+    return torch.empty(q.shape, dtype=dtype, device=q.device)
+
+
+# The schemas and the CUDA kernels come from k2_megatron._C; the CPU kernels are the references (1x128 tiles:
+# the schemas take no tile size).
+_QUANTIZE = register_op(_Q, reference=lambda x: reference.fp8_tile_quantize(x), fake=_fake_quantize)
+_DEQUANTIZE = register_op(_DQ, reference=lambda q, scales, dtype: reference.fp8_tile_dequantize(q, scales, dtype),
+                          fake=_fake_dequantize)

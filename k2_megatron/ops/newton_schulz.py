@@ -5,9 +5,9 @@ from collections.abc import Sequence
 
 import torch
 
-from k2_megatron import _extension
-from k2_megatron.ops import reference
 from k2_megatron.ops._checks import check_tensor
+from k2_megatron.ops._registration import register_op
+from k2_megatron.ops.reference import newton_schulz as reference
 
 _OP = "newton_schulz"
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -48,15 +48,14 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients: Sequence = DEFA
     flat = flatten_coefficients(steps, coefficients)
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"{_OP}: eps must be a positive finite float, got {eps!r}")
-    if _extension.dispatch_to_op("newton_schulz", x):
-        return torch.ops.k2_megatron.newton_schulz(x, flat, float(eps))
-    return reference.newton_schulz(x, flat, float(eps))
+    if _NEWTON_SCHULZ.dispatches(x):
+        return _NEWTON_SCHULZ(x, flat, float(eps))
+    return _NEWTON_SCHULZ.reference(x, flat, float(eps))
 
 
-if _extension.extension_loaded():
-    # The schema and the CUDA kernel come from k2_megatron._C; the CPU kernel is the reference.
-    @torch.library.register_fake("k2_megatron::newton_schulz")
-    def _(x, coefficients, eps):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _fake(x, coefficients, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    torch.library.register_kernel("k2_megatron::newton_schulz", "cpu", reference.newton_schulz)
+
+# The schema and the CUDA kernel come from k2_megatron._C; the CPU kernel is the reference.
+_NEWTON_SCHULZ = register_op("newton_schulz", reference=reference.newton_schulz, fake=_fake)

@@ -8,6 +8,12 @@ Muon, for a hidden weight matrix W (n x m) with gradient G:
 AdamW (embeddings, output head, norms, biases, everything not a hidden matrix) is the standard decoupled
 AdamW with bias correction. These functions work in place on the tensors they are given (model weights or
 a distributed optimizer's master shards alike); the optimizer classes only decide what to call them on.
+
+Muon works per weight matrix (K2 and Moonlight; the K2 release stores gate_proj and up_proj separately), and
+NewtonSchulz([G; U]) is not [NewtonSchulz(G); NewtonSchulz(U)]. A parameter that stores several matrices
+stacked along its rows (megatron-core's SwiGLU ``linear_fc1`` = [gate; up]) says so with
+``set_row_matrices(param, 2)``; every optimizer orthogonalises each of them as its own matrix, with its own
+scale (``matrices_of_update``).
 """
 
 import math
@@ -24,6 +30,37 @@ MUON_UPDATE_SCALE = 0.2
 def muon_scale(shape: Sequence[int], scale: float = MUON_UPDATE_SCALE) -> float:
     """scale * sqrt(max(n, m)) for a matrix (or a stack of matrices) of the given shape [..., n, m]."""
     return scale * math.sqrt(max(shape[-2], shape[-1]))
+
+
+# The attribute on a parameter that holds several matrices of equal height stacked along its rows (dim -2).
+ROW_MATRICES_ATTR = "muon_row_matrices"
+
+
+def set_row_matrices(param: torch.Tensor, count: int) -> None:
+    """Marks ``param`` [..., count * n, m] as ``count`` matrices [n, m] stacked along its rows, each of which Muon
+    orthogonalises on its own (megatron's SwiGLU fc1 [gate; up]: count 2; a TP shard [gate_r; up_r] alike)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"set_row_matrices: count must be a positive int, got {count!r}")
+    if param.dim() < 2 or param.shape[-2] % count:
+        raise ValueError(f"set_row_matrices: a parameter of shape {tuple(param.shape)} cannot hold {count} matrices "
+                         f"stacked along its rows (dim -2 must be a multiple of {count})")
+    setattr(param, ROW_MATRICES_ATTR, count)
+
+
+def row_matrices(param: torch.Tensor) -> int:
+    """How many matrices ``param`` stacks along its rows (1 unless ``set_row_matrices`` said otherwise)."""
+    return getattr(param, ROW_MATRICES_ATTR, 1)
+
+
+def matrix_shape(param: torch.Tensor) -> tuple[int, int]:
+    """(n, m) of each matrix Muon orthogonalises in ``param`` [..., rows, m]: rows / row_matrices(param)."""
+    return param.shape[-2] // row_matrices(param), param.shape[-1]
+
+
+def matrices_of_update(update: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``update`` (shaped like ``param``) as the stack [k, n, m] of the matrices Muon orthogonalises one by one:
+    every leading (expert) index, and each of the row_matrices(param) blocks of its rows, in memory order."""
+    return update.reshape(-1, *matrix_shape(param))
 
 
 def muon_momentum_(momentum_buffer: torch.Tensor, grad: torch.Tensor, momentum: float,

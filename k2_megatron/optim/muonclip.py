@@ -8,10 +8,11 @@
     loss.backward(); opt.step(); opt.zero_grad()
 
 Each param group says ``use_muon``. Muon params are 2-D matrices or 3-D expert stacks [E, n, m] (E matrices);
-all Muon updates of the same matrix shape, dtype, device and Newton-Schulz settings are orthogonalised in
-one batched ``newton_schulz`` call. This class is the single-process optimizer; the megatron integration
-(ZeRO-1 shards, TP/EP/PP) builds it with its own ``orthogonalize`` and reuses the pure functions of
-``k2_megatron.optim.muon`` and ``qk_clip``. QK-Clip takes each layer's per-head max logits one way: the
+a parameter marked with ``set_row_matrices`` (megatron's fused SwiGLU [gate; up]) holds several matrices along its
+rows, each orthogonalised on its own. All Muon updates of the same matrix shape, dtype, device and Newton-Schulz
+settings are orthogonalised in one batched ``newton_schulz`` call. This class is the single-process optimizer; the
+megatron integration (ZeRO-1 shards, TP/EP/PP) builds it with its own ``orthogonalize`` and reuses the pure
+functions of ``k2_megatron.optim.muon`` and ``qk_clip``. QK-Clip takes each layer's per-head max logits one way: the
 ``max_logits`` callable given at registration, asked once per step.
 """
 
@@ -25,8 +26,8 @@ import torch
 
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
 from k2_megatron.ops.newton_schulz import flatten_coefficients
-from k2_megatron.optim.muon import (MUON_UPDATE_SCALE, adamw_step_, apply_decoupled_update_, muon_momentum_,
-                                    muon_orthogonalize)
+from k2_megatron.optim.muon import (MUON_UPDATE_SCALE, adamw_step_, apply_decoupled_update_, matrices_of_update,
+                                    muon_momentum_, muon_orthogonalize)
 from k2_megatron.optim.qk_clip import (QK_CLIP_ALPHA, QK_CLIP_TAU, MLAHeadLayout, WeightShard, check_max_logits,
                                        check_mla_weights, check_qk_clip_args, qk_clip_)
 
@@ -72,24 +73,25 @@ def muon_param_groups(model_or_named_params, *, adamw_patterns: Iterable[str] = 
 
 
 def batched_orthogonalize(items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """Muon's O for each (group, param, update) (2-D, or 3-D [E, n, m] = E matrices): one batched Newton-Schulz
-    call per matrix shape, dtype, device and Newton-Schulz setting."""
+    """Muon's O for each (group, param, update): every matrix of the parameter on its own (a 3-D [E, n, m] stack is
+    E matrices, a parameter marked with ``set_row_matrices`` holds several along its rows), one batched
+    Newton-Schulz call per matrix shape, dtype, device and Newton-Schulz setting."""
+    matrices = [matrices_of_update(u, p) for _, p, u in items]
     buckets: dict[tuple, list[int]] = {}
-    for i, (group, _, u) in enumerate(items):
-        key = (tuple(u.shape[-2:]), u.dtype, u.device, group["ns_steps"], str(group["ns_coefficients"]),
+    for i, ((group, _, u), mats) in enumerate(zip(items, matrices)):
+        key = (tuple(mats.shape[-2:]), u.dtype, u.device, group["ns_steps"], str(group["ns_coefficients"]),
                group["ns_eps"], group["ns_dtype"], group["update_scale"])
         buckets.setdefault(key, []).append(i)
     out: list[torch.Tensor | None] = [None] * len(items)
     for indices in buckets.values():
         group = items[indices[0]][0]
-        updates = [items[i][2] for i in indices]
-        stacked = torch.cat([u.reshape(-1, *u.shape[-2:]) for u in updates])
+        stacked = torch.cat([matrices[i] for i in indices])
         ortho = muon_orthogonalize(stacked, ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"],
                                    ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"], scale=group["update_scale"])
         offset = 0
-        for i, u in zip(indices, updates):
-            count = u.numel() // (u.shape[-2] * u.shape[-1])
-            out[i] = ortho[offset:offset + count].view_as(u)
+        for i in indices:
+            count = matrices[i].shape[0]
+            out[i] = ortho[offset:offset + count].view_as(items[i][2])
             offset += count
     return out
 

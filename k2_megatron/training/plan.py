@@ -20,8 +20,8 @@ Memory per rank (bytes per parameter):
   + MuonClip state: Muon momentum 4 (hidden matrices and expert stacks), AdamW moments 8 (embeddings, output
   layer, router, norms);
 - activations of the in-flight micro-batches of the rank's stage (1F1B: PP - stage micro-batches; interleaved:
-  megatron's warm-up count), bf16, without and with K2's selective recomputation (norms, SwiGLU, MLA
-  up-projections recomputed); and with the config's ``memory`` section (recompute, FP8 storage, CPU offload:
+  megatron's warm-up count, one more with the EP all-to-all overlap), bf16, without and with K2's selective
+  recomputation (norms, SwiGLU, MLA up-projections recomputed); and with the config's ``memory`` section (recompute, FP8 storage, CPU offload:
   ``activation_bytes_per_token``).
 K2 report (section 4): bf16 weights + fp32 gradient buffers ~6 TB over a 256-GPU model-parallel group (~30 GB
 per GPU).
@@ -220,11 +220,14 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         params = dense // tp + router + local_experts        # TP shards the dense matrices (approximately)
         muon = dense_muon // tp + local_experts
         adamw = params - muon
-        # in-flight (micro-batch, chunk) passes at the activation peak of this stage
+        # in-flight (micro-batch, chunk) passes at the activation peak of this stage; megatron's EP all-to-all
+        # overlap runs one more micro-batch's forward first (interleaved: one more warm-up micro-batch,
+        # schedules.get_pp_rank_microbatches; without pipelining: the next forward before this backward)
+        extra = 1 if cfg.parallel.overlap_moe_expert_parallel_comm else 0
         if vpp > 1:
-            passes = min((pp - s - 1) * 2 + (vpp - 1) * pp + 1, n_micro * vpp)
+            passes = min((pp - s - 1) * 2 + (vpp - 1) * pp + 1 + extra, n_micro * vpp)
         else:
-            passes = min(pp - s, n_micro)
+            passes = min(pp - s + extra, n_micro)
         per_chunk = [sum(_activation_elements_per_token(k2, layer, rc) for layer in range(starts[c], starts[c] +
                                                                                         chunk_layers[c]))
                      for rc in (False, True) for c in chunks]

@@ -91,12 +91,15 @@ def _prepare_data(cfg: PretrainConfig):
     return result
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(data_iterator, model, return_schedule_plan: bool = False):
     batch = next(data_iterator)
     dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     tokens = batch["tokens"].to(dev, non_blocking=True)
     labels = batch["labels"].to(dev, non_blocking=True)
     loss_mask = batch["loss_mask"].to(dev, non_blocking=True).float()
+    if return_schedule_plan:  # megatron's combined 1F1B (EP all-to-all overlap) runs the layers itself
+        plan = model.build_schedule_plan(tokens, batch["position_ids"].to(dev), None, labels=labels)
+        return plan, partial(_loss_func, loss_mask)
     output = model(tokens, batch["position_ids"].to(dev), None, labels=labels)
     return output, partial(_loss_func, loss_mask)
 
@@ -120,12 +123,16 @@ def _build_model(cfg: PretrainConfig, k2cfg):
         activation_memory.check_supported(memory)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    overlap = cfg.parallel
     tc = to_transformer_config(k2cfg, layout, params_dtype=dtype, bias_update_rate=cfg.model.bias_update_rate,
+                               overlap_moe_expert_parallel_comm=overlap.overlap_moe_expert_parallel_comm,
+                               delay_wgrad_compute=overlap.delay_wgrad_compute,
                                **activation_memory.transformer_config_overrides(memory))
     # Always megatron's DistributedOptimizer (ZeRO-1; at DP=1 nothing is sharded): one code path for every
     # data-parallel size, and each matrix's Newton-Schulz done once per data-parallel group.
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
-                                               overlap_grad_reduce=False, bucket_size=None)
+                                               overlap_grad_reduce=False, bucket_size=None,
+                                               delay_wgrad_compute=overlap.delay_wgrad_compute)
     chunks = []
     vpp = layout.virtual_stages if layout.virtual_stages > 1 else None
     for vp in range(vpp or 1):
@@ -221,10 +228,10 @@ def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from k2_megatron.checkpoint.errors import CheckpointError, CheckpointMismatchError
+    from k2_megatron.checkpoint.megatron import latest_checkpoint, load_checkpoint, save_checkpoint
     from k2_megatron.data import SampleStream, build_pretraining_datasets, unigram_baseline, validation_batches
     from k2_megatron.megatron.optimizer import MuonClipConfig, get_muonclip_optimizer
-    from k2_megatron.training.checkpoint import (CheckpointError, CheckpointMismatchError, latest_checkpoint,
-                                                 load_checkpoint, save_checkpoint)
     from k2_megatron.training.logging import RunLogger, plot_history
     from k2_megatron.training.schedule import set_lr
 
@@ -514,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         from k2_megatron.training.plan import dry_run
 
         return dry_run(cfg, world_size=args.world_size)
-    from k2_megatron.training.checkpoint import CheckpointError
+    from k2_megatron.checkpoint.errors import CheckpointError
 
     try:
         pretrain(cfg)

@@ -11,8 +11,9 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # runs the benchmark scripts
 
-@pytest.mark.slow
+
 def test_train_step_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "train_step.json"
     # CUDA hidden: megatron runs on the CPU through cpu_compat, which is inactive when a GPU is visible.
@@ -35,7 +36,6 @@ def test_train_step_benchmark_cpu_smoke(tmp_path):
     assert result["speedup_vs_megatron_local"] > 0
 
 
-@pytest.mark.slow
 def test_train_step_benchmark_without_gpu_says_so():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step"], cwd=REPO_ROOT, env=env, capture_output=True,

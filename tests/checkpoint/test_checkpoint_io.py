@@ -21,8 +21,8 @@ from tests.helpers.checkpoint import (
     write_hf_checkpoint,
 )
 from k2_megatron.checkpoint.convert import convert_hf_to_hf
-from k2_megatron.checkpoint.safetensors_io import (
-    CheckpointError,
+from k2_megatron.checkpoint.errors import CheckpointError
+from k2_megatron.checkpoint.hf.safetensors_io import (
     HFCheckpoint,
     ShardedSafetensorsWriter,
     expected_hf_shapes,

@@ -26,8 +26,8 @@ from tests.helpers.checkpoint import (
     write_hf_checkpoint,
 )
 from k2_megatron.checkpoint.convert import PeakMemory, compare_hf_checkpoints, convert_hf_to_hf, resolve_dtype
-from k2_megatron.checkpoint.fp8 import is_fp8_quantized_in_release
-from k2_megatron.checkpoint.safetensors_io import HFCheckpoint
+from k2_megatron.checkpoint.hf.fp8 import is_fp8_quantized_in_release
+from k2_megatron.checkpoint.hf.safetensors_io import HFCheckpoint
 
 from tests.helpers import REPO_ROOT
 
@@ -51,6 +51,7 @@ def fp8_src(tmp_path_factory):
     return path, tensors
 
 
+@pytest.mark.slow
 def test_fp8_import_matches_float64_reference(fp8_src, tmp_path):
     src, tensors = fp8_src
     ckpt = HFCheckpoint(src)
@@ -147,7 +148,7 @@ _MEMORY_SCRIPT = r"""
 import json, sys
 import torch
 from k2_megatron.checkpoint.convert import PeakMemory, convert_hf_to_hf
-from k2_megatron.checkpoint.safetensors_io import HFCheckpoint
+from k2_megatron.checkpoint.hf.safetensors_io import HFCheckpoint
 src, warm, out = sys.argv[1:4]
 convert_hf_to_hf(warm, out + "_warm")  # lazy imports and first-use allocations outside the measurement
 stats = convert_hf_to_hf(src, out, dtype="bf16", max_shard_size="5GB")  # one output shard: nothing buffered
@@ -198,6 +199,7 @@ def test_peak_memory_sees_an_allocation():
     assert mem.peak_bytes >= 60 * 2**20, (mem.peak_bytes, mem.method)
 
 
+@pytest.mark.slow
 def test_cli(tmp_path, capsys):
     from k2_megatron.checkpoint import convert_cli as cli
 

@@ -23,6 +23,8 @@ import torch
 
 from tests.helpers.checkpoint import leftovers, snapshot
 
+pytestmark = pytest.mark.slow  # converts a transformers model through megatron
+
 LOGIT_ATOL = 2e-5
 
 
@@ -45,7 +47,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _raw(path) -> dict:
-    from k2_megatron.checkpoint.safetensors_io import HFCheckpoint
+    from k2_megatron.checkpoint.hf.safetensors_io import HFCheckpoint
 
     ckpt = HFCheckpoint(path)
     return {n: t for g in ckpt.groups() for n, t in ckpt.read_group(g, dequantize=False)}
@@ -59,7 +61,6 @@ def _same(a: dict, b: dict) -> list[str]:
     return [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(bits(a[k]), bits(b[k]))]
 
 
-@pytest.mark.slow
 def test_round_trip_fp32_and_logits(hf_dir, tmp_path):
     from k2_megatron.checkpoint.convert import compare_logits, convert_hf_to_megatron, convert_megatron_to_hf
 
@@ -87,7 +88,6 @@ def test_round_trip_bf16(hf_dir, tmp_path):
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "kimi_k2"
 
 
-@pytest.mark.slow
 def test_fp8_export_survives_megatron(hf_dir, tmp_path):
     from k2_megatron.checkpoint.convert import (
         compare_logits,
@@ -114,7 +114,7 @@ def test_bad_inputs_leave_the_output_untouched(hf_dir, tmp_path):
     import shutil
 
     from k2_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
-    from k2_megatron.checkpoint.safetensors_io import CheckpointError
+    from k2_megatron.checkpoint.errors import CheckpointError
 
     out = tmp_path / "out"
     out.mkdir()
@@ -145,7 +145,7 @@ def test_megatron_checkpoint_checked_against_its_config_before_writing(hf_dir, t
         convert_megatron_to_hf,
         read_megatron_index,
     )
-    from k2_megatron.checkpoint.safetensors_io import CheckpointError
+    from k2_megatron.checkpoint.errors import CheckpointError
 
     convert_hf_to_megatron(hf_dir, tmp_path / "meg")
     _, _, stored = read_megatron_index(tmp_path / "meg")
@@ -183,7 +183,7 @@ def _layout_worker(rank, world, init_file, hf_path, out_root, result_path):
 
         from k2_megatron.checkpoint.convert import convert_hf_to_megatron
         from k2_megatron.config import ParallelLayout
-        from k2_megatron.checkpoint.safetensors_io import HFCheckpoint
+        from k2_megatron.checkpoint.hf.safetensors_io import HFCheckpoint
         from k2_megatron.megatron import init_distributed_cpu
 
         read = []  # every tensor group this rank reads from the HF files
@@ -225,7 +225,7 @@ def test_round_trip_through_sharded_layouts(hf_dir, tmp_path):
     from tests.helpers.model import run_gloo_workers
 
     from k2_megatron.checkpoint.convert import convert_hf_to_hf, convert_megatron_to_hf
-    from k2_megatron.checkpoint.safetensors_io import HFCheckpoint
+    from k2_megatron.checkpoint.hf.safetensors_io import HFCheckpoint
 
     bf16_dir = tmp_path / "bf16"
     convert_hf_to_hf(hf_dir, bf16_dir, dtype="bf16")  # BF16 tensors, bf16 megatron parameters
@@ -257,7 +257,7 @@ def test_round_trip_through_sharded_layouts(hf_dir, tmp_path):
 def test_adapter_maps_one_ranks_experts():
     from tests.helpers.model import full_megatron_state_dict, k2_like_tiny_config
 
-    from k2_megatron.checkpoint.hf_adapter import StateDictMismatch, hf_to_megatron, megatron_to_hf
+    from k2_megatron.checkpoint.hf.adapter import StateDictMismatch, hf_to_megatron, megatron_to_hf
 
     cfg = k2_like_tiny_config()
     meg = full_megatron_state_dict(cfg)
@@ -278,7 +278,6 @@ def test_adapter_maps_one_ranks_experts():
         hf_to_megatron(fused, cfg, experts=range(6, 10))
 
 
-@pytest.mark.slow
 def test_cli_megatron_directions_with_logit_validation(hf_dir, tmp_path, capsys):
     from k2_megatron.checkpoint import convert_cli
 
@@ -316,7 +315,7 @@ def deepseek_v3_dirs(tmp_path_factory):
     from tests.helpers.model import k2_like_tiny_config, make_hf_model
     from transformers import DeepseekV3Config
 
-    from k2_megatron.checkpoint.safetensors_io import expected_mtp_shapes
+    from k2_megatron.checkpoint.hf.safetensors_io import expected_mtp_shapes
     from k2_megatron.config import config_to_hf
 
     cfg = k2_like_tiny_config()
@@ -409,7 +408,7 @@ def test_tensors_beyond_the_declared_layers_are_refused(deepseek_v3_dirs, tmp_pa
     from tests.helpers.checkpoint import write_hf_checkpoint
 
     from k2_megatron.checkpoint.convert import convert_hf_to_megatron
-    from k2_megatron.checkpoint.safetensors_io import CheckpointError
+    from k2_megatron.checkpoint.errors import CheckpointError
 
     L = deepseek_v3_dirs["cfg"].num_hidden_layers
     name = name.format(L=L, L1=L + 1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.helpers.checkpoint import decode_e4m3_float64, random_fp8, reference_dequant
-from k2_megatron.checkpoint.fp8 import (
+from k2_megatron.checkpoint.hf.fp8 import (
     FP8_E4M3_MAX,
     dequantize_fp8_blockwise,
     fp8_scale_shape,

@@ -9,6 +9,7 @@ from k2_megatron.config import (
     PRESETS,
     K2Config,
     ParallelLayout,
+    YarnConfig,
     config_from_hf,
     config_to_hf,
     get_preset,
@@ -16,7 +17,7 @@ from k2_megatron.config import (
 )
 
 
-def test_k2_preset_is_the_release_configuration():
+def test_k2_preset_is_the_release_architecture_at_its_pretraining_context():
     c = get_preset("k2")
     expected = dict(num_hidden_layers=61, first_k_dense_replace=1, hidden_size=7168, intermediate_size=18432,
                     num_attention_heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
@@ -27,11 +28,16 @@ def test_k2_preset_is_the_release_configuration():
     for key, value in expected.items():
         assert getattr(c, key) == value, key
     assert c.qk_head_dim == 192
-    assert c.rope_scaling == {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
-                              "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
-    assert c.n_routed_experts // c.num_experts_per_tok == 48  # sparsity
+    # K2 pretrains at 4096 with plain RoPE; YaRN belongs to the long-context stage (and to the release)
+    assert c.rope_scaling is None and c.max_position_embeddings == 4096
+    assert c.softmax_scale() == 1 / math.sqrt(192)
+    release = c.with_yarn(YarnConfig())
+    assert release.rope_scaling == {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                                    "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    assert release.max_position_embeddings == 131072
     mscale = 0.1 * math.log(32) + 1
-    assert c.softmax_scale() == pytest.approx(mscale ** 2 / math.sqrt(192), rel=1e-15)
+    assert release.softmax_scale() == pytest.approx(mscale ** 2 / math.sqrt(192), rel=1e-15)
+    assert c.n_routed_experts // c.num_experts_per_tok == 48  # sparsity
     total, active = c.num_parameters()
     # the report's 1.04T / 32.6B; our count (embeddings, norms and router included) is 1.026T / 32.86B
     assert total == pytest.approx(1.04e12, rel=0.015)
@@ -43,7 +49,7 @@ def test_smaller_presets_keep_k2_structure():
     for name in ("k2-mini", "k2-tiny"):
         c = get_preset(name)
         assert c.first_k_dense_replace == 1 and c.n_shared_experts == 1 and c.scoring_func == "sigmoid"
-        assert c.rope_scaling["type"] == "yarn" and c.routed_scaling_factor == k2.routed_scaling_factor
+        assert c.rope_scaling is None and c.routed_scaling_factor == k2.routed_scaling_factor
         assert c.qk_head_dim * 2 == c.v_head_dim * 3  # 192 : 128
         assert c.q_lora_rank and c.kv_lora_rank
     mini = get_preset("k2-mini")
@@ -92,11 +98,13 @@ def test_possible_layouts():
     ParallelLayout(tensor_parallel=2, pipeline_parallel=2, expert_parallel=2).check_model(get_preset("k2-tiny"))
 
 
-def test_release_config_json_round_trip(tmp_path):
-    k2 = get_preset("k2")
+@pytest.mark.parametrize("stage", ["pretraining", "release"])
+def test_release_config_json_round_trip(tmp_path, stage):
+    k2 = get_preset("k2") if stage == "pretraining" else get_preset("k2").with_yarn(YarnConfig())
     hf = config_to_hf(k2, "kimi_k2")
     assert hf["model_type"] == "kimi_k2" and hf["architectures"] == ["DeepseekV3ForCausalLM"]
-    assert hf["rope_scaling"]["type"] == "yarn" and hf["num_key_value_heads"] == 64
+    assert (hf["rope_scaling"] is None if stage == "pretraining" else hf["rope_scaling"]["type"] == "yarn")
+    assert hf["num_key_value_heads"] == 64
     assert hf["num_nextn_predict_layers"] == 0 and hf["topk_method"] == "noaux_tc"
     path = save_hf_config(k2, tmp_path)
     assert json.loads(open(path).read()) == json.loads(json.dumps(hf))
@@ -106,7 +114,8 @@ def test_release_config_json_round_trip(tmp_path):
 
 
 def test_reads_transformers_v5_layout_and_keeps_extra_keys():
-    hf = config_to_hf(get_preset("k2-tiny"), "deepseek_v3")
+    hf = config_to_hf(get_preset("k2-tiny").with_yarn(YarnConfig(original_max_position_embeddings=128)),
+                      "deepseek_v3")
     scaling = hf.pop("rope_scaling")
     theta = hf.pop("rope_theta")
     hf["rope_parameters"] = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": "yarn",
@@ -117,9 +126,10 @@ def test_reads_transformers_v5_layout_and_keeps_extra_keys():
     assert config_to_hf(c)["torch_dtype"] == "bfloat16"  # unknown keys are written back unchanged
 
 
-def test_reads_what_transformers_writes():
+@pytest.mark.parametrize("stage", ["pretraining", "release"])
+def test_reads_what_transformers_writes(stage):
     transformers = pytest.importorskip("transformers")
-    k2 = get_preset("k2")
+    k2 = get_preset("k2") if stage == "pretraining" else get_preset("k2").with_yarn(YarnConfig())
     written = transformers.DeepseekV3Config(**config_to_hf(k2, "deepseek_v3")).to_dict()
     back = config_from_hf(written)
     for f in ("hidden_size", "num_hidden_layers", "q_lora_rank", "n_routed_experts", "routed_scaling_factor",
@@ -187,7 +197,7 @@ def test_reads_a_release_style_kimi_k2_config_json():
                                 "weight_block_size": [128, 128]},
     }
     c = config_from_hf(release)
-    k2 = get_preset("k2")
+    k2 = get_preset("k2").with_yarn(YarnConfig())  # the release keeps its YaRN: the architecture + K2's long context
     for f in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
               "first_k_dense_replace", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
               "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",

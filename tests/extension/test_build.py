@@ -14,7 +14,8 @@ from k2_megatron import _extension
 
 from tests.helpers import REPO_ROOT
 
-pytestmark = pytest.mark.skipif(not _extension.extension_loaded(), reason="k2_megatron._C not built")
+pytestmark = [pytest.mark.slow,  # inspect_sass.py reads the whole library first
+              pytest.mark.skipif(not _extension.extension_loaded(), reason="k2_megatron._C not built")]
 
 TOOL = REPO_ROOT / "tools" / "inspect_sass.py"
 

@@ -9,8 +9,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from k2_megatron.checkpoint.fp8 import fp8_scale_shape, is_fp8_quantized_in_release
-from k2_megatron.checkpoint.safetensors_io import expected_hf_shapes
+from k2_megatron.checkpoint.hf.fp8 import fp8_scale_shape, is_fp8_quantized_in_release
+from k2_megatron.checkpoint.hf.safetensors_io import expected_hf_shapes
 from k2_megatron.config import config_from_hf, config_to_hf, get_preset
 
 

@@ -18,6 +18,8 @@ import torch
 
 from tests.helpers.model import k2_like_tiny_config, make_hf_model
 
+pytestmark = pytest.mark.slow  # a transformers model and ours, forward and backward
+
 LOGIT_ATOL = 2e-5
 LOSS_RTOL = 1e-6
 GRAD_RTOL_OF_MAX = 1e-5

@@ -36,7 +36,9 @@ def test_forward_float32(b, s, h, causal, d_qk, d_v):
 
 
 MIXED_SIZES = [(b, s, h, d_qk, d_v) for b, s, h in [(3, 17, 3), (1, 128, 16)] for d_qk, d_v in HEAD_DIMS + [(128, 128)]]
-MIXED_SIZES += [(b, s, h, d_qk, d_v) for b, s, h in [(3, 1000, 1), (1, 1000, 3)] for d_qk, d_v in HEAD_DIMS]
+# 1000-token sequences take seconds each on a CPU: slow (the fast loop keeps the shorter ones).
+MIXED_SIZES += [pytest.param(b, s, h, d_qk, d_v, marks=pytest.mark.slow)
+                for b, s, h in [(3, 1000, 1), (1, 1000, 3)] for d_qk, d_v in HEAD_DIMS]
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -46,6 +48,7 @@ def test_forward_mixed_sizes(dtype, b, s, h, d_qk, d_v, causal):
     _check_forward(b, s, h, causal, d_qk, d_v, dtype)
 
 
+@pytest.mark.slow
 def test_forward_4096_causal():
     _check_forward(1, 4096, 1, True, 192, 128, torch.float32)
 
@@ -341,6 +344,7 @@ def _opcheck_cases():
     ]
 
 
+@pytest.mark.slow
 @requires_extension
 @pytest.mark.parametrize("case", range(6))
 def test_opcheck(case):

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from k2_megatron import _extension
-from k2_megatron.ops import grouped_gemm, permute, unpermute
+from k2_megatron.ops import grouped_gemm, grouped_gemm_wgrad, permute, unpermute
+from k2_megatron.ops.reference import grouped_gemm as ref
 
-# The modules by full name (k2_megatron.ops and .reference export functions with the modules' names).
+# The op module by full name (k2_megatron.ops exports the function grouped_gemm under the module's name).
 gg_mod = importlib.import_module("k2_megatron.ops.grouped_gemm")
-ref = importlib.import_module("k2_megatron.ops.reference.grouped_gemm")
 
 requires_ext = pytest.mark.skipif(not _extension.op_registered("grouped_gemm"),
                                   reason="k2_megatron._C not built (or built without the grouped_gemm schemas)")
@@ -73,18 +73,19 @@ def make_inputs(e, k, n, sizes, dtype, trans_b, device="cpu", seed=0):
 
 # E, K, N, T, load: the issue's grid (E in {1, 8, 24, 384}; K, N in {128, 2048} plus 7168 and odd sizes
 # where cheap on CPU), zero-token experts and all tokens on one expert.
+# The largest cases take seconds each on a CPU: slow (the fast loop keeps the others).
 FWD_CASES = [
     (1, 128, 128, 37, "random"),
     (8, 128, 128, 300, "random"),
     (8, 128, 2048, 200, "zeros"),
     (8, 2048, 128, 200, "one"),
-    (4, 2048, 2048, 48, "random"),
+    pytest.param(4, 2048, 2048, 48, "random", marks=pytest.mark.slow),
     (24, 128, 128, 100, "random"),
     (24, 2048, 128, 300, "zeros"),
-    (384, 128, 128, 1000, "random"),
-    (384, 2048, 32, 300, "random"),
-    (2, 7168, 128, 40, "random"),
-    (2, 128, 7168, 40, "random"),
+    pytest.param(384, 128, 128, 1000, "random", marks=pytest.mark.slow),
+    pytest.param(384, 2048, 32, 300, "random", marks=pytest.mark.slow),
+    pytest.param(2, 7168, 128, 40, "random", marks=pytest.mark.slow),
+    pytest.param(2, 128, 7168, 40, "random", marks=pytest.mark.slow),
     (5, 7, 13, 29, "random"),
     (3, 129, 65, 1, "random"),
     (7, 1, 1, 20, "zeros"),
@@ -142,9 +143,9 @@ GRAD_CASES = [
     (8, 128, 128, 200, "zeros"),
     (8, 96, 160, 50, "one"),
     (24, 128, 64, 100, "random"),
-    (384, 32, 16, 400, "random"),
+    pytest.param(384, 32, 16, 400, "random", marks=pytest.mark.slow),
     (5, 7, 13, 29, "random"),
-    (3, 2048, 128, 24, "random"),
+    pytest.param(3, 2048, 128, 24, "random", marks=pytest.mark.slow),
 ]
 
 
@@ -172,6 +173,36 @@ def test_gradients_match_float64_loop(e, k, n, t, load, dtype, trans_b):
     for ex, size in enumerate(sizes):
         if size == 0:
             assert (w.grad[ex] == 0).all()  # experts without tokens get exactly zero
+
+
+@pytest.mark.parametrize("trans_b", [False, True], ids=["w_KN", "w_NK"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("e,k,n,t,load", GRAD_CASES[:3] + GRAD_CASES[5:6], ids=lambda v: str(v))
+def test_wgrad_is_the_weight_gradient_of_grouped_gemm(e, k, n, t, load, dtype, trans_b):
+    """grouped_gemm_wgrad (a delayed weight-gradient pass) against float64 and, bit for bit, against autograd's dw."""
+    sizes = make_sizes(load, e, t, torch.Generator().manual_seed(e + t))
+    x, w = make_inputs(e, k, n, sizes, dtype, trans_b, seed=1)
+    w.requires_grad_()
+    dy = torch.randn(t, n, generator=torch.Generator().manual_seed(2)).to(dtype)
+    grouped_gemm(x, w, torch.tensor(sizes), trans_b=trans_b).backward(dy)
+    dw = grouped_gemm_wgrad(x, dy, torch.tensor(sizes), trans_b=trans_b)
+    assert dw.dtype == dtype and dw.shape == w.shape
+    assert rel_err(dw, _grads_float64(x, w, sizes, trans_b, dy)[1]) < GRAD_TOL[dtype]
+    assert torch.equal(dw, w.grad)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(dy=torch.randn(5, 3)), ValueError, r"dy must have one row per row of x \(6\), got shape \(5, 3\)"),
+    (dict(dy=torch.randn(6, 3, dtype=torch.float64)), TypeError, "dy must have the dtype of x"),
+    (dict(batch_sizes=torch.tensor([1, 2, 2])), ValueError, r"sum\(batch_sizes\) must equal"),
+    (dict(dy=torch.randn(6)), ValueError, "dy must be 2-D"),
+    (dict(trans_b=1), TypeError, "trans_b must be a bool"),
+])
+def test_wgrad_bad_input(over, exc, match):
+    args = {"x": torch.randn(6, 4), "dy": torch.randn(6, 3), "batch_sizes": torch.tensor([1, 2, 3]), "trans_b": False,
+            **over}
+    with pytest.raises(exc, match=match):
+        grouped_gemm_wgrad(args["x"], args["dy"], args["batch_sizes"], trans_b=args["trans_b"])
 
 
 @pytest.mark.slow

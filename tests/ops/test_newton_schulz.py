@@ -5,8 +5,9 @@ import torch
 
 import k2_megatron
 from k2_megatron import _extension
-from k2_megatron.ops import DEFAULT_COEFFICIENTS, newton_schulz, reference
+from k2_megatron.ops import DEFAULT_COEFFICIENTS, newton_schulz
 from k2_megatron.ops.newton_schulz import flatten_coefficients
+from k2_megatron.ops.reference import newton_schulz as reference
 
 
 # Worst per-matrix relative Frobenius error against the float64 iteration. bf16 is loose by nature: the

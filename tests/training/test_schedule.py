@@ -144,7 +144,8 @@ def test_yarn_config_matches_k2_release():
 
     yarn = YarnConfig()
     assert yarn.max_position_embeddings == 131072
-    assert get_preset("k2").rope_scaling == yarn.rope_scaling()
+    assert get_preset("k2").with_yarn(yarn).rope_scaling == yarn.rope_scaling()
+    assert get_preset("k2").rope_scaling is None  # the preset pretrains with plain RoPE
     # a long-context stage of a small model: the model config accepts the block
     tiny = get_preset("k2-tiny")
     ext = YarnConfig(factor=4.0, original_max_position_embeddings=128)

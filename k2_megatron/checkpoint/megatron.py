@@ -1,4 +1,5 @@
-"""Pretraining checkpoints: megatron dist_checkpointing, written to a temporary directory and published atomically.
+"""Megatron checkpoints of a training run: dist_checkpointing, written to a temporary directory and published
+atomically.
 
 Layout under the checkpoint root:
 
@@ -29,21 +30,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from k2_megatron.checkpoint.errors import CheckpointCorruptError, CheckpointMismatchError
+
 LATEST = "latest"
 META = "k2_meta.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used."""
-
-
-class CheckpointCorruptError(CheckpointError):
-    """Files of the checkpoint are missing, truncated or altered."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoint was written for a different model or layout."""
 
 
 def _rank() -> int:

@@ -32,7 +32,8 @@ from typing import Iterator
 
 import torch
 
-from k2_megatron.checkpoint.fp8 import (
+from k2_megatron.checkpoint.errors import CheckpointError
+from k2_megatron.checkpoint.hf.fp8 import (
     FP8_BLOCK_SIZE,
     SCALE_SUFFIX,
     dequantize_fp8_blockwise,
@@ -55,10 +56,6 @@ ST_DTYPES = {
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 _FLOAT_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file is unusable; the message names the file and the tensor(s)."""
 
 
 @dataclass(frozen=True)
