@@ -57,7 +57,7 @@ def dry_save(model_chunks, optimizer, target: str) -> CheckpointPlan:
     megatron's small metadata file there) and returns what would be written."""
     from megatron.core import dist_checkpointing
 
-    from k2_megatron.training.checkpoint import _sharded_state
+    from k2_megatron.checkpoint.megatron import _sharded_state
 
     strategy = DrySaveStrategy()
     with torch.no_grad():

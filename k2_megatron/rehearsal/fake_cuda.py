@@ -133,8 +133,8 @@ class _DeviceProperties:
                f"total_memory={self.total_memory // 2**20}MB, rehearsed)"
 
 
-class _Stream(cpu_compat._NoStream):
-    """A CUDA stream / event that does nothing, except that waiting for it on the host is a host synchronisation."""
+class _Event(cpu_compat._NoStream):
+    """A CUDA event that does nothing, except that waiting for it on the host is a host synchronisation."""
 
     def synchronize(self):
         _report_sync("stream/event synchronize", type(self).__name__)
@@ -143,7 +143,40 @@ class _Stream(cpu_compat._NoStream):
         return True
 
     def record_event(self, *args, **kwargs):
-        return _Stream()
+        return _Event()
+
+
+class _Stream(torch.Stream):
+    """A CUDA stream on the rehearsed device: a real torch.Stream (of the runtime stand-in's device guard, so that
+    ``Tensor.record_stream`` takes it) whose work is immediate; waiting for it on the host is a host
+    synchronisation."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls, device="cuda")
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _Event()
+
+    def synchronize(self):
+        _report_sync("stream/event synchronize", "Stream")
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _make_cuda_answers(device: RehearsedDevice, local_rank: int) -> dict:
@@ -176,7 +209,7 @@ def _make_cuda_answers(device: RehearsedDevice, local_rank: int) -> dict:
             "get_device_capability": lambda device=None: (properties.major, properties.minor),
             "get_device_properties": lambda device=None: properties,
             "get_device_name": lambda device=None: properties.name,
-            "synchronize": synchronize, "Stream": _Stream, "Event": _Stream,
+            "synchronize": synchronize, "Stream": _Stream, "Event": _Event,
             "current_stream": lambda device=None: _Stream(), "default_stream": lambda device=None: _Stream(),
             "stream": cpu_compat._stream_context,
             "manual_seed": cpu_compat._noop, "manual_seed_all": cpu_compat._noop,
@@ -285,7 +318,7 @@ def _moe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
             self.output_splits = counts.output_splits
             self.output_splits_tp = counts.output_splits_tp
         _report_sync("device-to-host copy", "MoE all-to-all token counts (megatron's dtoh point)")
-        self.d2h_event = _Stream()
+        self.d2h_event = _Event()
     if point == self.cuda_sync_point:
         _report_sync("stream/event synchronize", "MoE all-to-all token counts (megatron's sync point)")
     return tokens_per_expert

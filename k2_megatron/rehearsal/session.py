@@ -127,6 +127,8 @@ class RehearsalMode(TorchDispatchMode):
             if func._opname not in _NOT_COMMUNICATION_BUFFERS:
                 r.memory.claim_transient(_written_by(func, args), "communication buffers")
             return out
+        if func is aten.record_stream.default:  # streams are immediate here: nothing to extend
+            return None
         if func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
             return r.syncs.value_read(args[0], storage_key(args[0]))
         found = [False, False]
