@@ -54,6 +54,16 @@ ALLOWED_SYNCS: tuple[AllowedSync, ...] = (
                 "decision (once per optimizer step); the rehearsal answers a squared norm of 1e6, above any "
                 "clipping threshold, so that the clipping branch runs",
                 file="megatron/core/optimizer/clip_grads.py", function="get_grad_norm_fp32", value=1.0e6),
+    AllowedSync("logged loss",
+                "the step's loss (the mean of the last stage's micro-batch losses over data-parallel ranks) is logged "
+                "on every rank: read on the host once per step, after the optimizer step has been queued; the "
+                "rehearsal answers 1.0 for each loss and for the count",
+                file="k2_megatron/training/trainer.py", function="global_mean", value=1.0),
+    AllowedSync("step metrics",
+                "the step's max logits per layer and expert loads are logged: read on the host and gathered from "
+                "every pipeline stage once per step, after the optimizer step (the loss read has already waited for "
+                "the device)",
+                file="k2_megatron/training/trainer.py", function="step_metrics"),
     AllowedSync("checkpoint shards to host",
                 "writing a checkpoint stages every shard this rank writes in host memory (at save steps only)",
                 detail="checkpoint: "),
@@ -61,7 +71,7 @@ ALLOWED_SYNCS: tuple[AllowedSync, ...] = (
 
 # Phases of a training step: a synchronisation there that no allowed entry covers fails the rehearsal. Setup
 # (model and optimizer construction) is reported but not held to the list.
-STEP_PHASES = ("forward-backward", "optimizer step", "checkpoint save (dry)")
+STEP_PHASES = ("forward-backward", "optimizer step", "step metrics", "checkpoint save (dry)")
 
 HOST_VALUE = "host value of device data"  # a read of a host copy: the copy was the synchronisation
 

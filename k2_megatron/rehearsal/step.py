@@ -1,21 +1,23 @@
-"""One optimizer step of a pretraining config, rehearsed for rank R of a world of N, driving megatron-core directly:
-parallel_state, the rank's model chunks (build_k2_model via the pretraining loop's model builder), megatron's
-forward_backward_func (1F1B / interleaved) over the real micro-batch count, the ZeRO-1 MuonClip step with QK-Clip and
-gradient clipping, and a checkpoint save to a dry target (megatron's dist_checkpointing with a strategy that plans
-the write and writes nothing).
+"""One optimizer step of a pretraining config, rehearsed for rank R of a world of N through k2-pretrain's own Trainer
+(k2_megatron.training.trainer): parallel_state, the rank's model chunks, megatron's forward_backward_func (1F1B /
+interleaved) over the real micro-batch count, the ZeRO-1 MuonClip step with QK-Clip and gradient clipping, the step's
+metrics (the loss mean, the max logits, the expert loads over ranks), and a checkpoint save to a dry target
+(megatron's dist_checkpointing with a strategy that plans the write and writes nothing).
 
 Tokens are synthetic (the shapes of the config's micro-batches): a rehearsal needs no data set or tokenizer file.
 """
 
 from __future__ import annotations
 
-import itertools
 import tempfile
 
 import torch
 
+from k2_megatron.rehearsal.checkpoint import dry_save
+from k2_megatron.rehearsal.replay import MicroBatchReplay
 from k2_megatron.rehearsal.report import RehearsalReport
 from k2_megatron.rehearsal.session import rehearsal
+from k2_megatron.training.trainer import Trainer
 
 
 def _synthetic_batch(micro_batch_size: int, seq_length: int) -> dict:
@@ -51,65 +53,111 @@ def _optimizer_state(opt) -> list:
     return out
 
 
+class SyntheticData:
+    """CorpusData's interface (k2_megatron.training.trainer) without a data set or tokenizer file: every micro-batch
+    is the config's shape of fake host tokens."""
+
+    tokenizer_name = "synthetic (rehearsal)"
+
+    def __init__(self, cfg, layout, dp: int, dp_rank: int):
+        from k2_megatron.training.plan import _vocab_size
+
+        self.vocab_size = _vocab_size(cfg)
+        self.train_samples = cfg.train.iters * layout.global_batch_size
+        self.eval_micro_batches = cfg.train.eval_micro_batches or 1
+        self.batch = _synthetic_batch(cfg.train.micro_batch_size, cfg.data.seq_length)
+
+    def next_batch(self) -> dict:
+        return self.batch
+
+    def validation_batches(self) -> list:
+        return [self.batch] * self.eval_micro_batches
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def unigram_baseline(self) -> float:
+        return float("nan")
+
+
+class RehearsedTrainer(Trainer):
+    """k2-pretrain's Trainer with the rehearsal's bookkeeping around its parts: the memory category of what each
+    part allocates, micro-batch replay, and a dry checkpoint save. Nothing is loaded (a rehearsal starts fresh) and
+    nothing is logged."""
+
+    def __init__(self, cfg, session, *, replay: bool = True):
+        super().__init__(cfg, data=SyntheticData)
+        self.r, self.replay = session, replay
+        self.checkpoint_plan = None
+
+    def setup(self) -> None:
+        with self.r.phase("setup"):
+            super().setup()
+
+    def build_model(self) -> None:
+        with self.r.phase("model", "parameters"):
+            super().build_model()
+        params, grads = _model_state(self.chunks)
+        self.r.memory.assign(params, "parameters")
+        self.r.memory.assign(grads, "gradient buffers")
+
+    def build_optimizer(self) -> None:
+        with self.r.phase("optimizer setup", "optimizer state"):
+            super().build_optimizer()
+        self.r.memory.assign(_optimizer_state(self.opt), "optimizer state")
+
+    def _resume(self):
+        return None, "resume", None
+
+    def _start_logger(self, history) -> None:
+        from k2_megatron.training.logging import RunLogger
+
+        self.logger = RunLogger(self.cfg.output.dir, total_steps=self.cfg.train.iters, enabled=False)
+
+    def forward_backward(self, batches: list) -> list:
+        self.r.memory.begin_step()
+        replayer = MicroBatchReplay(self.r, self.chunks, len(batches)).install() if self.replay else None
+        try:
+            with self.r.phase("forward-backward", "activations"):
+                return super().forward_backward(batches)
+        finally:
+            if replayer is not None:
+                replayer.remove()
+
+    def optimizer_step(self):
+        with self.r.phase("optimizer step", "optimizer temporaries"):
+            result = super().optimizer_step()
+        self.r.memory.assign(_optimizer_state(self.opt), "optimizer state")
+        return result
+
+    def step_metrics(self, *args) -> dict:
+        with self.r.phase("step metrics"):
+            return super().step_metrics(*args)
+
+    def save(self) -> str:
+        with self.r.phase("checkpoint save (dry)", "checkpoint temporaries"):
+            with tempfile.TemporaryDirectory(prefix="k2_rehearsal_ckpt_") as target:
+                self.checkpoint_plan = dry_save(self.chunks, self.opt, target)
+        return target
+
+
 def rehearse_step(cfg, *, world_size: int, rank: int, routing=None, device=None, replay: bool = True) -> RehearsalReport:
-    """Rehearses one training step of PretrainConfig ``cfg`` for ``rank`` of ``world_size``; returns its report.
-    replay: replay identical micro-batches from a recorded one (k2_megatron.rehearsal.replay) instead of computing
-    each."""
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from k2_megatron.megatron.optimizer import MuonClipConfig, get_muonclip_optimizer
+    """Rehearses one training step of PretrainConfig ``cfg`` for ``rank`` of ``world_size`` through k2-pretrain's
+    Trainer (setup, step, save); returns its report. replay: replay identical micro-batches from a recorded one
+    (k2_megatron.rehearsal.replay) instead of computing each."""
     from k2_megatron.rehearsal import fake_cuda
-    from k2_megatron.rehearsal.checkpoint import dry_save
-    from k2_megatron.rehearsal.replay import MicroBatchReplay
-    from k2_megatron.training import pretrain as loop
-    from k2_megatron.training.plan import _vocab_size
 
-    cfg.validate()
-    dp, layout = cfg.layout(world_size)
     kwargs = {"routing": routing} if routing is not None else {}
     with rehearsal(world_size, rank, device=device or fake_cuda.H100, **kwargs) as r:
-        with r.phase("setup"):
-            loop._initialize(cfg)
-            k2cfg = cfg.k2_config(_vocab_size(cfg))
-        with r.phase("model", "parameters"):
-            tc, chunks = loop._build_model(cfg, k2cfg)
-        with r.phase("optimizer setup", "optimizer state"):
-            o = cfg.optim
-            opt = get_muonclip_optimizer(
-                OptimizerConfig(optimizer="adam", lr=o.peak_lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                                bf16=cfg.model.params_dtype == "bfloat16", params_dtype=tc.params_dtype,
-                                use_distributed_optimizer=True, clip_grad=cfg.train.clip_grad),
-                chunks, MuonClipConfig(momentum=o.momentum, qk_clip_tau=o.qk_clip_tau,
-                                       ns_dtype=getattr(torch, o.ns_dtype)))
-        params, grads = _model_state(chunks)
-        r.memory.assign(params, "parameters")
-        r.memory.assign(grads, "gradient buffers")
-        r.memory.assign(_optimizer_state(opt), "optimizer state")
-        tc.finalize_model_grads_func = finalize_model_grads
-        if dp > 1:
-            tc.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
-        seq, mbs, n_micro = cfg.data.seq_length, cfg.train.micro_batch_size, layout.num_micro_batches
-        batch = _synthetic_batch(mbs, seq)
-        r.memory.begin_step()
-        replayer = MicroBatchReplay(r, chunks, n_micro).install() if replay else None
-        with r.phase("forward-backward", "activations"):
-            for c in chunks:
-                c.zero_grad_buffer()
-            opt.zero_grad()
-            iters = (itertools.repeat(batch, n_micro) if len(chunks) == 1
-                     else [itertools.repeat(batch, n_micro) for _ in chunks])
-            get_forward_backward_func()(forward_step_func=loop._forward_step, data_iterator=iters,
-                                        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=n_micro,
-                                        seq_length=seq, micro_batch_size=mbs, forward_only=False)
-        if replayer is not None:
-            replayer.remove()
-        with r.phase("optimizer step", "optimizer temporaries"):
-            opt.step()
-        r.memory.assign(_optimizer_state(opt), "optimizer state")
-        with r.phase("checkpoint save (dry)", "checkpoint temporaries"):
-            with tempfile.TemporaryDirectory(prefix="k2_rehearsal_ckpt_") as target:
-                checkpoint = dry_save(chunks, opt, target)
-        return RehearsalReport.of(r, cfg, checkpoint=checkpoint, micro_batches=n_micro)
+        trainer = RehearsedTrainer(cfg, r, replay=replay)
+        try:
+            trainer.setup()
+            trainer.step()
+            trainer.save()
+            return RehearsalReport.of(r, cfg, checkpoint=trainer.checkpoint_plan,
+                                      micro_batches=trainer.layout.num_micro_batches)
+        finally:
+            trainer.close()

@@ -225,7 +225,7 @@ def pretrain_step(world_size: str, rank: str, *overrides: str) -> dict:
                                  "train.eval_interval=0", *overrides])
         with rehearsal(int(world_size), int(rank)) as r:
             error = _error(lambda: pretrain(cfg))
-    return {"error": error, "collectives": len(r.collectives.records)}
+    return {"error": error, "collectives": r.collectives.summary()}
 
 
 if __name__ == "__main__":

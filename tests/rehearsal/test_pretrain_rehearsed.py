@@ -1,8 +1,9 @@
-"""The pretraining loop (k2_megatron.training.pretrain) under the rehearsal: a GPU rank of a multi-rank job, with the
-real data pipeline (k2-tiny on the bundled corpus) and fake CUDA tensors. The loop built host tensors and all-reduced
-them on NCCL groups in three places (parameter counts, the global loss mean, the max logits without QK-Clip); each one
-fails the rehearsal with NCCL's error, naming where it was issued. (The max logits' reduction now goes through the
-max-logit protocol of k2_megatron.megatron.attention, on the group's device: with QK-Clip off the run gets past it.)"""
+"""The pretraining loop (k2_megatron.training.pretrain.pretrain, the Trainer) under the rehearsal: a GPU rank of a
+multi-rank job, with the real data pipeline (k2-tiny on the bundled corpus) and fake CUDA tensors, a whole run of one
+step (validation included). The loop used to build host tensors and all-reduce them on NCCL groups in three places
+(parameter counts at startup with PP > 1, the global loss mean every step with world > 1, the max logits with QK-Clip
+off and DP > 1), each of which failed this rehearsal with NCCL's error naming where it was issued; they now go
+through ``all_reduce_on_backend`` (k2_megatron.megatron.layout), on the device of the group's backend."""
 
 from __future__ import annotations
 
@@ -16,15 +17,19 @@ from tests.helpers.rehearsal import run
 
 pytestmark = pytest.mark.slow  # each scenario runs a rehearsal in a fresh process
 
+REDUCE_HELPER = "k2_megatron/megatron/layout.py"
 
-@pytest.mark.parametrize("overrides, function, group", [
-    (["parallel.pipeline=2"], "_parameter_counts", "PIPELINE_MODEL_PARALLEL_GROUP"),        # at startup, PP > 1
-    ([], "global_mean", "WORLD"),                                                            # every step, world > 1
-    (["optim.qk_clip_tau=null"], "global_mean", "WORLD"),  # QK-Clip off, DP > 1: max logits pass, the mean fails
+
+@pytest.mark.parametrize("overrides, group", [
+    (["parallel.pipeline=2"], "PIPELINE_MODEL_PARALLEL_GROUP"),   # the parameter counts, at startup
+    ([], "WORLD"),                                                 # the loss mean, every step
+    (["optim.qk_clip_tau=null"], "DATA_PARALLEL_GROUP_WITH_CP"),  # the max logits, QK-Clip off, DP 2
 ], ids=["parameter_counts", "global_mean", "max_logits_without_qk_clip"])
-def test_host_tensor_collectives_of_the_loop_fail_like_nccl(overrides, function, group):
+def test_the_loop_reduces_its_own_values_on_the_device(overrides, group):
     out = run("pretrain_step", "2", "0", *overrides)
-    error = out["error"]
-    assert error["type"] == "NCCLRuleError", error
-    assert f"torch.distributed.all_reduce on {group} (2 ranks): a cpu tensor" in error["message"]
-    assert f"k2_megatron/training/pretrain.py:" in error["message"] and f" in {function}: " in error["message"]
+    assert out["error"]["type"] is None, out["error"]
+    reductions = [c for c in out["collectives"] if c["op"] == "all_reduce" and c["group"] == group
+                  and REDUCE_HELPER in c["site"]]
+    assert reductions, [c for c in out["collectives"] if c["group"] == group]
+    tensor_collectives = [c for c in out["collectives"] if not c["op"].endswith("_object")]
+    assert all(c["device"] == "cuda" for c in tensor_collectives), tensor_collectives
