@@ -4,9 +4,10 @@
     python examples/pretrain_k2.py --config examples/configs/k2_mini_1gpu.yaml train.iters=2000
     torchrun --nproc-per-node 2 examples/pretrain_k2.py train.iters=20     # several processes (gloo on CPU)
     python examples/pretrain_k2.py --config examples/configs/k2_full.yaml --dry-run   # per-rank memory plan
+    python examples/pretrain_k2.py --config examples/configs/k2_full.yaml --rehearse --world-size 256 --rank 0
 
 The loop itself is k2_megatron.training.trainer.Trainer (setup, step, evaluate, save, run): this module is its
-command line.
+command line. ``--rehearse`` runs one step of a rank of a GPU cluster on this CPU (k2_megatron.rehearsal).
 """
 
 from __future__ import annotations
@@ -48,7 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the per-rank parameter and memory plan of "
                         "the config on a simulated world, build nothing real, then exit")
     parser.add_argument("--world-size", type=int, default=None, help="simulated world size for --dry-run "
-                        "(default: WORLD_SIZE, else TP x PP x EP)")
+                        "(default: WORLD_SIZE, else TP x PP x EP) and --rehearse (required there)")
+    parser.add_argument("--rehearse", action="store_true", help="rehearse one training step of rank --rank of a "
+                        "GPU job of --world-size ranks on this CPU (fake CUDA tensors, NCCL's rules; "
+                        "k2_megatron.rehearsal): print its memory by category next to the dry-run plan, its "
+                        "collectives and host synchronisations, then exit (status 1: a host synchronisation "
+                        "outside the allowed list)")
+    parser.add_argument("--rank", default="0", help="for --rehearse: a global rank, a comma-separated list, or "
+                        "first,middle,last (the first rank of those pipeline stages; one process each, then the "
+                        "per-rank memory table)")
+    parser.add_argument("--routing", default="balanced", help="for --rehearse: the declared MoE routing, "
+                        "'balanced' or 'skewed:<s>' (this rank's experts get s times the balanced load)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser
 
@@ -81,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         from k2_megatron.training.plan import dry_run
 
         return dry_run(cfg, world_size=args.world_size)
+    if args.rehearse:
+        return _rehearse(args)
     from k2_megatron.checkpoint.errors import CheckpointError
 
     try:
@@ -89,6 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"k2-pretrain: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _rehearse(args) -> int:
+    """``--rehearse``: the rehearsal's own command line (python -m k2_megatron.rehearsal) with these arguments."""
+    from k2_megatron.rehearsal.__main__ import main as rehearse
+
+    if args.world_size is None:
+        print("k2-pretrain: --rehearse needs --world-size N (the GPU job's number of ranks)", file=sys.stderr)
+        return 2
+    single = args.rank.strip().isdigit()
+    argv = ["--world-size", str(args.world_size), "--rank" if single else "--ranks", args.rank.strip(),
+            "--routing", args.routing] + (["--config", args.config] if args.config else [])
+    return rehearse(argv + list(args.overrides))
 
 
 if __name__ == "__main__":

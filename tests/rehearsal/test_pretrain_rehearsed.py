@@ -33,3 +33,33 @@ def test_the_loop_reduces_its_own_values_on_the_device(overrides, group):
     assert reductions, [c for c in out["collectives"] if c["group"] == group]
     tensor_collectives = [c for c in out["collectives"] if not c["op"].endswith("_object")]
     assert all(c["device"] == "cuda" for c in tensor_collectives), tensor_collectives
+
+
+def test_k2_pretrain_rehearse_prints_the_rank_report():
+    """``k2-pretrain --rehearse --world-size N --rank R``: rank R's step through the Trainer, and its report."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-m", "k2_megatron.training.pretrain", "--rehearse", "--world-size", "2",
+                           "--rank", "1", "parallel.pipeline=2"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: host synchronisations outside the allowed list
+    out = done.stdout
+    assert "rank 1 of 2 (pipeline stage 1; TP1 x PP2 x DP1, EP1)" in out, out
+    for category in ("parameters", "gradient buffers", "optimizer state", "activations"):
+        assert f"  {category}" in out
+    assert "collectives of the step (rank 1)" in out and "recv" in out and "PIPELINE_MODEL_PARALLEL_GROUP" in out
+    assert "host synchronisations (rank 1)" in out and "[allowed: logged loss]" in out
+    assert "checkpoint (dry):" in out
+    if done.returncode == 1:
+        assert "host synchronisations in the step outside the allowed list" in done.stderr
+
+
+def test_k2_pretrain_rehearse_needs_a_world_size(capsys):
+    from k2_megatron.training.pretrain import main
+
+    assert main(["--rehearse", "--rank", "3"]) == 2
+    assert "--rehearse needs --world-size N" in capsys.readouterr().err
