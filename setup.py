@@ -178,7 +178,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=find_packages(include=["k2_megatron", "k2_megatron.*"]),
-    package_data={"k2_megatron.data": ["corpus/*.jsonl.xz", "corpus/README.md"]},
+    package_data={"k2_megatron.data": ["corpus/*.jsonl.xz", "corpus/README.md"],
+                  "k2_megatron.rehearsal": ["fake_cuda_runtime.cpp"]},
     install_requires=INSTALL_REQUIRES,
     entry_points={"console_scripts": [
         "k2-pretrain=k2_megatron.training.pretrain:main",

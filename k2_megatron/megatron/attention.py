@@ -32,7 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from k2_megatron import ops  # looked up per call: ops.<name> is whatever k2_megatron.ops exports then
-from k2_megatron.megatron.layout import collective_device
+from k2_megatron.megatron.layout import all_reduce_on_backend, collective_device
 
 
 class K2MLACoreAttention(MegatronModule):
@@ -146,6 +146,5 @@ def take_global_max_attn_logits(attention_layers) -> tuple[dict[str, torch.Tenso
             missing.append(name)
             logits = torch.full((core.num_heads_per_partition,), float("-inf"))
         values.append(logits.detach().to(device=device, dtype=torch.float32))
-    flat = torch.cat(values)
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    flat = all_reduce_on_backend(torch.cat(values), op=dist.ReduceOp.MAX, group=group)
     return dict(zip([name for name, _ in attention_layers], flat.split([v.numel() for v in values]))), missing

@@ -57,3 +57,12 @@ def collective_device(group=None) -> torch.device:
     if "nccl" in str(dist.get_backend(group)):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_reduce_on_backend(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """``dist.all_reduce`` of ``tensor`` over ``group`` on the device of the group's backend, returned there: in
+    place when ``tensor`` already lives there, else on a copy (a host tensor under NCCL). The one way the training
+    loop and the optimizer reduce values they made themselves (counts, losses, flags)."""
+    on_backend = tensor.to(collective_device(group))
+    dist.all_reduce(on_backend, op=op, group=group)
+    return on_backend

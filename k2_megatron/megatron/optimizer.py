@@ -55,7 +55,7 @@ from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from k2_megatron.megatron import optimizer_state
 from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, muon_gather_spans
 from k2_megatron.megatron.attention import K2MLACoreAttention, take_global_max_attn_logits
-from k2_megatron.megatron.layout import collective_device
+from k2_megatron.megatron.layout import all_reduce_on_backend
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
 from k2_megatron.optim.muon import MUON_UPDATE_SCALE, matrix_shape, muon_orthogonalize
 from k2_megatron.optim.muonclip import (DEFAULT_ADAMW_PATTERNS, MuonClip, NonFiniteGradientError, QKClipStats,
@@ -616,8 +616,7 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
 
     def _agree(self, flags: list[bool]) -> list[bool]:
         """Element-wise OR of the flags over all ranks."""
-        t = torch.tensor([float(f) for f in flags], device=collective_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = all_reduce_on_backend(torch.tensor([float(f) for f in flags]), op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
     @torch.no_grad()
