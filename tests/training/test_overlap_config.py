@@ -77,13 +77,13 @@ def test_training_loop_builds_ddp_with_the_config():
 
     require_no_cuda()
     from k2_megatron.megatron import init_distributed_cpu
-    from k2_megatron.training.pretrain import _build_model
+    from k2_megatron.training.trainer import build_model
 
     cfg = load_config(None, ["parallel.ddp_bucket_size=20000", "parallel.overlap_grad_reduce=true",
                              "parallel.overlap_param_gather=true", "model.overrides.vocab_size=1024"])
     init_distributed_cpu()
     try:
-        _, chunks = _build_model(cfg, cfg.k2_config(1024))
+        _, chunks = build_model(cfg, cfg.k2_config(1024))
         ddp = chunks[0].ddp_config
         assert (ddp.bucket_size, ddp.overlap_grad_reduce, ddp.overlap_param_gather) == (20000, True, True)
         assert len(chunks[0].buffers[0].buckets) > 1
