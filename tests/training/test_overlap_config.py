@@ -144,7 +144,8 @@ def test_pretrain_with_overlapped_gradient_buffers_gives_the_same_losses(tmp_pat
     """k2-pretrain under torchrun, ZeRO-1 DP2 in bf16 on gloo, with bucketed gradient buffers and the reduce-scatter
     and all-gather overlapped: the same losses as without, bit for bit; a checkpoint taken while the parameter
     all-gather is pending (after a step) holds the updated parameters: resuming from it gives the same next loss."""
-    from tests.helpers.model import require_no_cuda, torchrun_pretrain
+    from tests.helpers.model import require_no_cuda
+    from tests.helpers.torchrun import run_torchrun, train_rows
 
     require_no_cuda()
     common = ["model.params_dtype=bfloat16", "train.iters=3", "data.seq_length=64", "train.global_batch_tokens=512",
@@ -153,9 +154,10 @@ def test_pretrain_with_overlapped_gradient_buffers_gives_the_same_losses(tmp_pat
               "output.progress_bar=false", "output.tensorboard=false"]
     buckets = ["parallel.ddp_bucket_size=20000", "parallel.overlap_grad_reduce=true",
                "parallel.overlap_param_gather=true"]
-    _, plain = torchrun_pretrain(tmp_path / "plain", 2, common)
-    _, overlapped = torchrun_pretrain(tmp_path / "overlap", 2, common + buckets + ["checkpoint.save_interval=2"])
+    run_torchrun(tmp_path / "plain", *common)
+    run_torchrun(tmp_path / "overlap", *common, *buckets, "checkpoint.save_interval=2")
+    run_torchrun(tmp_path / "resumed", *common, *buckets, f"checkpoint.load={tmp_path / 'overlap' / 'checkpoints'}")
+    plain, overlapped, resumed = ([r["loss"] for r in train_rows(tmp_path / run)]
+                                  for run in ("plain", "overlap", "resumed"))
     assert len(plain) == 3 and overlapped == plain
-    _, resumed = torchrun_pretrain(tmp_path / "resumed", 2, common + buckets + [
-        f"checkpoint.load={tmp_path / 'overlap' / 'checkpoints'}"])
     assert resumed[-1] == plain[-1]
