@@ -66,7 +66,11 @@ def _run_many(args, ranks: list[int]) -> list[dict]:
                 sys.stderr.write(done.stdout + done.stderr)
                 raise SystemExit(f"rehearsal of rank {rank} failed (exit status {done.returncode})")
             with open(out.name, encoding="utf-8") as f:
-                reports.append(json.load(f)[0])
+                text = f.read()
+            if not text:  # exit status 1 is also Python's for an uncaught exception: no report then
+                sys.stderr.write(done.stdout + done.stderr)
+                raise SystemExit(f"rehearsal of rank {rank} failed (exit status {done.returncode}, no report)")
+            reports.append(json.loads(text)[0])
     return reports
 
 

@@ -11,8 +11,8 @@ GIB = 1024**3
 
 # memory category -> the dry-run planner's StagePlan field that estimates it (None: not modelled by the planner)
 PLANNER_FIELDS = {"parameters": "weights", "gradient buffers": "grads", "optimizer state": "optimizer",
-                  "activations": "activations_configured", "optimizer temporaries": None,
-                  "communication buffers": None, "checkpoint temporaries": None, "other": None}
+                  "activations": "activations_configured", "optimizer temporaries": "optimizer_temps",
+                  "communication buffers": "comm", "checkpoint temporaries": None, "other": None}
 
 
 class RehearsalFailed(RuntimeError):

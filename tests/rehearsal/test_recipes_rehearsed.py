@@ -23,9 +23,14 @@ from tests.helpers import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # about a minute of CPU per rank
 
+# k2_full without two of its overlaps, which micro-batch replay (k2_megatron/rehearsal/replay.py) cannot run yet: the
+# EP all-to-all overlap (megatron's combined 1F1B runs layers from schedule plans that replay does not intercept) and
+# the overlapped gradient reduce-scatter (megatron's DDP hook then needs every parameter's .grad, and a replayed
+# backward produces only its input gradient).
 RECIPES = {
     "k2_full": ("examples/configs/k2_full.yaml", 256, 1024, [
-        "parallel.overlap_moe_expert_parallel_comm=false", "parallel.delay_wgrad_compute=false"]),
+        "parallel.overlap_moe_expert_parallel_comm=false", "parallel.delay_wgrad_compute=false",
+        "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false"]),
     "k2_mini_1gpu": ("examples/configs/k2_mini_1gpu.yaml", 1, 32, []),
 }
 
