@@ -223,6 +223,9 @@ class _MuonClipWrapper:
     """What the MuonClip wrappers share: megatron's process-group attributes (set by megatron's own factory on its
     wrappers), the map from inner (master) tensors to model parameters, and where QK-Clip finds each weight."""
 
+    # whether the master weights and states are ZeRO-1 shards (the data-parallel ranks hold different pieces)
+    dp_sharded = False
+
     def _init_muonclip(self, groups: _SubOptimizerGroups) -> None:
         self.grad_stats_parallel_group = groups.grad_stats
         self.tp_group = groups.tensor
@@ -255,6 +258,8 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
     ``distributed``: DistributedOptimizer's own arguments (model_chunks, per_model_buffers, data_parallel_group,
     data_parallel_group_gloo, data_parallel_group_idx, distributed_optimizer_instance_id).
     """
+
+    dp_sharded = True
 
     def __init__(self, param_groups: list[dict], config: OptimizerConfig, muonclip: MuonClipConfig, *, is_muon,
                  groups: _SubOptimizerGroups, **distributed):

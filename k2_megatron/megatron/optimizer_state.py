@@ -40,8 +40,6 @@ class _ParameterState:
 
 def _parameter_states(sub) -> list[_ParameterState]:
     """The states held by one MuonClip sub-optimizer (k2_megatron.megatron.optimizer's wrappers)."""
-    from k2_megatron.megatron.optimizer import MuonClipDistributedOptimizer
-
     if sub.optimizer is None:
         return []
     use_muon = {id(p): g["use_muon"] for g in sub.optimizer.param_groups for p in g["params"]}
@@ -52,8 +50,7 @@ def _parameter_states(sub) -> list[_ParameterState]:
         if not use_muon[id(main)]:
             tensors["exp_avg_sq"] = state["exp_avg_sq"].view(-1)
         start = sub._first_element(model)
-        out.append(_ParameterState(model, start, start + main.numel(), tensors,
-                                   isinstance(sub, MuonClipDistributedOptimizer)))
+        out.append(_ParameterState(model, start, start + main.numel(), tensors, sub.dp_sharded))
     return out
 
 

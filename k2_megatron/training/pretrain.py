@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rehearse(args) -> int:
-    """``--rehearse``: the rehearsal's own command line (python -m k2_megatron.rehearsal) with these arguments."""
-    from k2_megatron.rehearsal.__main__ import main as rehearse
+    """``--rehearse``: the rehearsal's own command line (python -m k2_megatron.rehearsal, a program of its own that
+    runs this module's Trainer under fake CUDA) with these arguments; its exit status."""
+    import subprocess
 
     if args.world_size is None:
         print("k2-pretrain: --rehearse needs --world-size N (the GPU job's number of ranks)", file=sys.stderr)
@@ -115,7 +116,7 @@ def _rehearse(args) -> int:
     single = args.rank.strip().isdigit()
     argv = ["--world-size", str(args.world_size), "--rank" if single else "--ranks", args.rank.strip(),
             "--routing", args.routing] + (["--config", args.config] if args.config else [])
-    return rehearse(argv + list(args.overrides))
+    return subprocess.call([sys.executable, "-m", "k2_megatron.rehearsal", *argv, *args.overrides])
 
 
 if __name__ == "__main__":
