@@ -113,18 +113,8 @@ def train_step_losses(model, batches, seq: int, micro_batch: int) -> list[float]
 
 
 def load_tiny_model(cfg: K2Config, full: dict, layout=None, vp_stage: int | None = None):
-    """This rank's fp32 model (chunk) of ``cfg`` loaded with the whole state dict ``full``; router biases frozen
-    (their update follows the expert load, not a gradient, and no plain single-process reference computes it)."""
-    from k2_megatron.checkpoint import load_megatron_state_dict
-    from k2_megatron.megatron import build_k2_model
-    from k2_megatron.megatron.moe import K2Router
-
-    model = build_k2_model(cfg, layout=layout, vp_stage=vp_stage, params_dtype=torch.float32)
-    load_megatron_state_dict(model, full)
-    for m in model.modules():
-        if isinstance(m, K2Router):
-            m.freeze_bias()
-    return model
+    """This rank's fp32 model (chunk) of ``cfg`` loaded with the whole state dict ``full`` (loaded_k2_model)."""
+    return loaded_k2_model(cfg, full, layout=layout, vp_stage=vp_stage, params_dtype=torch.float32)
 
 
 def ddp_chunks_and_muonclip(cfg: K2Config, full: dict, layout=None, virtual_stages: int | None = None, *,
@@ -245,8 +235,7 @@ def run_gloo_workers(target, world: int, args_for_rank, *, timeout: float = 300)
 def run_tiny_gloo_workers(run, world: int, tmp, *, timeout: float) -> list[dict]:
     """The usual gloo test: k2-tiny's whole state dict (make_hf_model's random weights) saved in the folder ``tmp``,
     then ``run(rank, world, init_file, state_path)`` -> result dict on ``world`` spawned ranks (run_gloo_bodies)."""
-    state_path = str(tmp / "full.pt")
-    torch.save(full_megatron_state_dict(k2_like_tiny_config()), state_path)
+    state_path = saved_full_state(tmp, k2_like_tiny_config())
     init_file = str(tmp / "init")
     return run_gloo_bodies(run, world, lambda rank: (rank, world, init_file, state_path), timeout=timeout)
 

@@ -90,11 +90,10 @@ def _worker(rank, world, init_file, state_path, ckpt_root):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from tests.helpers.model import full_megatron_state_dict, k2_like_tiny_config, run_gloo_bodies
+    from tests.helpers.model import k2_like_tiny_config, run_gloo_bodies, saved_full_state
 
     tmp = tmp_path_factory.mktemp("k2_gloo")
-    state_path = str(tmp / "full.pt")
-    torch.save(full_megatron_state_dict(k2_like_tiny_config()), state_path)
+    state_path = saved_full_state(tmp, k2_like_tiny_config())
     return run_gloo_bodies(_worker, 2, lambda r: (r, 2, str(tmp / "init"), state_path, str(tmp)))
 
 

@@ -302,11 +302,10 @@ def _spawn(world, tmp, state_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from tests.helpers.model import full_megatron_state_dict
+    from tests.helpers.model import saved_full_state
 
     tmp = tmp_path_factory.mktemp("muonclip_gloo")
-    state_path = str(tmp / "full.pt")
-    torch.save(full_megatron_state_dict(_config()), state_path)
+    state_path = saved_full_state(tmp, _config())
     two = _spawn(2, tmp, state_path)  # writes the resume checkpoint the single process reads
     one = _spawn(1, tmp, state_path)
     four = _spawn(4, tmp, state_path)
