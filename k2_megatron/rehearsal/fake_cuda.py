@@ -81,30 +81,54 @@ def _report_sync(kind: str, detail: str = "", count: int = 1) -> None:
 # ----- the C++ runtime stand-in -----
 
 def install_runtime() -> str:
-    """Builds (once, cached by torch.utils.cpp_extension) and installs fake_cuda_runtime.cpp; returns the library's
-    path. Raises RuntimeError when it cannot be built or its vtable slot cannot be located."""
+    """Builds (once per source, torch and Python) and installs fake_cuda_runtime.cpp; returns the library's path.
+    Raises RuntimeError when it cannot be built or its vtable slot cannot be located."""
     if _state["runtime"] is not None:
         return _state["runtime"]
-    from torch.utils import cpp_extension
-
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_cuda_runtime.cpp")
-    name = "k2_rehearsal_fake_cuda_runtime"
-    build_dir = os.path.join(os.path.expanduser(os.environ.get("K2_REHEARSAL_CACHE", "~/.cache/k2_megatron")),
-                             f"rehearsal-torch{torch.__version__.replace('+', '-')}")
-    os.makedirs(build_dir, exist_ok=True)
-    try:
-        cpp_extension.load(name, [source], build_directory=build_dir, with_cuda=False, is_python_module=False,
-                           extra_cflags=["-O1"])
-    except Exception as e:  # a missing compiler or headers
-        raise RuntimeError(f"the rehearsal's CUDA runtime stand-in ({source}) could not be built with torch's "
-                           f"C++ extension builder: {e}") from e
-    path = os.path.join(build_dir, f"{name}.so")
+    path = _built_runtime()
     code = ctypes.CDLL(path).k2_rehearsal_install_fake_cuda_runtime()
     if code < 0:
         raise RuntimeError(f"{path}: the CUDA hooks' hasPrimaryContext slot could not be located (code {code}); "
                            f"this torch ({torch.__version__}) is not one the rehearsal was tested with")
     _state["runtime"] = path
     return path
+
+
+_RUNTIME_NAME = "k2_rehearsal_fake_cuda_runtime"
+_RUNTIME_CFLAGS = ["-O1"]
+
+
+def _built_runtime() -> str:
+    """The runtime stand-in's library in the cache (K2_REHEARSAL_CACHE, default ~/.cache/k2_megatron), named by a
+    hash of what it is built from. Built in a private directory and renamed into place: torch's extension builder
+    locks its build directory with a file that a killed build leaves behind, and every later rehearsal would wait
+    on it forever; here a killed build leaves only an unused directory, and concurrent builds cannot collide."""
+    import hashlib
+    import shutil
+    import sys
+    import tempfile
+
+    from torch.utils import cpp_extension
+
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_cuda_runtime.cpp")
+    with open(source, "rb") as f:
+        key = hashlib.sha256(f.read() + repr((torch.__version__, sys.version, _RUNTIME_CFLAGS)).encode())
+    cache = os.path.expanduser(os.environ.get("K2_REHEARSAL_CACHE", "~/.cache/k2_megatron"))
+    final = os.path.join(cache, f"rehearsal-runtime-{key.hexdigest()[:16]}.so")
+    if os.path.exists(final):
+        return final
+    os.makedirs(cache, exist_ok=True)
+    build_dir = tempfile.mkdtemp(prefix=".rehearsal-build-", dir=cache)
+    try:
+        cpp_extension.load(_RUNTIME_NAME, [source], build_directory=build_dir, with_cuda=False,
+                           is_python_module=False, extra_cflags=_RUNTIME_CFLAGS)
+        os.replace(os.path.join(build_dir, f"{_RUNTIME_NAME}.so"), final)
+    except Exception as e:  # a missing compiler or headers
+        raise RuntimeError(f"the rehearsal's CUDA runtime stand-in ({source}) could not be built with torch's "
+                           f"C++ extension builder: {e}") from e
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    return final
 
 
 class FakeCudaTensorMode(FakeTensorMode):

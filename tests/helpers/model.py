@@ -166,6 +166,10 @@ def report_to_parent(body, result_path: str, *args) -> None:
 
         out = {"error": "".join(traceback.format_exception(exc))}
     torch.save(out, result_path)
+    # As k2-pretrain does at its end: a process group left to the interpreter's exit can abort it ("terminate
+    # called without an active exception", exit -6) while gloo's threads are torn down.
+    if torch.distributed.is_initialized():
+        teardown_megatron()
 
 
 def run_gloo_bodies(body, world: int, args_for_rank, *, timeout: float = 300) -> list[dict]:

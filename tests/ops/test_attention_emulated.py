@@ -60,11 +60,27 @@ class EmulatedAttention(torch.autograd.Function):
         return None, *grads, None, None, None
 
 
-@pytest.mark.parametrize("d_qk,d_v", [(192, 128), (128, 128), (64, 64)])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("b,s,h", [(1, 1, 1), (2, 17, 3), (1, 130, 2)], ids=str)
-def test_matches_float64_within_2x_sdpa(kernels, b, s, h, causal, d_qk, d_v):
+HEAD_DIMS = [(192, 128), (128, 128), (64, 64)]  # (q.k, v): one kernel instantiation each; K2's first
+
+
+def covering(shapes: list[tuple], widest: tuple) -> list[tuple]:
+    """(shape, causal, d_qk, d_v) cases: every head-dim pair with both masks on ``widest`` (several tiles each
+    way, ragged ends), and every other shape with both masks on K2's head dims. The emulator costs about a second
+    per tile, and the other shapes exercise what does not depend on the head dims (batch and head strides,
+    single-token and partial tiles, s_q != s_k), so the full product would repeat them at three times the cost."""
+    cases = [(widest, causal, *dims) for dims in HEAD_DIMS for causal in (True, False)]
+    return cases + [(shape, causal, *HEAD_DIMS[0]) for shape in shapes if shape != widest for causal in (True, False)]
+
+
+def _case_id(case) -> str:
+    return "-".join(map(str, case)) if isinstance(case, tuple) else str(case)
+
+
+@pytest.mark.parametrize("shape,causal,d_qk,d_v", covering([(1, 1, 1), (2, 17, 3), (1, 130, 2)], (1, 130, 2)),
+                         ids=_case_id)
+def test_matches_float64_within_2x_sdpa(kernels, shape, causal, d_qk, d_v):
     """The mma.sync forward and backward kernels."""
+    b, s, h = shape
     q, k, v = (t.requires_grad_() for t in make_qkv(b, s, h, d_qk, d_v, torch.bfloat16, seed=s + h))
     grad_out = torch.randn(b, s, h, d_v, generator=torch.Generator().manual_seed(1)).bfloat16()
     out, _, max_logits = EmulatedAttention.apply(kernels, q, k, v, causal, 1.0 / math.sqrt(d_qk))
@@ -72,12 +88,19 @@ def test_matches_float64_within_2x_sdpa(kernels, b, s, h, causal, d_qk, d_v):
     check_within_2x_sdpa(out, max_logits, grads, q, k, v, grad_out, causal, 1.0 / math.sqrt(d_qk))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("s_q,s_k", [(17, 80), (80, 17), (64, 0), (0, 64), (70, 70)], ids=str)
-@pytest.mark.parametrize("causal", [True, False])
-def test_matches_reference_everywhere(kernels, s_q, s_k, causal, dtype):
+SEQUENCE_LENGTHS = [(17, 80), (80, 17), (64, 0), (0, 64), (70, 70)]
+# every (s_q, s_k) with both masks in bf16; fp16 (its own instantiation) with both masks and both orders of unequal
+# lengths, where its rounding differs from bf16's
+DTYPE_CASES = ([(lengths, causal, torch.bfloat16) for lengths in SEQUENCE_LENGTHS for causal in (True, False)] +
+               [((70, 70), True, torch.float16), ((70, 70), False, torch.float16), ((17, 80), True, torch.float16),
+                ((80, 17), False, torch.float16)])
+
+
+@pytest.mark.parametrize("lengths,causal,dtype", DTYPE_CASES, ids=_case_id)
+def test_matches_reference_everywhere(kernels, lengths, causal, dtype):
     """Against the float64 reference: out, lse, max_logits and gradients, with s_q != s_k (the causal mask
     aligned bottom-right, rows that see no key at all), empty sides, and fp16."""
+    s_q, s_k = lengths
     q, k, v = make_qkv(2, s_q, 2, 192, 128, dtype, seed=s_q * 3 + s_k, s_k=s_k)
     grad_out = torch.randn(2, s_q, 2, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
     scale = 192 ** -0.5
@@ -97,10 +120,12 @@ def test_matches_reference_everywhere(kernels, s_q, s_k, causal, dtype):
         assert_close_to(got, want, 2 * TOL[dtype]["grad"], name, floor=1.0)
 
 
-@pytest.mark.parametrize("d_qk,d_v", [(192, 128), (128, 128), (64, 64)])
+WGMMA_SHAPES = [(1, 1, 1, 1), (2, 17, 17, 3), (1, 130, 130, 2), (1, 40, 100, 2), (1, 100, 40, 1)]  # b, s_q, s_k, h
+
+
+@pytest.mark.parametrize("d_qk,d_v", HEAD_DIMS)
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("b,s_q,s_k,h", [(1, 1, 1, 1), (2, 17, 17, 3), (1, 130, 130, 2), (1, 40, 100, 2), (1, 100, 40, 1)],
-                         ids=str)
+@pytest.mark.parametrize("b,s_q,s_k,h", WGMMA_SHAPES, ids=str)
 def test_wgmma_forward(kernels, b, s_q, s_k, h, causal, d_qk, d_v):
     """The sm_90a forward (wgmma from 128-byte-swizzled shared memory through matrix descriptors, P from
     registers) against float64, and equal to the mma.sync forward bit for bit: the emulator sums both in the
@@ -118,13 +143,11 @@ def test_wgmma_forward(kernels, b, s_q, s_k, h, causal, d_qk, d_v):
                     "max_logits")
 
 
-@pytest.mark.parametrize("d_qk,d_v", [(192, 128), (128, 128), (64, 64)])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("b,s_q,s_k,h", [(1, 1, 1, 1), (2, 17, 17, 3), (1, 130, 130, 2), (1, 40, 100, 2), (1, 100, 40, 1)],
-                         ids=str)
-def test_wgmma_backward(kernels, b, s_q, s_k, h, causal, d_qk, d_v):
+@pytest.mark.parametrize("shape,causal,d_qk,d_v", covering(WGMMA_SHAPES, (1, 130, 130, 2)), ids=_case_id)
+def test_wgmma_backward(kernels, shape, causal, d_qk, d_v):
     """The sm_90a backward (dK/dV and dQ kernels on wgmma) equals the mma.sync backward bit for bit in the
     emulator, and matches the float64 reference."""
+    b, s_q, s_k, h = shape
     q, k, v = make_qkv(b, s_q, h, d_qk, d_v, torch.bfloat16, seed=s_q + 7 * s_k + h, s_k=s_k)
     grad_out = torch.randn(b, s_q, h, d_v, generator=torch.Generator().manual_seed(3)).bfloat16()
     scale = 1.0 / math.sqrt(d_qk)

@@ -171,3 +171,31 @@ def test_allowed_syncs_are_documented():
     assert len({a.name for a in ALLOWED_SYNCS}) == len(ALLOWED_SYNCS)
     for allowed in ALLOWED_SYNCS:
         assert len(allowed.why) > 40 and (allowed.detail or (allowed.file and allowed.function))
+
+
+@pytest.mark.slow
+def test_a_killed_runtime_build_does_not_block_the_next_rehearsal(tmp_path):
+    """What a build killed half-way leaves in the cache (torch's extension builder's `lock` file, in any build
+    directory) must not make the next rehearsal wait for it: the runtime stand-in builds in a private directory."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from tests.helpers import REPO_ROOT
+
+    for leftover in (f"rehearsal-torch{torch.__version__.replace('+', '-')}", ".rehearsal-build-killed"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "lock").write_text("")
+    env = dict(os.environ, K2_REHEARSAL_CACHE=str(tmp_path),
+               PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = "from k2_megatron.rehearsal import fake_cuda; print(fake_cuda.install_runtime())"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the runtime build waited on a killed build's lock file")
+    assert done.returncode == 0, done.stderr[-3000:]
+    built = done.stdout.strip().splitlines()[-1]
+    assert os.path.dirname(built) == str(tmp_path) and os.path.exists(built)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".rehearsal-build-")) == \
+        [".rehearsal-build-killed"]  # its own build directory is gone
