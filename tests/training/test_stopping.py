@@ -3,7 +3,7 @@ process, k2-tiny for a few steps:
 
 - asynchronous checkpoints: the step after a save runs while its writer is held at a gate (a synchronous save would
   wait at the gate and fail); a stop signal whose grace period ends while the save is held abandons it cleanly, and
-  ``latest`` names the previous checkpoint, from which the run resumes;
+  ``latest`` names the previous checkpoint, from which the run resumes; a run that fails kills its writer;
 - a SIGTERM during the final validation or the final checkpoint still leaves the final checkpoint (the handler is
   installed until the end; the checkpoint is started before the validation);
 - directories that cannot be written and a validation set too small for train.eval_micro_batches are one line,
@@ -122,6 +122,23 @@ def test_sigterm_with_a_grace_too_short_keeps_the_previous_checkpoint(tmp_path, 
     monkeypatch.undo()
     resumed = pretrain(_cfg(out, *args))  # `latest` is complete: the run goes on from step 2
     assert len(resumed["losses"]) == 2 and resumed["final_step"] == 4
+
+
+def test_a_run_that_fails_with_a_save_in_flight_leaves_no_writer(tmp_path, monkeypatch):
+    from k2_megatron.checkpoint import writer
+    from k2_megatron.training.pretrain import pretrain
+
+    # the gate never opens; the timeout only ends a writer that was not killed (else pytest would wait for it)
+    monkeypatch.setattr(writer, "_write_then_hash", gated_writer(str(tmp_path / "never"), timeout=60))
+
+    def fail_at_2(step, metrics):
+        if step == 2:
+            raise RuntimeError("a failure while step 1's checkpoint is written")
+
+    with pytest.raises(RuntimeError, match="a failure while"):
+        pretrain(_cfg(tmp_path / "run", "train.iters=3", "checkpoint.save_interval=1"), step_callback=fail_at_2)
+    assert _alive_children() == []  # killed, not waited for (its gate never opens)
+    assert _latest(tmp_path / "run") is None  # never published; the next save removes its temporary directory
 
 
 # ----- a signal after the last step -----
