@@ -702,8 +702,8 @@ class Trainer:
         """step() under optim.nonfinite. "raise": a step MuonClip refuses for non-finite gradients (on every rank
         together) stops the run with a checkpoint of the state before it (the data stream and the expert biases,
         which the step's gradient reduction moved, rewound: a resume repeats the step). "skip": skipped steps
-        are counted; more than optim.max_skipped_steps stop the run the same way (the skipped steps changed
-        nothing, so the checkpoint is of the current step)."""
+        are counted; more than optim.max_skipped_steps stop the run the same way, with a checkpoint of the current
+        step (a skipped step updates no weights)."""
         from k2_megatron.optim import NonFiniteGradientError
 
         before = self._state_before_step() if self.cfg.optim.nonfinite == "raise" else None
