@@ -312,6 +312,15 @@ class Checkpointer:
         _barrier()
         return save.step
 
+    def kill_writer(self) -> int | None:
+        """Not collective (a rank that fails on its own): kills this rank's writer of the save in flight, which is
+        never published (the next save removes its temporary directory). Returns its step."""
+        save, self._pending = self._pending, None
+        if save is None:
+            return None
+        self._writer.abandon()
+        return save.step
+
     def writer_pids(self) -> list[int]:
         """This rank's writer processes (tests)."""
         return self._writer.writer_pids() if self._writer is not None else []

@@ -147,6 +147,11 @@ class OptimSection:
     momentum: float = 0.95
     qk_clip_tau: float | None = 100.0       # null: plain Muon, no QK-Clip
     ns_dtype: str = "bfloat16"
+    # a step whose gradients hold inf/NaN (nothing is updated): "raise" stops the run, after saving the state
+    # before that step (resume repeats it); "skip" skips it, and stops as "raise" does once more than
+    # max_skipped_steps steps were skipped since the run started (or resumed)
+    nonfinite: str = "raise"
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -161,6 +166,13 @@ class CheckpointSection:
                                             # state only, from step 0 (a new stage, e.g. YaRN long context);
                                             # model: the model only, the optimizer starts afresh from it
     keep: int = 2                           # published checkpoints kept (older ones deleted)
+    async_save: bool = True                 # a writer process per rank writes while training goes on (one save
+                                            # in flight at a time; the run waits for the last one before it ends)
+    # after SIGTERM / SIGINT: the save in flight and the stop's own save must be published within this many
+    # seconds of the signal (the rest of the step it came in counts), else they are abandoned and `latest` keeps
+    # the previous checkpoint; below the launcher's kill delay (torchrun, SLURM's KillWait: 30 s by default).
+    # Synchronous saves (async_save=false) cannot be bounded.
+    sigterm_grace_seconds: float = 20.0
 
 
 @dataclass
@@ -251,6 +263,9 @@ class PretrainConfig:
             raise ConfigError(f"optim.qk_clip_tau: must be a number > 0 or null (no QK-Clip), got {o.qk_clip_tau!r}")
         if o.ns_dtype not in ("bfloat16", "float32"):
             raise ConfigError(f"optim.ns_dtype: must be 'bfloat16' or 'float32', got {o.ns_dtype!r}")
+        if o.nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"optim.nonfinite: must be 'raise' or 'skip', got {o.nonfinite!r}")
+        _nonneg_int("optim.max_skipped_steps", o.max_skipped_steps)
         if d.train_samples is not None:
             _positive_int("data.train_samples", d.train_samples)
         _nonneg_int("checkpoint.save_interval", self.checkpoint.save_interval)
@@ -258,6 +273,7 @@ class PretrainConfig:
             raise ConfigError("checkpoint.load_mode: must be 'resume', 'weights' or 'model', got "
                               f"{self.checkpoint.load_mode!r}")
         _positive_int("checkpoint.keep", self.checkpoint.keep)
+        _nonneg_number("checkpoint.sigterm_grace_seconds", self.checkpoint.sigterm_grace_seconds)
         if not d.tokenizer or not isinstance(d.tokenizer, str) or ":" not in d.tokenizer:
             raise ConfigError(f"data.tokenizer: must be 'default:N', 'bpe:PATH' or 'tiktoken:PATH', "
                               f"got {d.tokenizer!r}")

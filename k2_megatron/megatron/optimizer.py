@@ -589,6 +589,7 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
         self.attention_layers = _attention_layers(model_chunks, qk_clip=muonclip.qk_clip_tau is not None)
         self.qk_clip_stats: dict[str, QKClipStats] = {}
         self.skipped_steps = 0
+        self.nonfinite_gradient: str | None = None  # where the last refused step found them (_first_nonfinite_gradient)
         self._step_max_logits: dict[str, torch.Tensor] = {}  # this step's global max logits, during step()
         if muonclip.qk_clip_tau is not None:
             for name, attn in self.attention_layers:
@@ -640,8 +641,10 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
             raise ValueError("MuonClip: non-finite max attention logits (the forward overflowed or produced NaN); "
                              f"refusing to clip. This rank: {logits_bad}")
         if grads_bad:
+            self.nonfinite_gradient = self._first_nonfinite_gradient()
             if self.muonclip.nonfinite == "raise":
-                raise NonFiniteGradientError("MuonClip: non-finite gradients on at least one rank; nothing was updated")
+                raise NonFiniteGradientError(f"MuonClip: non-finite gradients on at least one rank "
+                                             f"({self.nonfinite_gradient}); nothing was updated")
             self.skipped_steps += 1
             self.qk_clip_stats = self._layer_stats(logits, tau=None)  # seen, nothing clipped
             return False, None, None
@@ -652,6 +655,16 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
             self._step_max_logits = {}
         self.qk_clip_stats = self._layer_stats(logits, tau=self.muonclip.qk_clip_tau)
         return result
+
+    def _first_nonfinite_gradient(self) -> str:
+        """Where the inf/NaN gradients are, said in a few words: this rank's first parameter (model order) whose
+        gradient holds one, or "on another rank". Looked for only once a step is known to be bad."""
+        for chunk in self.model_chunks:
+            for name, param in chunk.module.named_parameters():
+                grad = getattr(param, "main_grad", None)
+                if grad is not None and not bool(torch.isfinite(grad).all()):
+                    return f"first on this rank: {name}"
+        return "on another rank"
 
     def _layer_stats(self, logits: dict[str, torch.Tensor], tau: float | None) -> dict[str, QKClipStats]:
         """QKClipStats of each of this rank's layers over all of its heads (TP ranks' heads gathered), heads above

@@ -109,6 +109,9 @@ class RehearsedTrainer(Trainer):
             super().build_optimizer()
         self.r.memory.assign(_optimizer_state(self.opt), "optimizer state")
 
+    def check_paths(self) -> None:
+        pass  # a rehearsal writes nothing (its config's directories are the cluster's)
+
     def _resume(self):
         return None, "resume", None
 

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron's jit_fuser is torch.compile: a cold compile costs
 
 from k2_megatron.config import ConfigError, PretrainConfig, load_config  # noqa: E402
 from k2_megatron.training.trainer import Trainer  # noqa: E402
+
+# exit statuses of k2-pretrain besides 0 (finished) and 1 (an unexpected error: its traceback)
+EXIT_BAD_INPUT = 2   # a config, checkpoint or data set that cannot be used (one line naming it)
+EXIT_STOPPED = 3     # stopped early (SIGTERM, SIGINT, train.max_wall_seconds) after a checkpoint: resume it
+EXIT_NONFINITE = 4   # non-finite gradients (optim.nonfinite): stopped after a checkpoint of the state before them
 
 
 def pretrain(cfg: PretrainConfig, *, step_callback=None, _before_publish=None) -> dict:
@@ -43,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="k2-pretrain", description="Pretrain a K2 model on megatron-core with MuonClip. With no arguments: "
         "k2-tiny on the bundled Shakespeare corpus, on this machine, in a few minutes.",
         epilog="overrides: section.key=value, e.g. train.iters=20 optim.peak_lr=3e-3 parallel.pipeline=2 "
-               "optim.qk_clip_tau=null model.overrides.num_hidden_layers=2")
+               "optim.qk_clip_tau=null model.overrides.num_hidden_layers=2. "
+               f"Exit status: 0 finished; {EXIT_BAD_INPUT} a config, checkpoint or data set that cannot be used "
+               f"(one line naming it); {EXIT_STOPPED} stopped early by SIGTERM, SIGINT or train.max_wall_seconds "
+               f"after saving a checkpoint (it prints the command that resumes the run); {EXIT_NONFINITE} stopped "
+               "by non-finite gradients after saving the state before them (optim.nonfinite); 1 anything else.")
     parser.add_argument("--config", default=None, help="YAML config (default: the tiny CPU recipe, "
                         "examples/configs/k2_tiny_cpu.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="print the per-rank parameter and memory plan of "
@@ -81,13 +91,14 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``k2-pretrain``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"k2-pretrain: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if args.dry_run:
         from k2_megatron.training.plan import dry_run
 
@@ -96,13 +107,38 @@ def main(argv: list[str] | None = None) -> int:
         return _rehearse(args)
     from k2_megatron.checkpoint.errors import CheckpointError
     from k2_megatron.data.dataset_index import DatasetIndexError
+    from k2_megatron.optim import NonFiniteGradientError
 
     try:
-        pretrain(cfg)
+        result = pretrain(cfg)
     except (ConfigError, CheckpointError, DatasetIndexError) as e:
         print(f"k2-pretrain: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
+    except NonFiniteGradientError as e:
+        print(f"k2-pretrain: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    if result["stopped_by"] is None:
+        return 0
+    if os.environ.get("RANK", "0") == "0":
+        print(f"k2-pretrain: stopped by {result['stopped_by']} after step {result['final_step']} of "
+              f"{cfg.train.iters}; checkpoint {result['checkpoint']}; resume with: {resume_command(cfg, argv)}")
+    return EXIT_STOPPED
+
+
+def resume_command(cfg: PretrainConfig, argv: list[str]) -> str:
+    """The command that resumes a stopped run: its own (a run continues from the latest checkpoint in its
+    checkpoint directory), with checkpoint.resume=true when it was off. Under torchrun or srun, their options
+    come first as before."""
+    program = sys.argv[0]
+    if os.path.basename(program) == "k2-pretrain":
+        words = ["k2-pretrain"]
+    elif program.endswith(os.path.join("k2_megatron", "training", "pretrain.py")):
+        words = ["python", "-m", "k2_megatron.training.pretrain"]
+    else:
+        words = ["python", program]
+    words += argv + ([] if cfg.checkpoint.resume else ["checkpoint.resume=true"])
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_JOB_ID" in os.environ
+    return shlex.join(words) + (" (launched as before: the same torchrun / srun options)" if launched else "")
 
 
 def _rehearse(args) -> int:

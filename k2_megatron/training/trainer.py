@@ -89,6 +89,17 @@ class CorpusData:
         self.micro_batch_size, self.eval_micro_batches = cfg.train.micro_batch_size, cfg.train.eval_micro_batches
         self.dp, self.dp_rank = dp, dp_rank
         self.stream = SampleStream(train_ds, self.micro_batch_size, dp_rank=dp_rank, dp_size=dp)
+        self._check_validation_size()
+
+    def _check_validation_size(self) -> None:
+        """At startup, not at the first validation: the held-out set must hold train.eval_micro_batches."""
+        from k2_megatron.data import SampleStream
+
+        available = len(SampleStream(self.valid_ds, self.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp))
+        if self.eval_micro_batches > available:
+            raise ConfigError(f"train.eval_micro_batches={self.eval_micro_batches}: the validation set holds "
+                              f"{len(self.valid_ds)} samples, {available} micro-batches of train.micro_batch_size="
+                              f"{self.micro_batch_size} on each of {self.dp} data-parallel ranks")
 
     def next_batch(self) -> dict:
         return self.stream.next_batch()
@@ -203,7 +214,7 @@ def build_optimizer(cfg: PretrainConfig, tc, chunks):
                                  bf16=cfg.model.params_dtype == "bfloat16", params_dtype=tc.params_dtype,
                                  use_distributed_optimizer=True, clip_grad=cfg.train.clip_grad)
     muon = MuonClipConfig(momentum=o.momentum, qk_clip_tau=o.qk_clip_tau, ns_dtype=getattr(torch, o.ns_dtype),
-                          buffer_bytes=cfg.memory.muon_buffer_mib * 2**20)
+                          buffer_bytes=cfg.memory.muon_buffer_mib * 2**20, nonfinite=o.nonfinite)
     return get_muonclip_optimizer(opt_config, chunks, muon)
 
 
@@ -247,10 +258,13 @@ def parameter_counts(chunks, k2cfg) -> tuple[int, int]:
 # ----- the run -----
 
 class _StopSignal:
-    """SIGTERM / SIGINT: finish the current step, checkpoint, stop. A second SIGINT interrupts at once."""
+    """SIGTERM / SIGINT: finish the current step, checkpoint, stop. Installed for the whole of ``run()``, the final
+    checkpoint and validation included (a signal then only skips what is left). A second SIGINT interrupts at
+    once."""
 
     def __init__(self):
         self.received = None
+        self.received_at = None  # time.monotonic() of the first signal
         self.previous = {}
 
     def install(self):
@@ -263,6 +277,8 @@ class _StopSignal:
     def _handler(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.received is None:
+            self.received_at = time.monotonic()
         self.received = signal.Signals(signum).name
 
     def restore(self):
@@ -271,12 +287,14 @@ class _StopSignal:
         self.previous = {}
 
 
-def _any_rank(flag: bool) -> bool:
+def _any_rank(*flags: bool) -> list[bool]:
+    """Collective (one all-reduce): each flag, set on any rank."""
     from k2_megatron.megatron.layout import all_reduce_on_backend
 
     if dist.get_world_size() == 1:
-        return flag
-    return bool(all_reduce_on_backend(torch.tensor([1.0 if flag else 0.0]), op=dist.ReduceOp.MAX).item())
+        return list(flags)
+    t = all_reduce_on_backend(torch.tensor([1.0 if f else 0.0 for f in flags]), op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 class Trainer:
@@ -294,6 +312,9 @@ class Trainer:
         self.t_start = time.time()
         self.stop = _StopSignal()
         self.iteration = 0
+        self.checkpointer = None
+        self.saved_step = None  # the step of the last save started (published or in flight)
+        self.skipped_steps = 0  # steps skipped for non-finite gradients since this process started
         self._initialized = False
 
     # -- setup --
@@ -309,6 +330,8 @@ class Trainer:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.dp, self.layout = cfg.layout(self.world)
         self.schedule = cfg.schedule()
+        self.checkpoint_root = cfg.checkpoint.dir or os.path.join(cfg.output.dir, "checkpoints")
+        self.check_paths()
         self.data = self._make_data(cfg, self.layout, self.dp, parallel_state.get_data_parallel_rank())
         self.k2cfg = cfg.k2_config(self.data.vocab_size)
         self.build_model()
@@ -316,7 +339,6 @@ class Trainer:
         self._install_finalize()
         self.expected_meta = {"model_config": _jsonable(dataclasses.asdict(self.k2cfg)),
                               "tokenizer": self.data.tokenizer_name, "seq_length": cfg.data.seq_length}
-        self.checkpoint_root = cfg.checkpoint.dir or os.path.join(cfg.output.dir, "checkpoints")
         resumed, mode, history = self._resume()
         self._start_logger(history)
         if resumed is not None:
@@ -332,6 +354,21 @@ class Trainer:
         self.flops_per_token = 6 * n_active + 6 * k.num_hidden_layers * cfg.data.seq_length * \
             k.num_attention_heads * (k.qk_nope_head_dim + k.qk_rope_head_dim + k.v_head_dim) / 2
         self.pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self._start_checkpointer()
+
+    def check_paths(self) -> None:
+        """Collective: the directories the run writes are writable, checked before anything is built
+        (k2_megatron.training.startup)."""
+        from k2_megatron.training.startup import check_paths
+
+        check_paths(self.cfg, self.checkpoint_root)
+
+    def _start_checkpointer(self) -> None:
+        from k2_megatron.checkpoint.megatron import Checkpointer
+
+        c = self.cfg.checkpoint
+        self.checkpointer = Checkpointer(self.checkpoint_root, keep=c.keep, asynchronous=c.async_save)
+        self.saved_step = self.iteration  # resumed from (or, at step 0, nothing worth saving)
 
     def build_model(self) -> None:
         self.tc, self.chunks = build_model(self.cfg, self.k2cfg)
@@ -518,29 +555,87 @@ class Trainer:
                 "config": self.cfg.to_dict(), "history": self.logger.history if self.rank == 0 else None,
                 **self.expected_meta}
 
-    def save(self) -> str:
-        """A checkpoint of the current step; returns its path."""
-        from k2_megatron.checkpoint.megatron import save_checkpoint
-
+    def save(self) -> str | None:
+        """Starts a checkpoint of the current step (every rank). Asynchronous (checkpoint.async_save): returns None
+        once this rank's state is handed to its writer process, which writes it while training goes on
+        (``poll_save`` / ``finish_saves`` publish it; a save in flight is first waited for). Synchronous: returns
+        the published path."""
         for chunk in self.chunks if self.cfg.parallel.overlap_param_gather else ():  # else gathered in the next forward
             chunk.start_param_sync(force_sync=True)
-        path = save_checkpoint(self.checkpoint_root, self.iteration, self.chunks, self.opt, self.checkpoint_meta(),
-                               keep=self.cfg.checkpoint.keep, _before_publish=self._before_publish)
-        self.logger.print(f"saved checkpoint {path}")
+        path = self.checkpointer.save(self.iteration, self.chunks, self.opt, self.checkpoint_meta(),
+                                      _before_publish=self._before_publish)
+        self.saved_step = self.iteration
+        if path is not None:
+            self.logger.print(f"saved checkpoint {path}")
         return path
+
+    def poll_save(self) -> None:
+        """Publishes the save in flight if every rank's writer is done (collective while one is in flight)."""
+        path = self.checkpointer.poll()
+        if path is not None:
+            self.logger.print(f"saved checkpoint {path}")
+
+    def finish_saves(self, deadline: float | None = None) -> bool:
+        """Collective: publishes the save in flight, waiting for it (deadline None) or until ``deadline``
+        (time.monotonic()) and then abandoning it (``latest`` keeps the previous checkpoint). False when abandoned."""
+        step = self.checkpointer.pending_step
+        if step is None:
+            return True
+        path = (self.checkpointer.wait() if deadline is None
+                else self.checkpointer.finish_within(max(0.0, deadline - time.monotonic())))
+        if path is None:
+            self.logger.print(f"the checkpoint of step {step} was not written within checkpoint.sigterm_grace_seconds="
+                              f"{self.cfg.checkpoint.sigterm_grace_seconds:g} of the signal: abandoned; "
+                              f"{os.path.join(self.checkpoint_root, 'latest')} names the previous checkpoint")
+            return False
+        self.logger.print(f"saved checkpoint {path}")
+        return True
+
+    def checkpoint_now(self, deadline: float | None = None) -> bool:
+        """Collective: a published checkpoint of the current step (the save in flight first, then this step's
+        unless it is the one saved), within ``deadline`` (see finish_saves). False when a save was abandoned."""
+        if not self.finish_saves(deadline):
+            return False
+        if self.saved_step != self.iteration:
+            self.save()
+        return self.finish_saves(deadline)
 
     # -- the loop --
 
     def run(self) -> dict:
-        """Steps until train.iters, a stop signal or train.max_wall_seconds. Returns (on every rank; figures are
-        global): {"losses": [per-step train loss], "valid": [(step, loss)], "final_step", "stopped_by" (None,
-        "SIGTERM", "SIGINT", "max_wall_seconds"), "unigram_baseline", "checkpoint", "plot", "seconds", "history"}."""
+        """Steps until train.iters, a stop signal or train.max_wall_seconds, then the final checkpoint and
+        validation. Returns (on every rank; figures are global): {"losses": [per-step train loss], "valid": [(step,
+        loss)], "final_step", "stopped_by" (None, "SIGTERM", "SIGINT", "another rank" (a signal there),
+        "max_wall_seconds"), "unigram_baseline", "checkpoint" (the one a resume starts from), "plot", "seconds",
+        "history"}. The stop signals' handler stays installed until it returns: a signal during the final
+        checkpoint or validation skips what is left of them, never the checkpoint."""
+        from k2_megatron.checkpoint.megatron import latest_checkpoint
+
         cfg = self.cfg
         self.stop.install()
         losses, valid = [], []
-        saved_path, stopped_by, last_saved = None, None, self.iteration
+        try:
+            stopped_by = self._train(losses, valid)
+            if stopped_by is None:
+                stopped_by = self._finish(valid)
+        finally:
+            self.stop.restore()
+        plot = self._plot() if self.rank == 0 and cfg.output.plot and stopped_by is None else None
+        seconds = time.time() - self.t_start
+        if self.rank == 0 and stopped_by is None:
+            self._print_summary(losses, valid, seconds, plot)
+        self.logger.close()
+        return {"losses": losses, "valid": valid, "final_step": self.iteration, "stopped_by": stopped_by,
+                "unigram_baseline": self.baseline, "checkpoint": latest_checkpoint(self.checkpoint_root),
+                "plot": plot, "seconds": seconds, "history": self.logger.history if self.rank == 0 else None}
+
+    def _train(self, losses: list, valid: list) -> str | None:
+        """The steps, with periodic validation and checkpoints; returns why they stopped before train.iters (a
+        checkpoint of that step saved, see _stop_reason), or None."""
+        cfg = self.cfg
         while self.iteration < cfg.train.iters:
-            metrics = self.step()
+            metrics = self._checked_step()
+            self.poll_save()
             step = self.iteration
             losses.append(metrics["loss"])
             self.logger.log_step(metrics, print_line=step % cfg.train.log_interval == 0 or step == cfg.train.iters)
@@ -548,28 +643,106 @@ class Trainer:
                 valid.append((step, self.evaluate()))
             if self.step_callback is not None:
                 self.step_callback(step, metrics)
-            over_time = (cfg.train.max_wall_seconds is not None
-                         and time.time() - self.t_start > cfg.train.max_wall_seconds)
-            if _any_rank(self.stop.received is not None or over_time):
-                stopped_by = self.stop.received or ("max_wall_seconds" if over_time else "another rank")
-                saved_path, last_saved = self.save(), step
-                self.logger.print(f"stopped by {stopped_by} after step {step}; resume with the same command")
-                break
+            stopped_by, signalled = self._stop_reason()
+            if stopped_by is not None:
+                self.checkpoint_now(self._grace_deadline() if signalled else None)
+                self._print_stopped(f"stopped by {stopped_by} after step {step}")
+                return stopped_by
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
-                saved_path, last_saved = self.save(), step
-        self.stop.restore()
-        if stopped_by is None:
+                self.save()
+        return None
+
+    def _finish(self, valid: list) -> str | None:
+        """After the last step: the final checkpoint, started before the final validation (which runs while it is
+        written), then waited for. A stop signal skips the validation if it has not begun and bounds the wait by
+        the grace period; returns the signal when it cut something short (the validation or the checkpoint)."""
+        if self.cfg.checkpoint.save_at_end and self.saved_step != self.iteration:
+            self.save()
+        signalled, = _any_rank(self.stop.received is not None)
+        validated = not signalled
+        if validated:
             valid.append((self.iteration, self.evaluate()))
-            if cfg.checkpoint.save_at_end and last_saved != self.iteration:
-                saved_path = self.save()
-        plot = self._plot() if self.rank == 0 and cfg.output.plot and stopped_by is None else None
-        seconds = time.time() - self.t_start
-        if self.rank == 0 and stopped_by is None:
-            self._print_summary(losses, valid, seconds, plot)
-        self.logger.close()
-        return {"losses": losses, "valid": valid, "final_step": self.iteration, "stopped_by": stopped_by,
-                "unigram_baseline": self.baseline, "checkpoint": saved_path, "plot": plot, "seconds": seconds,
-                "history": self.logger.history if self.rank == 0 else None}
+            signalled, = _any_rank(self.stop.received is not None)
+        published = self.finish_saves(self._grace_deadline() if signalled else None)
+        if validated and published:
+            return None
+        stopped_by = self.stop.received or "another rank"
+        self._print_stopped(f"stopped by {stopped_by} after step {self.iteration} (the last), before the final "
+                            f"{'validation' if published else 'checkpoint'} was done")
+        return stopped_by
+
+    def _print_stopped(self, why: str) -> None:
+        """Rank 0, before the process groups go (under torchrun the first worker to exit has the others killed):
+        why the run stopped, and how it resumes."""
+        from k2_megatron.checkpoint.megatron import latest_checkpoint
+
+        latest = latest_checkpoint(self.checkpoint_root)
+        how = "the same command" + ("" if self.cfg.checkpoint.resume else " with checkpoint.resume=true")
+        self.logger.print(f"{why}; {how} resumes it from {latest}" if latest else f"{why}; no checkpoint yet")
+
+    def _stop_reason(self) -> tuple[str | None, bool]:
+        """Collective (one all-reduce): (why the run stops now: "SIGTERM" / "SIGINT" (here), "another rank" (a
+        signal there), "max_wall_seconds"; None: it goes on, whether a signal on any rank is the reason)."""
+        limit = self.cfg.train.max_wall_seconds
+        signalled, over_time = _any_rank(self.stop.received is not None,
+                                         limit is not None and time.time() - self.t_start > limit)
+        if signalled:
+            return self.stop.received or "another rank", True
+        return ("max_wall_seconds" if over_time else None), False
+
+    def _grace_deadline(self) -> float:
+        """When the checkpoints of a stop signal must be published: checkpoint.sigterm_grace_seconds after the
+        signal came (on a rank that learnt of it from another: from now; every rank keeps to the earliest)."""
+        came = self.stop.received_at if self.stop.received_at is not None else time.monotonic()
+        return came + self.cfg.checkpoint.sigterm_grace_seconds
+
+    # -- non-finite steps --
+
+    def _checked_step(self) -> dict:
+        """step() under optim.nonfinite. "raise": a step MuonClip refuses for non-finite gradients (on every rank
+        together) stops the run with a checkpoint of the state before it (the data stream and the expert biases,
+        which the step's gradient reduction moved, rewound: a resume repeats the step). "skip": skipped steps
+        are counted; more than optim.max_skipped_steps stop the run the same way, with a checkpoint of the current
+        step (a skipped step updates no weights)."""
+        from k2_megatron.optim import NonFiniteGradientError
+
+        before = self._state_before_step() if self.cfg.optim.nonfinite == "raise" else None
+        try:
+            metrics = self.step()
+        except NonFiniteGradientError as e:  # only under "raise"
+            self._rewind(before)
+            raise self._stop_on_nonfinite(f"step {self.iteration + 1}: {e}") from None
+        if metrics["skipped"]:
+            self.skipped_steps += 1
+            limit, where = self.cfg.optim.max_skipped_steps, self.opt.nonfinite_gradient
+            self.logger.print(f"step {self.iteration}: non-finite gradients ({where}); {self.skipped_steps} "
+                              f"step(s) skipped since the run started, at most optim.max_skipped_steps={limit}")
+            if self.skipped_steps > limit:
+                raise self._stop_on_nonfinite(f"step {self.iteration}: {self.skipped_steps} steps skipped for "
+                                              f"non-finite gradients, more than optim.max_skipped_steps={limit} "
+                                              f"(this one: {where})")
+        return metrics
+
+    def _state_before_step(self) -> tuple:
+        return self.data.state_dict(), [router.expert_bias.detach().clone() for _, router in self.routers]
+
+    def _rewind(self, before: tuple) -> None:
+        data_state, biases = before
+        self.data.load_state_dict(data_state)
+        with torch.no_grad():
+            for (_, router), bias in zip(self.routers, biases):
+                router.expert_bias.copy_(bias)
+
+    def _stop_on_nonfinite(self, message: str) -> Exception:
+        """Collective: a published checkpoint of the current state; returns the error to raise, naming it."""
+        from k2_megatron.checkpoint.megatron import latest_checkpoint
+        from k2_megatron.optim import NonFiniteGradientError
+
+        self.checkpoint_now()
+        return NonFiniteGradientError(
+            f"{message}. The state before it is saved: {latest_checkpoint(self.checkpoint_root)} (step "
+            f"{self.iteration}); the same command resumes from it and meets the same gradients: add "
+            "optim.nonfinite=skip to skip such steps, or lower optim.peak_lr")
 
     def _plot(self):
         from k2_megatron.training.logging import plot_history
@@ -591,7 +764,11 @@ class Trainer:
         log(f"TensorBoard: tensorboard --logdir {os.path.abspath(os.path.join(self.cfg.output.dir, 'tensorboard'))}")
 
     def close(self) -> None:
+        """Tears the process groups down. A save still in flight (the run failed) is not waited for: its writer is
+        killed, without a collective, as the other ranks may be gone."""
         self.stop.restore()
+        if self.checkpointer is not None:
+            self.checkpointer.kill_writer()
         if self._initialized:
             teardown_distributed()
             self._initialized = False

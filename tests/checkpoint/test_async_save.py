@@ -25,21 +25,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def _hold_writers_at(gate: str) -> None:
-    """Every writer (forked after this call) waits for the file ``gate`` before writing (once it has set itself up,
-    to die with the trainer)."""
+    """Every writer (forked after this call) waits for the file ``gate`` before writing."""
+    from tests.helpers.checkpoint import gated_writer
     from k2_megatron.checkpoint import writer
 
-    original = writer._write_then_hash
-
-    def gated(write, *rest):
-        def held(*args):
-            while not os.path.exists(gate):
-                time.sleep(0.05)
-            write(*args)
-
-        original(held, *rest)
-
-    writer._write_then_hash = gated
+    writer._write_then_hash = gated_writer(gate)
 
 
 def _alive(pids) -> list[int]:

@@ -137,3 +137,28 @@ def plant_code_in_dcp_metadata(directory, marker) -> None:
     metadata.storage_meta.modules = [RunsCode(marker)]
     with open(path, "wb") as f:
         pickle.dump(metadata, f)
+
+
+def gated_writer(gate: str, *, only: str | None = None, timeout: float | None = None):
+    """A replacement for k2_megatron.checkpoint.writer._write_then_hash (install it before the save forks its
+    writer) whose writers wait for the file ``gate`` before writing (once set up to die with the trainer).
+    only: hold only the saves whose temporary directory ends with it (e.g. "0000003"); timeout: seconds after which
+    a held writer raises instead (a writer that never runs in parallel with training then fails its save)."""
+    import time
+
+    from k2_megatron.checkpoint import writer
+
+    original = writer._write_then_hash
+
+    def gated(write, directory, *rest):
+        def held(*args):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not os.path.exists(gate):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"the writer of {directory} waited {timeout} s for {gate}")
+                time.sleep(0.05)
+            write(*args)
+
+        original(held if only is None or directory.endswith(only) else write, directory, *rest)
+
+    return gated

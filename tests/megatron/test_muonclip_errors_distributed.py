@@ -23,14 +23,24 @@ SCENARIOS = {"nan_gradient": ("nan_gradient", "raise"), "nan_gradient_skip": ("n
 TIMEOUT = 300  # seconds for the whole run (about 70 s on a loaded 2-core machine); a deadlock fails here
 
 
-def _break_on_rank0(kind: str, ddp, opt) -> None:
+def _break_on_rank0(kind: str, ddp, opt) -> str | None:
+    """Breaks what ``kind`` says; for a NaN gradient returns the parameter whose gradient holds it (by address)."""
     if kind == "nan_gradient":
         ddp.buffers[0].grad_data[3] = float("nan")
+        return _parameter_at(ddp, ddp.buffers[0].grad_data[3].data_ptr())
     elif kind == "missing_max_logits":
         opt.reset_max_logits()  # as if this rank's attention layers had not run forward
     elif kind == "inf_max_logit":
         _, attn = opt.attention_layers[0]
         attn.core_attention.current_max_attn_logits[0] = float("inf")
+
+
+def _parameter_at(ddp, address: int) -> str:
+    for name, p in ddp.module.named_parameters():
+        start = p.main_grad.data_ptr()
+        if start <= address < start + p.main_grad.numel() * p.main_grad.element_size():
+            return name
+    raise AssertionError(f"no parameter's gradient at {address}")
 
 
 def _train_step(ddp, opt, batches):
@@ -50,8 +60,7 @@ def _scenario(cfg, full, batches, kind: str, nonfinite: str, rank: int) -> dict:
                                                                              nonfinite=nonfinite))
     before = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
     _train_step(ddp, opt, batches)
-    if rank == 0:
-        _break_on_rank0(kind, ddp, opt)
+    broken = _break_on_rank0(kind, ddp, opt) if rank == 0 else None
     try:
         outcome = ("returned", repr(opt.step()))
     except Exception as exc:  # noqa: BLE001 - the outcome is what is compared
@@ -59,7 +68,7 @@ def _scenario(cfg, full, batches, kind: str, nonfinite: str, rank: int) -> dict:
     unchanged = all(torch.equal(p, before[n]) for n, p in ddp.module.named_parameters())
     _train_step(ddp, opt, batches)  # a clean step on every rank: they are still in step with each other
     ok, grad_norm, _ = opt.step()
-    return {"outcome": outcome, "unchanged": unchanged, "skipped_steps": opt.skipped_steps,
+    return {"outcome": outcome, "unchanged": unchanged, "skipped_steps": opt.skipped_steps, "broken": broken,
             "next_step": (ok, grad_norm is not None)}
 
 
@@ -90,7 +99,7 @@ def results(tmp_path_factory):
 
 
 EXPECTED = {  # scenario -> (exception type or "returned", text every rank's message holds)
-    "nan_gradient": ("NonFiniteGradientError", "non-finite gradients on at least one rank; nothing was updated"),
+    "nan_gradient": ("NonFiniteGradientError", "non-finite gradients on at least one rank ("),
     "nan_gradient_skip": ("returned", "(False, None, None)"),
     "missing_max_logits": ("RuntimeError", "attention layers recorded no max logits this step"),
     "inf_max_logit": ("ValueError", "non-finite max attention logits"),
@@ -104,6 +113,9 @@ def test_error_on_one_rank_is_agreed_by_all(results, layout, scenario):
     for rank, res in enumerate(results):
         res = res[layout, scenario]
         assert res["outcome"][0] == kind and text in res["outcome"][1], (rank, res["outcome"])
+        if scenario == "nan_gradient":  # the parameter is named where it is (rank 0 broke one)
+            where = f"(first on this rank: {res['broken']})" if rank == 0 else "(on another rank)"
+            assert f"{where}; nothing was updated" in res["outcome"][1], (rank, res["outcome"])
         assert res["unchanged"], f"rank {rank}: parameters changed"
         assert res["skipped_steps"] == (1 if scenario == "nan_gradient_skip" else 0), (rank, res["skipped_steps"])
         assert res["next_step"] == (True, True), (rank, res["next_step"])
