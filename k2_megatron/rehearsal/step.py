@@ -113,7 +113,7 @@ class RehearsedTrainer(Trainer):
         from k2_megatron.training.prefetch import StepBatches
 
         # read in the step's own thread: fake tensors belong to the rehearsal's mode, which is per thread
-        return StepBatches(self.data, self.layout.num_micro_batches, self.batch_fields, pin_memory=False,
+        return StepBatches(self.data, self.layout.num_micro_batches, self.batch_fields, pin_device=None,
                            background=False)
 
     def _resume(self):

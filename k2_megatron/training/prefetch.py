@@ -41,19 +41,24 @@ class StepBatches:
     step's, read ahead by ``prefetch()`` (a background thread) or read now; ``state_dict()`` is the data position
     after the steps taken. One step is read ahead at most; only this object reads ``data``'s training stream.
 
-    fields: what this stage reads (stage_batch_fields); pin: pin the batches (CUDA); background: read ahead on a
-    thread (False: ``prefetch`` does nothing, every step is read by ``take``)."""
+    fields: what this stage reads (stage_batch_fields); pin_device: the rank's CUDA device, whose context pins the
+    batches (None: not pinned; the thread sets it as its current device, else pinning would create a context on
+    device 0, as torch's DataLoader avoids too); background: read ahead on a thread (False: ``prefetch`` does
+    nothing, every step is read by ``take``)."""
 
-    def __init__(self, data, num_micro_batches: int, fields: tuple[str, ...], *, pin_memory: bool,
+    def __init__(self, data, num_micro_batches: int, fields: tuple[str, ...], *, pin_device: int | None,
                  background: bool = True):
         self.data, self.num_micro_batches, self.fields = data, num_micro_batches, fields
-        self.pin_memory = pin_memory
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="k2-data-prefetch") if background else None
+        self.pin_device = pin_device
+        self._executor = None
+        if background:
+            on_device = {} if pin_device is None else {"initializer": torch.cuda.set_device, "initargs": (pin_device,)}
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="k2-data-prefetch", **on_device)
         self._pending: _Pending | None = None
 
     def _read_step(self) -> list:
         batches = [self.data.next_batch(self.fields) for _ in range(self.num_micro_batches)]
-        return [pin(b) for b in batches] if self.pin_memory else batches
+        return [pin(b) for b in batches] if self.pin_device is not None else batches
 
     def prefetch(self) -> None:
         """Starts reading the next step's micro-batches in the background (once; no-op without a thread)."""

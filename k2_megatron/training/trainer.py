@@ -354,7 +354,7 @@ class Trainer:
     def _step_batches(self):
         """The training micro-batches of the steps, the next read ahead on a thread (k2_megatron.training.prefetch)."""
         return StepBatches(self.data, self.layout.num_micro_batches, self.batch_fields,
-                           pin_memory=torch.cuda.is_available())
+                           pin_device=torch.cuda.current_device() if torch.cuda.is_available() else None)
 
     def build_model(self) -> None:
         self.tc, self.chunks = build_model(self.cfg, self.k2cfg)

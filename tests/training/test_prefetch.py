@@ -39,7 +39,7 @@ class SlowData:
 
 def test_the_next_step_is_read_while_the_current_step_runs():
     data = SlowData(hold_read=2)  # the first micro-batch of step 2 (2 micro-batches per step)
-    batches = StepBatches(data, 2, BATCH_FIELDS, pin_memory=False)
+    batches = StepBatches(data, 2, BATCH_FIELDS, pin_device=None)
     try:
         step1 = batches.take()
         batches.prefetch()
@@ -59,7 +59,7 @@ def test_the_next_step_is_read_while_the_current_step_runs():
 
 def test_a_step_read_ahead_but_not_taken_is_not_saved():
     data = SlowData()
-    batches = StepBatches(data, 3, BATCH_FIELDS, pin_memory=False)
+    batches = StepBatches(data, 3, BATCH_FIELDS, pin_device=None)
     batches.take()
     batches.prefetch()
     batches.close()  # the run stops after step 1 (its checkpoint is written after this)
@@ -69,7 +69,7 @@ def test_a_step_read_ahead_but_not_taken_is_not_saved():
 
 def test_without_a_thread_every_step_is_read_on_take():
     data = SlowData()
-    batches = StepBatches(data, 2, ("labels",), pin_memory=False, background=False)
+    batches = StepBatches(data, 2, ("labels",), pin_device=None, background=False)
     batches.prefetch()
     assert data.log == []
     assert [sorted(b) for b in batches.take()] == [["labels"], ["labels"]]
@@ -83,7 +83,7 @@ def test_a_read_error_is_raised_by_the_step_that_needs_it():
                 raise RuntimeError("dataset exhausted")
             return super().next_batch(fields)
 
-    batches = StepBatches(Exhausted(), 2, BATCH_FIELDS, pin_memory=False)
+    batches = StepBatches(Exhausted(), 2, BATCH_FIELDS, pin_device=None)
     batches.take()
     batches.prefetch()
     with pytest.raises(RuntimeError, match="dataset exhausted"):
@@ -98,11 +98,16 @@ def test_batches_are_pinned_when_asked(monkeypatch):
         pinned.append(t.clone())
         return pinned[-1]
 
+    devices = []  # the prefetch thread's current device, set before it pins anything
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
-    batches = StepBatches(SlowData(), 2, ("tokens", "labels"), pin_memory=True)
-    out = batches.take()
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: devices.append((d, threading.current_thread().name)))
+    batches = StepBatches(SlowData(), 2, ("tokens", "labels"), pin_device=3)
+    out = batches.take()  # read on this thread
+    batches.prefetch()
+    out += batches.take()  # read on the prefetch thread
     batches.close()
-    assert len(pinned) == 4 and all(any(b[k] is p for p in pinned) for b in out for k in b)
+    assert len(pinned) == 8 and all(any(b[k] is p for p in pinned) for b in out for k in b)
+    assert len(devices) == 1 and devices[0][0] == 3 and devices[0][1].startswith("k2-data-prefetch")
 
 
 @pytest.mark.parametrize("first,last,fields", [
