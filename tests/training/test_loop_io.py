@@ -6,7 +6,7 @@ as runs grow (k2-tiny on the CPU; order of events and counts, never timings):
 - per step: one reduction and one host read of the loss, the per-layer figures only at logged steps (one table
   reduced over the pipeline group, no pickled objects), one host read for MuonClip's finiteness checks;
 - k2_meta.json does not grow with the step; a resumed run cuts metrics.jsonl back to its checkpoint (no step twice)
-  and rebuilds its history from it;
+  and rebuilds its history from it; TensorBoard gets the per-layer scalars at logged steps only;
 - a save returns while the checkpoints it pruned are still being deleted.
 """
 
@@ -211,7 +211,17 @@ def test_pipeline_stages_read_their_fields_and_a_step_reduces_and_reads_once(tmp
 def test_checkpoint_meta_is_constant_size_and_a_resumed_run_logs_each_step_once(tmp_path, capsys):
     from k2_megatron.training.pretrain import pretrain
 
-    reference = pretrain(_cfg(tmp_path / "ref", "train.iters=6", *_QUIET))
+    reference = pretrain(_cfg(tmp_path / "ref", "train.iters=6", "train.log_interval=3", "output.plot=false",
+                              "checkpoint.save_at_end=false"))
+    # TensorBoard: the step's scalars every step, the per-layer ones (4 layers, 3 of them MoE) at logged steps only
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "ref" / "tensorboard"))
+    events.Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    per_layer = {tag: s for tag, s in steps.items() if tag.count("/") == 2}
+    assert len(per_layer) == 4 + 4 + 3 and all(s == [3, 6] for s in per_layer.values()), per_layer
+    assert steps["train/loss"] == list(range(1, 7)) and steps["qk/max_logit"] == [3, 6]
 
     class Crash(RuntimeError):
         pass
