@@ -4,11 +4,13 @@ MuonClip, and resumes; ``step()`` is one optimizer step; ``evaluate()`` the vali
 checkpoint; ``run()`` the whole loop (stop signals, periodic validation and checkpoints, the plot); ``close()``
 tears the process groups down.
 
-One optimizer step: set the WSD learning rate; zero the gradient buffers; megatron-core's forward_backward_func
-(1F1B with pipeline parallelism, interleaved 1F1B with virtual stages) over the step's micro-batches, whose
+One optimizer step: set the WSD learning rate; take the step's micro-batches (read ahead during the previous step,
+only the fields this pipeline stage consumes: k2_megatron.training.prefetch) and start reading the next step's; zero
+the gradient buffers; megatron-core's forward_backward_func (1F1B with pipeline parallelism, interleaved 1F1B with
+virtual stages) over the step's micro-batches, whose
 finalize hook reduces gradients over data-parallel ranks and updates the aux-loss-free expert biases; MuonClip
 (``get_muonclip_optimizer``: Muon on hidden matrices, AdamW elsewhere, QK-Clip with global max logits, ZeRO-1
-when data-parallel > 1); then the step's metrics, read on the host once.
+when data-parallel > 1); then the step's metrics, read on the host once (the per-layer figures at logged steps only).
 
 Every value the loop reduces over ranks goes through ``all_reduce_on_backend`` (k2_megatron.megatron.layout), on the
 device of the group's backend: NCCL refuses host tensors.
@@ -297,7 +299,8 @@ def _any_rank(flag: bool) -> bool:
 class Trainer:
     """The pretraining run of ``cfg`` on this process (one rank of a torchrun job, or alone); see the module.
 
-    data: a factory ``(cfg, layout, dp, dp_rank) -> data`` with CorpusData's interface (default: CorpusData).
+    data: a factory ``(cfg, layout, dp, dp_rank) -> data`` with CorpusData's interface (default: CorpusData;
+    ``next_batch(fields)`` and ``validation_batches(fields)`` return only ``fields``, none on a middle stage).
     step_callback(step, metrics): called after each step of run() (tests). _before_publish: passed to
     save_checkpoint (tests)."""
 
