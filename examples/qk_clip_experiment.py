@@ -21,7 +21,7 @@ from k2_megatron.training.pretrain import _quiet_libraries, pretrain
 def run(tau, args, name):
     overrides = [f"train.iters={args.steps}", f"optim.peak_lr={args.lr}", f"optim.min_lr={args.lr}",
                  "optim.warmup_steps=5", f"optim.qk_clip_tau={'null' if tau is None else tau}",
-                 "train.eval_interval=0", f"train.log_interval={max(args.steps // 10, 1)}",
+                 "train.eval_interval=0", "train.log_interval=1",  # every step's max logit (logged steps only)
                  f"output.dir={os.path.join(args.out, name)}", "output.plot=false", "checkpoint.save_at_end=false",
                  "checkpoint.resume=false", "output.progress_bar=false", *args.overrides]
     result = pretrain(load_config(None, overrides))

@@ -8,18 +8,22 @@ Layout under the checkpoint root:
     <root>/latest               one line, "iter_0000100": the checkpoint to resume from (replaced atomically)
     <root>/.tmp-iter_*/         a save in progress (or interrupted by a crash: ignored, removed by the next save)
     <root>/.tmp-iter_*.writer/  the writers' results of a save in progress
+    <root>/.trash-*/            pruned checkpoints and leftovers being deleted in the background (what a crash
+                                leaves of them is removed by the next save; k2_megatron.checkpoint.trash)
 
 What a checkpoint holds (format 2) is independent of the parallel layout: the model under megatron's global keys,
 the optimizer state in model space (k2_megatron.megatron.optimizer_state), every rank's RNG states (restored only
-on the same layout), k2_meta.json (step, data-stream state, model config, layout, metric history). A checkpoint
-written on any TP / PP / EP / DP layout loads on any other; ``load_checkpoint(..., weights_only=True)`` loads the
-model only (the optimizer starts afresh from the loaded weights).
+on the same layout), k2_meta.json (step, data-stream state, model config, layout; no metric history, so its size
+does not grow with the step). A checkpoint written on any TP / PP / EP / DP layout loads on any other;
+``load_checkpoint(..., weights_only=True)`` loads the model only (the optimizer starts afresh from the loaded
+weights).
 
 Save (every rank calls ``Checkpointer.save``): rank 0 makes ``.tmp-iter_N``; every rank plans and writes its
 files and hashes them (k2_megatron.checkpoint.writer, .integrity); once every rank is done, rank 0 writes DCP's
 .metadata and megatron's metadata.json (megatron's finalization), then publishes: k2_meta.json, a check that every
 global tensor is completely written, the merged integrity manifest, fsync, rename to ``iter_N``, and only then
-``latest`` (write ``latest.tmp``, fsync, ``os.replace``). A crash or kill anywhere before the last rename leaves
+``latest`` (write ``latest.tmp``, fsync, ``os.replace``), then moves the checkpoints beyond ``keep`` to the trash
+(deleted in the background). A crash or kill anywhere before the last rename leaves
 the previous ``latest`` and its directory untouched; between the two renames, a complete but unpublished
 ``iter_N`` (the next save of that step replaces it). An asynchronous save is finalized by ``poll`` (collective,
 cheap: call it every step) or ``wait``; ``abandon`` kills the writers and removes the temporary directory;
@@ -46,7 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from k2_megatron.checkpoint import integrity
+from k2_megatron.checkpoint import integrity, trash
 from k2_megatron.checkpoint.dcp_metadata import (METADATA, check_objects, describe_problems, read_metadata,
                                                  read_plan, uncovered_tensors)
 from k2_megatron.checkpoint.durable import atomic_write_text, fsync_dir, fsync_file
@@ -196,9 +200,10 @@ def _on_any_rank(flag: bool) -> bool:
 
 
 def _remove_leftovers(root: str) -> None:
-    for name in os.listdir(root):  # temporary directories of interrupted saves
-        if name.startswith(_TMP_PREFIX):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    """Discards the temporary directories of interrupted saves and the trash of interrupted deletions (in the
+    background: k2_megatron.checkpoint.trash)."""
+    leftovers = [os.path.join(root, n) for n in sorted(os.listdir(root)) if n.startswith(_TMP_PREFIX)]
+    trash.discard(leftovers + trash.trash_in(root))
 
 
 class Checkpointer:
@@ -359,7 +364,7 @@ class Checkpointer:
         if save.before_publish is not None:
             save.before_publish(save.tmp)
         if os.path.exists(save.final):  # an unpublished directory of the same step (crash between the renames)
-            shutil.rmtree(save.final)
+            trash.discard([save.final])
         os.rename(save.tmp, save.final)
         fsync_dir(self.root)
         atomic_write_text(os.path.join(self.root, LATEST), iter_dir_name(save.step) + "\n")
@@ -374,12 +379,12 @@ def save_checkpoint(root: str, step: int, model_chunks, optimizer, meta: dict, *
 
 
 def _prune(root: str, keep: int) -> None:
-    current = latest_checkpoint(root)
+    """Keeps the newest ``keep`` checkpoints (and the one ``latest`` names); the others go to the trash, deleted in
+    the background (k2_megatron.checkpoint.trash): no rank waits for the deletion."""
+    current = os.path.abspath(latest_checkpoint(root))
     done = sorted(n for n in os.listdir(root) if n.startswith("iter_") and os.path.isdir(os.path.join(root, n)))
-    for name in done[:-keep] if keep > 0 else []:
-        path = os.path.join(root, name)
-        if os.path.abspath(path) != os.path.abspath(current):
-            shutil.rmtree(path, ignore_errors=True)
+    old = [os.path.join(root, n) for n in (done[:-keep] if keep > 0 else [])]
+    trash.discard([p for p in old if os.path.abspath(p) != current])
 
 
 # ----- load -----

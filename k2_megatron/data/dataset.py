@@ -182,12 +182,15 @@ class SampleStream:
         """Micro-batch steps left before the dataset runs out."""
         return (len(self.dataset) - self.consumed_samples) // self.samples_per_step
 
-    def batch_at(self, consumed_samples: int) -> dict[str, torch.Tensor]:
-        """This rank's micro-batch of the step starting at ``consumed_samples`` (no state change)."""
+    def _check_available(self, consumed_samples: int) -> None:
         end = consumed_samples + self.samples_per_step
         if end > len(self.dataset):
             raise DatasetExhaustedError(f"the dataset holds {len(self.dataset)} samples; the step at consumed_samples="
                                 f"{consumed_samples} needs {end} (build it with more train_samples)")
+
+    def batch_at(self, consumed_samples: int) -> dict[str, torch.Tensor]:
+        """This rank's micro-batch of the step starting at ``consumed_samples`` (no state change)."""
+        self._check_available(consumed_samples)
         start = consumed_samples + self.dp_rank * self.micro_batch_size
         return collate_samples([self.dataset[i] for i in range(start, start + self.micro_batch_size)])
 
@@ -196,6 +199,11 @@ class SampleStream:
         batch = self.batch_at(self.consumed_samples)
         self.consumed_samples += self.samples_per_step
         return batch
+
+    def skip_batch(self) -> None:
+        """Advances past the next micro-batch without reading it (a pipeline stage that consumes no data)."""
+        self._check_available(self.consumed_samples)
+        self.consumed_samples += self.samples_per_step
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while self.consumed_samples + self.samples_per_step <= len(self.dataset):

@@ -55,11 +55,11 @@ from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from k2_megatron.megatron import optimizer_state
 from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, muon_gather_spans
 from k2_megatron.megatron.attention import K2MLACoreAttention, take_global_max_attn_logits
-from k2_megatron.megatron.layout import all_reduce_on_backend
+from k2_megatron.megatron.layout import all_reduce_on_backend, collective_device
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
 from k2_megatron.optim.muon import MUON_UPDATE_SCALE, matrix_shape, muon_orthogonalize
 from k2_megatron.optim.muonclip import (DEFAULT_ADAMW_PATTERNS, MuonClip, NonFiniteGradientError, QKClipStats,
-                                        uses_muon)
+                                        any_nonfinite, uses_muon)
 from k2_megatron.optim.qk_clip import QK_CLIP_ALPHA, QK_CLIP_TAU, MLAHeadLayout, WeightShard, check_qk_clip_args
 
 
@@ -463,6 +463,11 @@ def _main_to_model(sub) -> dict:
     return mapping
 
 
+def attention_layer_name(layer: int) -> str:
+    """The name of layer ``layer``'s attention (0-based, global) in qk_clip_stats and the logs."""
+    return f"layers.{layer}.self_attention"
+
+
 def _attention_layers(model_chunks, qk_clip: bool) -> list[tuple[str, MLASelfAttention]]:
     """(unique name, MLA self-attention module) of every layer in the chunks (global layer numbers) whose core
     attention records max logits (K2MLACoreAttention); with QK-Clip on, every one must."""
@@ -471,7 +476,7 @@ def _attention_layers(model_chunks, qk_clip: bool) -> list[tuple[str, MLASelfAtt
         for module in chunk.modules():
             if not isinstance(module, MLASelfAttention):
                 continue
-            name = f"layers.{module.layer_number - 1}.self_attention"
+            name = attention_layer_name(module.layer_number - 1)
             if isinstance(module.core_attention, K2MLACoreAttention):
                 layers.append((name, module))
             elif qk_clip:
@@ -620,24 +625,28 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
         """Completes a load of ``sharded_state_dict`` (its tensors were read in place): the step count."""
         optimizer_state.load_state_dict(self.chained_optimizers, state_dict)
 
-    def _agree(self, flags: list[bool]) -> list[bool]:
-        """Element-wise OR of the flags over all ranks."""
-        t = all_reduce_on_backend(torch.tensor([float(f) for f in flags]), op=dist.ReduceOp.MAX)
+    def _agree(self, flags: list[torch.Tensor]) -> list[bool]:
+        """Element-wise OR of 0-d flags over all ranks: one reduction, one host read."""
+        device = collective_device()
+        t = all_reduce_on_backend(torch.stack([f.to(device, torch.float32) for f in flags]), op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
+
+    def _grad_buffers(self) -> list[torch.Tensor]:
+        return [b.grad_data for chunk in self.model_chunks
+                for b in (*getattr(chunk, "buffers", []), *getattr(chunk, "expert_parallel_buffers", []))]
 
     @torch.no_grad()
     def step(self):
-        grads_bad = not all(bool(torch.isfinite(b.grad_data).all()) for chunk in self.model_chunks
-                            for b in (*getattr(chunk, "buffers", []), *getattr(chunk, "expert_parallel_buffers", [])))
         logits, missing = take_global_max_attn_logits(self.attention_layers)
         qk_clip = self.muonclip.qk_clip_tau is not None  # without it the logits are only logged
-        logits_bad = [n for n, v in logits.items() if not bool(torch.isfinite(v).all())]
-        grads_bad, missing_any, logits_bad_any = self._agree([grads_bad, qk_clip and bool(missing),
-                                                              qk_clip and bool(logits_bad)])
+        grads_bad, missing_any, logits_bad_any = self._agree([
+            any_nonfinite(self._grad_buffers()), torch.tensor(qk_clip and bool(missing)),
+            any_nonfinite(logits.values()) if qk_clip else torch.tensor(False)])
         if missing_any:
             raise RuntimeError(f"MuonClip: attention layers recorded no max logits this step (no forward since the "
                                f"last step?): {missing or 'on another rank'}")
         if logits_bad_any:
+            logits_bad = [n for n, v in logits.items() if not bool(torch.isfinite(v).all())]  # the error's detail
             raise ValueError("MuonClip: non-finite max attention logits (the forward overflowed or produced NaN); "
                              f"refusing to clip. This rank: {logits_bad}")
         if grads_bad:

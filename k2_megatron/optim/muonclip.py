@@ -43,6 +43,16 @@ class NonFiniteGradientError(RuntimeError):
     """Raised by ``MuonClip.step`` when a gradient holds inf or NaN (with nonfinite="raise")."""
 
 
+def any_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor on the tensors' device: whether any element of ``tensors`` is inf or NaN. One fused reduction
+    (the L2 norms of all tensors accumulated in float64, where finite float32 / bfloat16 values cannot overflow; inf
+    and NaN propagate to the sum), no copy of any tensor and no host read: the caller reads the flag once."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).sum())
+
+
 def uses_muon(name: str, param: torch.Tensor, adamw_patterns: Iterable[str] = DEFAULT_ADAMW_PATTERNS) -> bool:
     """The default split: Muon for 2-D matrices and 3-D expert stacks whose name matches no AdamW pattern."""
     return param.dim() in (2, 3) and not any(re.search(p, name) for p in adamw_patterns)
@@ -237,7 +247,7 @@ class MuonClip(torch.optim.Optimizer):
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if not bool(any_nonfinite(grads)):  # one host read per step
             return True
         bad = []
         for gi, group in enumerate(self.param_groups):

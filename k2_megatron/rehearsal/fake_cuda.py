@@ -15,6 +15,7 @@ What stands in the way on a CPU-only machine with torch 2.13 (CUDA build) and me
 | ``Module.cuda()`` / ``.to()`` / ``.bfloat16()`` swap tensor subclasses (FakeTensor) into parameters in place, which fails with weak references | host parameters are replaced by fake device parameters with the same attributes; fake parameters take converted tensors as their data |
 | ``torch.tensor(list of device scalars)`` reads each value below the dispatcher (megatron's l2-norm fallback without Apex / Transformer Engine does, one read per gradient tensor) | the reads are reported and the result is stacked from the fake values |
 | object collectives (all_gather_object, ...) pickle through the device and read the bytes back | recorded as a collective + host synchronisation; every rank's object is taken to be this rank's |
+| pinning host memory (``Tensor.pin_memory``: the loop's micro-batches, k2_megatron.training.prefetch) needs the driver | the tensor itself (pageable host memory: its copy to a fake device tensor moves no data anyway) |
 
 ``enable()`` installs everything (refusing untested torch / megatron-core releases, and refusing while cpu_compat
 is enabled, which routes CUDA to the CPU); ``disable()`` removes the Python patches. The C++ runtime stand-in cannot be
@@ -472,7 +473,12 @@ def _patch_list(device: RehearsedDevice, local_rank: int):
                 (MoEAlltoAllTokenDispatcher, "_maybe_dtoh_and_synchronize", _moe_dtoh_and_synchronize),
                 (schedules, "backward_step", _make_backward_step(schedules.backward_step))]
     patches += [(dist, name, value) for name, value in _make_object_collectives().items()]
+    patches.append((torch.Tensor, "pin_memory", _pin_memory))
     return patches
+
+
+def _pin_memory(tensor, device=None):
+    return tensor
 
 
 def is_enabled() -> bool:

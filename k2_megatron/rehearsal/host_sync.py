@@ -54,16 +54,21 @@ ALLOWED_SYNCS: tuple[AllowedSync, ...] = (
                 "decision (once per optimizer step); the rehearsal answers a squared norm of 1e6, above any "
                 "clipping threshold, so that the clipping branch runs",
                 file="megatron/core/optimizer/clip_grads.py", function="get_grad_norm_fp32", value=1.0e6),
-    AllowedSync("logged loss",
-                "the step's loss (the mean of the last stage's micro-batch losses over data-parallel ranks) is logged "
-                "on every rank: read on the host once per step, after the optimizer step has been queued; the "
-                "rehearsal answers 1.0 for each loss and for the count",
+    AllowedSync("non-finite check",
+                "MuonClip's step decision: whether any rank's gradient buffers or max logits hold inf / NaN (one fused "
+                "norm reduction each) and whether every attention layer recorded max logits, agreed over ranks and "
+                "read on the host in one transfer (once per optimizer step)",
+                file="k2_megatron/megatron/optimizer.py", function="_agree"),
+    AllowedSync("step figures",
+                "the step's loss (sum and count of the last stage's micro-batch losses over the world) and, at logged "
+                "steps, the per-layer max logits, clipped heads and expert loads (one table over the pipeline "
+                "group) are read on the host in one transfer once per step, after the optimizer step has been queued; "
+                "the rehearsal answers 1.0 for every value",
+                file="k2_megatron/training/trainer.py", function="step_metrics", value=1.0),
+    AllowedSync("validation loss",
+                "the validation loss (sum and count over the world) is read on the host once per validation; the "
+                "rehearsal answers 1.0 for the loss and the count",
                 file="k2_megatron/training/trainer.py", function="global_mean", value=1.0),
-    AllowedSync("step metrics",
-                "the step's max logits per layer and expert loads are logged: read on the host and gathered from "
-                "every pipeline stage once per step, after the optimizer step (the loss read has already waited for "
-                "the device)",
-                file="k2_megatron/training/trainer.py", function="step_metrics"),
     AllowedSync("checkpoint shards to host",
                 "writing a checkpoint stages every shard this rank writes in host memory (at save steps only)",
                 detail="checkpoint: "),

@@ -67,11 +67,11 @@ class SyntheticData:
         self.eval_micro_batches = cfg.train.eval_micro_batches or 1
         self.batch = _synthetic_batch(cfg.train.micro_batch_size, cfg.data.seq_length)
 
-    def next_batch(self) -> dict:
-        return self.batch
+    def next_batch(self, fields: tuple[str, ...]) -> dict:
+        return {k: self.batch[k] for k in fields}
 
-    def validation_batches(self) -> list:
-        return [self.batch] * self.eval_micro_batches
+    def validation_batches(self, fields: tuple[str, ...]) -> list:
+        return [self.next_batch(fields)] * self.eval_micro_batches
 
     def state_dict(self) -> dict:
         return {}
@@ -112,10 +112,17 @@ class RehearsedTrainer(Trainer):
     def check_paths(self) -> None:
         pass  # a rehearsal writes nothing (its config's directories are the cluster's)
 
-    def _resume(self):
-        return None, "resume", None
+    def _step_batches(self):
+        from k2_megatron.training.prefetch import StepBatches
 
-    def _start_logger(self, history) -> None:
+        # read in the step's own thread: fake tensors belong to the rehearsal's mode, which is per thread
+        return StepBatches(self.data, self.layout.num_micro_batches, self.batch_fields, pin_device=None,
+                           background=False)
+
+    def _resume(self):
+        return None, "resume"
+
+    def _start_logger(self) -> None:
         from k2_megatron.training.logging import RunLogger
 
         self.logger = RunLogger(self.cfg.output.dir, total_steps=self.cfg.train.iters, enabled=False)

@@ -1,5 +1,10 @@
 """What a pretraining run shows: a progress bar, per-step log lines, JSON-lines metrics, TensorBoard events and,
-at the end, a PNG of loss and max attention logits over steps (the K2 report's figure). Rank 0 only."""
+at the end, a PNG of loss and max attention logits over steps (the K2 report's figure). Rank 0 only.
+
+``metrics.jsonl`` is the run's record, append-only: one row per step (per-layer figures at logged steps only) and
+one per validation. A resumed run cuts it back to the checkpoint's step (rows of steps trained after it, by a run
+that stopped without saving them, would otherwise appear twice) and rebuilds its history (the plot's and the
+summary's figures) from it; checkpoints carry no history."""
 
 from __future__ import annotations
 
@@ -13,16 +18,20 @@ class RunLogger:
     """Collects per-step metrics on rank 0 and writes them to the console, ``metrics.jsonl`` and TensorBoard."""
 
     def __init__(self, out_dir: str, *, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 progress_bar: bool = True, tensorboard: bool = True, history: dict | None = None):
+                 progress_bar: bool = True, tensorboard: bool = True):
+        """start_step: the step the run starts after (a resumed checkpoint's; 0: from the start); metrics.jsonl is
+        cut back to it and the history read from it."""
         self.enabled = enabled
         self.out_dir = out_dir
-        self.history = history or {"train": [], "valid": []}
+        self.history = {"train": [], "valid": []}
         self.bar = None
         self.writer = None
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self.metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.history = history_until(metrics_path, start_step)
+        self.metrics_file = open(metrics_path, "a", encoding="utf-8")
         if progress_bar:
             from tqdm import tqdm
 
@@ -46,7 +55,7 @@ class RunLogger:
         expert_load {layer: max/mean}, mfu (GPU), skipped."""
         if not self.enabled:
             return
-        self.history["train"].append({k: m[k] for k in ("step", "loss", "lr", "grad_norm", "max_logit")})
+        self.history["train"].append(_history_row(m))
         self.metrics_file.write(json.dumps({"kind": "train", **m}) + "\n")
         self.metrics_file.flush()
         if self.bar is not None:
@@ -97,6 +106,34 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
         self.metrics_file.close()
+
+
+def _history_row(m: dict) -> dict:
+    return {k: m.get(k) for k in ("step", "loss", "lr", "grad_norm", "max_logit")}
+
+
+def history_until(metrics_path: str, step: int) -> dict:
+    """The history ({"train": [...], "valid": [...]}) of the rows of ``metrics_path`` up to ``step``; the file is cut
+    (truncated in place) before its first row past ``step`` or its first unreadable row (a crash mid-write). No file:
+    an empty history."""
+    history = {"train": [], "valid": []}
+    if not os.path.exists(metrics_path):
+        return history
+    keep = 0
+    with open(metrics_path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                kind, row_step = row["kind"], row["step"]
+            except (ValueError, KeyError, TypeError):
+                break
+            if row_step > step or kind not in history:
+                break
+            history[kind].append(_history_row(row) if kind == "train" else {"step": row_step, "loss": row["loss"]})
+            keep += len(line)
+    if keep < os.path.getsize(metrics_path):
+        os.truncate(metrics_path, keep)
+    return history
 
 
 def _short(layer: str) -> str:

@@ -4,11 +4,13 @@ MuonClip, and resumes; ``step()`` is one optimizer step; ``evaluate()`` the vali
 checkpoint; ``run()`` the whole loop (stop signals, periodic validation and checkpoints, the plot); ``close()``
 tears the process groups down.
 
-One optimizer step: set the WSD learning rate; zero the gradient buffers; megatron-core's forward_backward_func
-(1F1B with pipeline parallelism, interleaved 1F1B with virtual stages) over the step's micro-batches, whose
+One optimizer step: set the WSD learning rate; take the step's micro-batches (read ahead during the previous step,
+only the fields this pipeline stage consumes: k2_megatron.training.prefetch) and start reading the next step's; zero
+the gradient buffers; megatron-core's forward_backward_func (1F1B with pipeline parallelism, interleaved 1F1B with
+virtual stages) over the step's micro-batches, whose
 finalize hook reduces gradients over data-parallel ranks and updates the aux-loss-free expert biases; MuonClip
 (``get_muonclip_optimizer``: Muon on hidden matrices, AdamW elsewhere, QK-Clip with global max logits, ZeRO-1
-when data-parallel > 1); then the step's metrics, read on the host once.
+when data-parallel > 1); then the step's metrics, read on the host once (the per-layer figures at logged steps only).
 
 Every value the loop reduces over ranks goes through ``all_reduce_on_backend`` (k2_megatron.megatron.layout), on the
 device of the group's backend: NCCL refuses host tensors.
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from k2_megatron.config import ConfigError, PretrainConfig
+from k2_megatron.training.prefetch import BATCH_FIELDS, StepBatches, stage_batch_fields
 
 
 # ----- distributed setup -----
@@ -101,14 +104,22 @@ class CorpusData:
                               f"{len(self.valid_ds)} samples, {available} micro-batches of train.micro_batch_size="
                               f"{self.micro_batch_size} on each of {self.dp} data-parallel ranks")
 
-    def next_batch(self) -> dict:
-        return self.stream.next_batch()
+    def next_batch(self, fields: tuple[str, ...] = BATCH_FIELDS) -> dict:
+        """The next training micro-batch's ``fields`` (none: the stream advances past it without reading)."""
+        if not fields:
+            self.stream.skip_batch()
+            return {}
+        return _only(self.stream.next_batch(), fields)
 
-    def validation_batches(self) -> list:
+    def validation_batches(self, fields: tuple[str, ...] = BATCH_FIELDS) -> list:
+        """The held-out micro-batches' ``fields`` (none: empty micro-batches, nothing read)."""
         from k2_megatron.data import validation_batches
 
-        return list(validation_batches(self.valid_ds, self.micro_batch_size, self.eval_micro_batches,
-                                       dp_rank=self.dp_rank, dp_size=self.dp))
+        if not fields:
+            return [{} for _ in range(self.eval_micro_batches)]
+        return [_only(b, fields) for b in validation_batches(self.valid_ds, self.micro_batch_size,
+                                                             self.eval_micro_batches, dp_rank=self.dp_rank,
+                                                             dp_size=self.dp)]
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()
@@ -120,6 +131,10 @@ class CorpusData:
         from k2_megatron.data import unigram_baseline
 
         return unigram_baseline(self.train_prefix, self.valid_prefix, self.vocab_size)
+
+
+def _only(batch: dict, fields: tuple[str, ...]) -> dict:
+    return {k: batch[k] for k in fields}
 
 
 def _prepare_tokens(cfg: PretrainConfig):
@@ -142,15 +157,17 @@ def _prepare_tokens(cfg: PretrainConfig):
 
 
 def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """megatron's forward step of one micro-batch, holding the fields this pipeline stage reads
+    (k2_megatron.training.prefetch.stage_batch_fields; the others are None)."""
     batch = next(data_iterator)
     dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    tokens = batch["tokens"].to(dev, non_blocking=True)
-    labels = batch["labels"].to(dev, non_blocking=True)
-    loss_mask = batch["loss_mask"].to(dev, non_blocking=True).float()
+    tokens, position_ids, labels, loss_mask = (
+        batch[k].to(dev, non_blocking=True) if k in batch else None for k in BATCH_FIELDS)
+    loss_mask = loss_mask.float() if loss_mask is not None else None
     if return_schedule_plan:  # megatron's combined 1F1B (EP all-to-all overlap) runs the layers itself
-        plan = model.build_schedule_plan(tokens, batch["position_ids"].to(dev), None, labels=labels)
+        plan = model.build_schedule_plan(tokens, position_ids, None, labels=labels)
         return plan, partial(_loss_func, loss_mask)
-    output = model(tokens, batch["position_ids"].to(dev), None, labels=labels)
+    output = model(tokens, position_ids, None, labels=labels)
     return output, partial(_loss_func, loss_mask)
 
 
@@ -224,7 +241,7 @@ def _routers(chunks):
         for name, m in chunk.named_modules():
             if hasattr(m, "expert_bias") and hasattr(m, "local_tokens_per_expert"):
                 layer = getattr(m, "layer_number", None)
-                out.append((f"layers.{layer - 1}" if layer is not None else name, m))
+                out.append((router_name(layer - 1) if layer is not None else name, m))
     return out
 
 
@@ -300,7 +317,8 @@ def _any_rank(*flags: bool) -> list[bool]:
 class Trainer:
     """The pretraining run of ``cfg`` on this process (one rank of a torchrun job, or alone); see the module.
 
-    data: a factory ``(cfg, layout, dp, dp_rank) -> data`` with CorpusData's interface (default: CorpusData).
+    data: a factory ``(cfg, layout, dp, dp_rank) -> data`` with CorpusData's interface (default: CorpusData;
+    ``next_batch(fields)`` and ``validation_batches(fields)`` return only ``fields``, none on a middle stage).
     step_callback(step, metrics): called after each step of run() (tests). _before_publish: passed to
     save_checkpoint (tests)."""
 
@@ -339,8 +357,8 @@ class Trainer:
         self._install_finalize()
         self.expected_meta = {"model_config": _jsonable(dataclasses.asdict(self.k2cfg)),
                               "tokenizer": self.data.tokenizer_name, "seq_length": cfg.data.seq_length}
-        resumed, mode, history = self._resume()
-        self._start_logger(history)
+        resumed, mode = self._resume()
+        self._start_logger()
         if resumed is not None:
             loaded = "weights and optimizer state" if mode == "weights" else "weights (fresh optimizer)"
             self.logger.print(f"resumed from {resumed} at step {self.iteration}" if mode == "resume" else
@@ -354,6 +372,9 @@ class Trainer:
         self.flops_per_token = 6 * n_active + 6 * k.num_hidden_layers * cfg.data.seq_length * \
             k.num_attention_heads * (k.qk_nope_head_dim + k.qk_rope_head_dim + k.v_head_dim) / 2
         self.pp_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.batch_fields = stage_batch_fields(parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+                                               self.pp_last)
+        self.batches = self._step_batches()
         self._start_checkpointer()
 
     def check_paths(self) -> None:
@@ -369,6 +390,11 @@ class Trainer:
         c = self.cfg.checkpoint
         self.checkpointer = Checkpointer(self.checkpoint_root, keep=c.keep, asynchronous=c.async_save)
         self.saved_step = self.iteration  # resumed from (or, at step 0, nothing worth saving)
+
+    def _step_batches(self):
+        """The training micro-batches of the steps, the next read ahead on a thread (k2_megatron.training.prefetch)."""
+        return StepBatches(self.data, self.layout.num_micro_batches, self.batch_fields,
+                           pin_device=torch.cuda.current_device() if torch.cuda.is_available() else None)
 
     def build_model(self) -> None:
         self.tc, self.chunks = build_model(self.cfg, self.k2cfg)
@@ -408,13 +434,13 @@ class Trainer:
         """This run's own latest checkpoint first (a restarted job continues where it stopped); else
         checkpoint.load, fully ("resume") or as the start of a new stage ("weights": model + optimizer state, step
         0, fresh data stream; the rope settings may change, e.g. a YaRN long-context stage). Returns (path or None,
-        mode, saved history)."""
+        mode)."""
         from k2_megatron.checkpoint.errors import CheckpointError, CheckpointMismatchError
         from k2_megatron.checkpoint.megatron import latest_checkpoint, load_checkpoint
 
         cfg, expected = self.cfg, self.expected_meta
         path = latest_checkpoint(self.checkpoint_root) if cfg.checkpoint.resume else None
-        mode, history = "resume", None
+        mode = "resume"
         if path is None and cfg.checkpoint.load:
             path, mode = latest_checkpoint(cfg.checkpoint.load), cfg.checkpoint.load_mode
             if path is None:
@@ -432,21 +458,20 @@ class Trainer:
                         "or set a larger data.train_samples from the start of runs that may be extended."
                         if saved and saved != ours else "")
                 raise CheckpointMismatchError(f"checkpoint {path}: {e}.{hint}") from None
-            self.iteration, history = meta["step"], meta.get("history")
+            self.iteration = meta["step"]
         elif path is not None:
             stage_independent = {"rope_scaling", "max_position_embeddings"}
             load_checkpoint(path, self.chunks, self.opt, {
                 "model_config": {k: v for k, v in expected["model_config"].items() if k not in stage_independent},
                 "tokenizer": expected["tokenizer"]}, ignore_model_keys=stage_independent, weights_only=mode == "model")
-        return path, mode, history
+        return path, mode
 
-    def _start_logger(self, history) -> None:
+    def _start_logger(self) -> None:
         from k2_megatron.training.logging import RunLogger
 
         o = self.cfg.output
         self.logger = RunLogger(o.dir, total_steps=self.cfg.train.iters, start_step=self.iteration,
-                                enabled=self.rank == 0, progress_bar=o.progress_bar, tensorboard=o.tensorboard,
-                                history=history)
+                                enabled=self.rank == 0, progress_bar=o.progress_bar, tensorboard=o.tensorboard)
 
     def _print_header(self, n_total: int, n_active: int) -> None:
         if self.rank != 0:
@@ -489,7 +514,9 @@ class Trainer:
 
         t0 = time.time()
         lr = set_lr(self.opt, self.schedule, self.iteration)
-        batches = [self.data.next_batch() for _ in range(self.layout.num_micro_batches)]
+        batches = self.batches.take()
+        if self.iteration + 1 < self.cfg.train.iters:  # the next step's reads overlap this one
+            self.batches.prefetch()
         out = self.forward_backward(batches)
         ok, grad_norm, _ = self.optimizer_step()
         if not ok:
@@ -499,30 +526,61 @@ class Trainer:
 
     def global_mean(self, values: list) -> float:
         """Mean of the last stage's per-micro-batch losses over data-parallel ranks, on every rank."""
-        from k2_megatron.megatron.layout import all_reduce_on_backend
-
-        t = torch.tensor([float(sum([float(v) for v in values])), float(len(values))], dtype=torch.float64)
-        if self.world > 1:
-            t = all_reduce_on_backend(t)  # only last-stage ranks contribute
-        total, count = t.tolist()
+        total, count = self._loss_sum_count(values).tolist()
         return total / count
 
+    def _loss_sum_count(self, values: list) -> torch.Tensor:
+        """float64 [sum, count] of the last stage's micro-batch losses over all ranks (only last-stage ranks hold
+        losses), on the device: one reduction, no host read."""
+        from k2_megatron.megatron.layout import all_reduce_on_backend, collective_device
+
+        t = torch.zeros(2, dtype=torch.float64, device=collective_device())
+        if values:
+            t[0] = torch.stack(values).double().sum()
+            t[1] = len(values)
+        return all_reduce_on_backend(t) if self.world > 1 else t
+
+    def _layer_table(self) -> torch.Tensor:
+        """float64 [layers, LAYER_COLUMNS] of the whole model on the device: each row filled by the pipeline stage
+        that holds the layer (its max logit and clipped heads, its expert loads' max and mean), summed over the
+        pipeline group. Every rank of a stage holds the same figures (max logits are global over data- and
+        tensor-parallel ranks after QK-Clip's reduction, expert loads after the finalize hook's), so the pipeline
+        group is the only one to reduce over."""
+        from megatron.core import parallel_state
+
+        from k2_megatron.megatron.layout import all_reduce_on_backend, collective_device
+
+        table = torch.zeros(self.k2cfg.num_hidden_layers, len(LAYER_COLUMNS), dtype=torch.float64,
+                            device=collective_device())
+        for name, stats in self.opt.qk_clip_stats.items():
+            i = _layer_index(name)
+            table[i, 0] = 1.0
+            table[i, 1] = stats.max_logits.max()
+            table[i, 2] = stats.clipped.sum()
+        for name, loads in self.loads.items():
+            i = _layer_index(name)
+            table[i, 3] = 1.0
+            table[i, 4] = loads.max()
+            table[i, 5] = loads.double().mean()
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            table = all_reduce_on_backend(table, group=parallel_state.get_pipeline_model_parallel_group())
+        return table
+
+    def _is_logged_step(self, step: int) -> bool:
+        return step % self.cfg.train.log_interval == 0 or step == self.cfg.train.iters
+
     def step_metrics(self, out: list, ok: bool, grad_norm, lr: float, t0: float) -> dict:
-        """The step's figures, read on the host once per step (the losses, the max logits, the expert loads)."""
-        # per layer: max logit over the global batch and all heads, clipped heads (0 without QK-Clip)
-        stats = {name: (float(s.max_logit), s.num_clipped) for name, s in self.opt.qk_clip_stats.items()}
-        loss = self.global_mean([r["lm loss"] for r in out] if self.pp_last else [])
-        load_lists = {k: v.tolist() for k, v in self.loads.items()}
-        if self.world > 1:  # stats/loads of all pipeline stages to rank 0
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, (stats, load_lists))
-            stats, load_lists = {}, {}
-            for s, loads in gathered:
-                stats.update(s)
-                load_lists.update(loads)
+        """The step's figures (global, on every rank), read on the host in one transfer: the loss at every step; at
+        logged steps (train.log_interval and the last) also the per-layer max logits, clipped heads and expert loads
+        of the whole model (``_layer_table``; empty at the other steps)."""
+        values = [r["lm loss"] for r in out] if self.pp_last else []
+        on_device = [self._loss_sum_count(values)]
+        if self._is_logged_step(self.iteration):
+            on_device.append(self._layer_table().flatten())
+        on_host = torch.cat(on_device).tolist()
+        loss = on_host[0] / on_host[1]
+        max_logits, clipped_heads, expert_load = _layer_figures(on_host[2:])
         dt = time.time() - t0
-        by_layer = sorted(stats.items(), key=lambda kv: _layer_index(kv[0]))
-        max_logits = {k: v[0] for k, v in by_layer}
         tokens_per_s = self.layout.global_batch_tokens / dt
         mfu = (self.flops_per_token * tokens_per_s / (self.world * self.cfg.output.gpu_peak_tflops * 1e12)
                if torch.cuda.is_available() else None)
@@ -530,9 +588,7 @@ class Trainer:
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "max_logits": max_logits,
                 "max_logit": max(max_logits.values()) if max_logits else None,
-                "clipped_heads": {k: v[1] for k, v in by_layer},
-                "expert_load": {k: max(v) / (sum(v) / len(v)) for k, v in sorted(load_lists.items()) if sum(v) > 0},
-                "skipped": not ok}
+                "clipped_heads": clipped_heads, "expert_load": expert_load, "skipped": not ok}
 
     # -- validation and checkpoints --
 
@@ -540,7 +596,7 @@ class Trainer:
         """The validation loss (the same held-out micro-batches each time); logged at the current step."""
         for c in self.chunks:
             c.eval()
-        out = self.run_microbatches(self.data.validation_batches(), forward_only=True)
+        out = self.run_microbatches(self.data.validation_batches(self.batch_fields), forward_only=True)
         for c in self.chunks:
             c.train()
         self.opt.reset_max_logits()  # evaluation forwards must not feed the next QK-Clip step
@@ -551,9 +607,10 @@ class Trainer:
         return loss
 
     def checkpoint_meta(self) -> dict:
-        return {"data": self.data.state_dict(), "train_samples": self.data.train_samples, "world_size": self.world,
-                "config": self.cfg.to_dict(), "history": self.logger.history if self.rank == 0 else None,
-                **self.expected_meta}
+        """The run state of a checkpoint, its size independent of the step (the metric history is metrics.jsonl's,
+        k2_megatron.training.logging)."""
+        return {"data": self.batches.state_dict(), "train_samples": self.data.train_samples, "world_size": self.world,
+                "config": self.cfg.to_dict(), **self.expected_meta}
 
     def save(self) -> str | None:
         """Starts a checkpoint of the current step (every rank). Asynchronous (checkpoint.async_save): returns None
@@ -638,7 +695,7 @@ class Trainer:
             self.poll_save()
             step = self.iteration
             losses.append(metrics["loss"])
-            self.logger.log_step(metrics, print_line=step % cfg.train.log_interval == 0 or step == cfg.train.iters)
+            self.logger.log_step(metrics, print_line=self._is_logged_step(step))
             if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.iters:
                 valid.append((step, self.evaluate()))
             if self.step_callback is not None:
@@ -724,11 +781,11 @@ class Trainer:
         return metrics
 
     def _state_before_step(self) -> tuple:
-        return self.data.state_dict(), [router.expert_bias.detach().clone() for _, router in self.routers]
+        return self.batches.state_dict(), [router.expert_bias.detach().clone() for _, router in self.routers]
 
     def _rewind(self, before: tuple) -> None:
         data_state, biases = before
-        self.data.load_state_dict(data_state)
+        self.batches.load_state_dict(data_state)
         with torch.no_grad():
             for (_, router), bias in zip(self.routers, biases):
                 router.expert_bias.copy_(bias)
@@ -769,9 +826,36 @@ class Trainer:
         self.stop.restore()
         if self.checkpointer is not None:
             self.checkpointer.kill_writer()
+        if getattr(self, "batches", None) is not None:
+            self.batches.close()
         if self._initialized:
             teardown_distributed()
             self._initialized = False
+
+
+# columns of Trainer._layer_table: attention present, max logit, clipped heads; MoE present, load max, load mean
+LAYER_COLUMNS = ("attention", "max_logit", "clipped_heads", "moe", "load_max", "load_mean")
+
+
+def _layer_figures(flat: list) -> tuple[dict, dict, dict]:
+    """(max logit, clipped heads, expert load max/mean) by layer name, of a flattened ``Trainer._layer_table`` read
+    on the host (empty: none)."""
+    from k2_megatron.megatron.optimizer import attention_layer_name
+
+    max_logits, clipped, load = {}, {}, {}
+    width = len(LAYER_COLUMNS)
+    for i in range(len(flat) // width):
+        attention, max_logit, n_clipped, moe, load_max, load_mean = flat[i * width:(i + 1) * width]
+        if attention:
+            max_logits[attention_layer_name(i)] = max_logit
+            clipped[attention_layer_name(i)] = int(n_clipped)
+        if moe and load_mean > 0:
+            load[router_name(i)] = load_max / load_mean
+    return max_logits, clipped, load
+
+
+def router_name(layer: int) -> str:
+    return f"layers.{layer}"
 
 
 def _layer_index(name: str) -> int:

@@ -167,6 +167,10 @@ def test_stream_resumes_exactly_mid_epoch(tmp_path, bpe, prefixes):
         for key in want:
             assert torch.equal(got[key], want[key]), key
     assert resumed.consumed_samples == stream.consumed_samples == 36
+    skipping = ds.SampleStream(restarted, micro_batch_size=3)  # a middle pipeline stage: advances, reads nothing
+    for _ in range(7):
+        skipping.skip_batch()
+    assert skipping.state_dict() == state and torch.equal(skipping.next_batch()["tokens"], expected[0]["tokens"])
 
 
 def test_stream_data_parallel_layout(tmp_path, bpe, prefixes):
@@ -198,6 +202,8 @@ def test_stream_errors(tmp_path, bpe, prefixes):
     stream.load_state_dict({**stream.state_dict(), "consumed_samples": len(train) - 1})
     with pytest.raises(ds.DatasetExhaustedError, match="more train_samples"):
         stream.next_batch()
+    with pytest.raises(ds.DatasetExhaustedError, match="more train_samples"):
+        stream.skip_batch()
     assert list(stream) == []
     for kwargs, match in ((dict(micro_batch_size=0), "micro_batch_size"), (dict(dp_rank=2, dp_size=2), "dp_rank"),
                           (dict(consumed_samples=-1), "consumed_samples")):

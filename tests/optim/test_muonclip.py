@@ -376,6 +376,22 @@ def test_non_finite_gradient_skip_policy():
     _assert_unchanged(model, opt, snap)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_nonfinite_is_one_reduction_over_all_tensors(dtype):
+    from k2_megatron.optim.muonclip import any_nonfinite
+
+    big = torch.finfo(dtype).max  # finite values whose squares overflow the dtype (accumulated in float64)
+    tensors = [torch.full((5, 7), big, dtype=dtype), torch.zeros(0, dtype=dtype), -torch.ones(3, dtype=dtype)]
+    flag = any_nonfinite(tensors)
+    assert flag.shape == () and flag.dtype == torch.bool and not bool(flag)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = [t.clone() for t in tensors]
+        broken[2][1] = bad
+        assert bool(any_nonfinite(broken)), bad
+        assert bool(any_nonfinite(broken)) == (not all(bool(torch.isfinite(t).all()) for t in broken))
+    assert not bool(any_nonfinite([]))
+
+
 @pytest.mark.parametrize("logits,exc,match", [
     (torch.tensor([1.0, 2.0, 3.0]), ValueError, r"shape \[4\]"),
     (torch.tensor([1.0, float("nan"), 3.0, 4.0]), ValueError, "non-finite"),
