@@ -109,6 +109,9 @@ class RehearsedTrainer(Trainer):
             super().build_optimizer()
         self.r.memory.assign(_optimizer_state(self.opt), "optimizer state")
 
+    def _lock_directories(self):  # a rehearsal writes nothing into the run's directories
+        return None
+
     def _resume(self):
         return None, "resume", None
 

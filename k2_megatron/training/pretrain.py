@@ -79,6 +79,13 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# Exit statuses: 0 the run finished; 2 it cannot run as configured (the config, or an input or directory it names:
+# a tokenizer, dataset prefixes, a checkpoint to load, a dataset index, an output directory another run holds);
+# 1 it failed while running (a save that could not be written: one line; anything unexpected: a traceback).
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``k2-pretrain``)."""
     args = build_parser().parse_args(argv)
@@ -86,23 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"k2-pretrain: config error: {e}", file=sys.stderr)
-        return 2
+        return _report(e, EXIT_CONFIG)
     if args.dry_run:
         from k2_megatron.training.plan import dry_run
 
         return dry_run(cfg, world_size=args.world_size)
     if args.rehearse:
         return _rehearse(args)
-    from k2_megatron.checkpoint.errors import CheckpointError
+    from k2_megatron.checkpoint.errors import CheckpointError, CheckpointSaveError
     from k2_megatron.data.dataset_index import DatasetIndexError
+    from k2_megatron.training.run_lock import RunLockError
 
     try:
         pretrain(cfg)
-    except (ConfigError, CheckpointError, DatasetIndexError) as e:
-        print(f"k2-pretrain: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    except CheckpointSaveError as e:
+        return _report(e, EXIT_FAILED)
+    except (ConfigError, CheckpointError, DatasetIndexError, RunLockError) as e:
+        return _report(e, EXIT_CONFIG)
     return 0
+
+
+def _report(error: Exception, status: int) -> int:
+    """``error`` as one line on stderr (every rank that meets it prints it); returns ``status``."""
+    kind = "config error" if isinstance(error, ConfigError) else type(error).__name__
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    print(f"k2-pretrain: {kind}: {text}", file=sys.stderr, flush=True)
+    return status
 
 
 def _rehearse(args) -> int:
