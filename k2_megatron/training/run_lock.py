@@ -86,9 +86,9 @@ def take_run_lock(directories: list[str], *, rank: int, world: int, note=print) 
     if world > 1:
         import torch.distributed as dist
 
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        errors = [None] * world  # an object collective, as the loop's others (the rank's device under NCCL)
+        dist.all_gather_object(errors, error)
+        error = errors[0]
     if error is not None:
         raise RunLockError(error)
     return lock
