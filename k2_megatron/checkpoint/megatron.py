@@ -382,22 +382,23 @@ class Checkpointer:
 
 
 def _root_cause(save: _Save, error: BaseException) -> str:
-    """The text of a failed save's first cause: this rank's writer's CheckpointSaveError, else one in megatron's
-    CheckpointException (the coordinator holds every rank's) or the chain of ``error``, else ``error`` itself."""
+    """The text of a failed save's first cause: this rank's writer's CheckpointSaveError, else the first rank's
+    failure in megatron's CheckpointException (the coordinator's holds every rank's, unpickled: their text only),
+    else a CheckpointSaveError in the chain of ``error``, else ``error`` itself."""
     with contextlib.suppress(Exception):
         own = save.queue.get_nowait()
         if isinstance(own, CheckpointSaveError):
             return str(own)
-    causes = [error]
-    for exc, _ in getattr(error, "failures", {}).values():  # torch DCP's CheckpointException: rank -> (exc, tb)
-        causes.append(exc)
-    for cause in causes:
-        for _ in range(16):  # down the chain of causes
-            if cause is None:
-                break
-            if isinstance(cause, CheckpointSaveError):
-                return str(cause)
-            cause = cause.__cause__ or cause.__context__
+    for rank in sorted(getattr(error, "failures", {})):  # torch DCP's CheckpointException: rank -> (exc, tb)
+        failure = error.failures[rank][0]
+        return str(failure).removeprefix("Worker failure: ")  # megatron's wrapper of a writer's error
+    cause = error
+    for _ in range(16):  # down the chain of causes
+        if cause is None:
+            break
+        if isinstance(cause, CheckpointSaveError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
     if isinstance(error, OSError):
         return f"{error} ({error.filename or save.tmp})"
     text = str(error).strip()
