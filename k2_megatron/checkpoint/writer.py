@@ -16,9 +16,11 @@ the writer. A failed write (a full disk) is handed back as a ``CheckpointSaveErr
 the file, through megatron's results queue, so that megatron's finalization raises it on every rank together (a
 synchronous save keeps its queue in memory: a full disk cannot also lose the error).
 
-Two things megatron-core 0.19.2 would leave behind are avoided: its writer hands its results back through a queue served by a spawned ``multiprocessing`` Manager (a ~560 MB process that outlives a killed trainer,
-with a resource_tracker) -- here a file per rank next to the checkpoint (``ResultFile``); and a forked writer
-survives its parent -- here it asks the kernel (prctl PR_SET_PDEATHSIG) to be killed when the trainer dies.
+Two things megatron-core 0.19.2 would leave behind are avoided: its writer hands its results back through a queue
+served by a spawned ``multiprocessing`` Manager (a ~560 MB process that outlives a killed trainer, with a
+resource_tracker) -- here a file per rank next to the checkpoint (``ResultFile``), or memory for a synchronous save
+(``ResultSlot``); and a forked writer survives its parent -- here it asks the kernel (prctl PR_SET_PDEATHSIG) to be
+killed when the trainer dies.
 """
 
 from __future__ import annotations

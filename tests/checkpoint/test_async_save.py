@@ -8,7 +8,8 @@ deterministic:
 - ``abandon`` kills the writer and removes the temporary directory; ``latest`` keeps the previous checkpoint;
   ``finish_within`` abandons a save still writing at the end of its grace period, publishes one done within it;
 - kill -9 of the trainer while its writer writes: ``latest`` still names the previous, complete checkpoint
-  (which loads), and no process the trainer started (writer, megatron's Manager, a resource_tracker) outlives it.
+  (which loads), and no process the trainer started (writer, megatron's Manager, a resource_tracker) outlives it;
+- a full disk in one rank's write fails the save on every rank, each naming that rank's errno and file.
 """
 
 import os

@@ -45,7 +45,8 @@ class TorchrunJob:
     def __init__(self, out_dir, overrides, nproc: int, *, command: list[str] | None = None, env: dict | None = None):
         self._logs = [tempfile.TemporaryFile("w+", encoding="utf-8") for _ in range(2)]
         self.proc = subprocess.Popen(command or _command(out_dir, *overrides, nproc=nproc),
-                                     env=dict(_environment(), **(env or {})), stdout=self._logs[0], stderr=self._logs[1])
+                                     env=dict(_environment(), **(env or {})), stdout=self._logs[0],
+                                     stderr=self._logs[1])
 
     def output(self) -> tuple[str, str]:
         """(stdout, stderr) so far."""
