@@ -75,7 +75,7 @@ def _preprocess(argv) -> dict:
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers: must be >= 1, got {args.workers}")
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(args.tokenizer, cache_dir=args.cache_dir)
+    tokenizer = _load_tokenizer(args)
     if args.bundled_corpus:
         from k2_megatron.data import prepare_corpus_data
 
@@ -104,6 +104,13 @@ def _preprocess(argv) -> dict:
     return {"tokenizer": repr(tokenizer), **stats}
 
 
+def _load_tokenizer(args):
+    try:
+        return load_tokenizer(args.tokenizer, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--tokenizer {args.tokenizer}: {exc}") from None
+
+
 def _build_index(argv) -> dict:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} build-index", description="Build megatron-core's GPT dataset indices (document, sample, "
@@ -126,7 +133,7 @@ def _build_index(argv) -> dict:
     from k2_megatron.data.dataset_index import build_dataset_index
 
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(args.tokenizer, cache_dir=args.cache_dir)
+    tokenizer = _load_tokenizer(args)
     index = build_dataset_index(tokenizer, args.seq_length, args.train_prefix, args.valid_prefix,
                                 train_samples=args.train_samples, index_dir=args.index_dir,
                                 train_weights=args.train_weights, valid_samples=args.valid_samples, seed=args.seed)
@@ -145,7 +152,8 @@ def main(argv=None) -> int:
         return 130
     except Exception as exc:  # one line, never a traceback: every error message names its file
         kind = "" if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: "
-        print(f"{PROG}: error: {kind}{exc}", file=sys.stderr)
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"{PROG}: error: {kind}{text}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
     return 0

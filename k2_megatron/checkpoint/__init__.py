@@ -7,7 +7,8 @@
 """
 
 from k2_megatron.checkpoint.convert import convert_hf_to_hf, convert_hf_to_megatron, convert_megatron_to_hf
-from k2_megatron.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+from k2_megatron.checkpoint.errors import (CheckpointCorruptError, CheckpointError, CheckpointMismatchError,
+                                          CheckpointSaveError)
 from k2_megatron.checkpoint.hf.adapter import (
     StateDictMismatch,
     hf_to_megatron,
@@ -17,6 +18,6 @@ from k2_megatron.checkpoint.hf.adapter import (
 from k2_megatron.checkpoint.hf.fp8 import dequantize_fp8_blockwise, quantize_fp8_blockwise
 from k2_megatron.checkpoint.hf.safetensors_io import HFCheckpoint
 
-__all__ = ["CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError", "HFCheckpoint", "StateDictMismatch",
-           "convert_hf_to_hf", "convert_hf_to_megatron", "convert_megatron_to_hf", "dequantize_fp8_blockwise",
+__all__ = ["CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError", "CheckpointSaveError",
+           "HFCheckpoint", "StateDictMismatch", "convert_hf_to_hf", "convert_hf_to_megatron", "convert_megatron_to_hf", "dequantize_fp8_blockwise",
            "hf_to_megatron", "load_megatron_state_dict", "megatron_to_hf", "quantize_fp8_blockwise"]

@@ -19,3 +19,8 @@ class CheckpointMismatchError(CheckpointError):
 
 class CheckpointUnsafeError(CheckpointError):
     """The checkpoint holds pickled data that could run code when loaded (refused before unpickling it)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save could not be written (a full disk, a lost permission): nothing was published, the temporary directory
+    is removed, and ``latest`` still names the previous checkpoint."""

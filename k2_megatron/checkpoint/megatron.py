@@ -38,6 +38,7 @@ rank raises the first rank's error) -> dist_checkpointing.load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -55,7 +56,7 @@ from k2_megatron.checkpoint.dcp_metadata import (METADATA, check_objects, descri
                                                  read_plan, uncovered_tensors)
 from k2_megatron.checkpoint.durable import atomic_write_text, fsync_dir, fsync_file
 from k2_megatron.checkpoint.errors import (CheckpointCorruptError, CheckpointError, CheckpointMismatchError,
-                                          CheckpointUnsafeError)
+                                          CheckpointSaveError, CheckpointUnsafeError)
 
 LATEST = "latest"
 META = "k2_meta.json"
@@ -168,6 +169,7 @@ class _Save:
     results: str  # the writers' result files
     meta: dict
     before_publish: object = None
+    queue: object = None  # this rank's writer's results (writer.ResultFile or ResultSlot)
 
 
 def _agree(error: BaseException | None) -> None:
@@ -230,7 +232,7 @@ class Checkpointer:
         ``_before_publish``: a test hook called on rank 0 with the complete temporary directory."""
         from megatron.core import dist_checkpointing
 
-        from k2_megatron.checkpoint.writer import results_through_file, with_hashing
+        from k2_megatron.checkpoint.writer import ResultFile, ResultSlot, results_through, with_hashing
 
         self.wait()
         name = iter_dir_name(step)
@@ -246,15 +248,21 @@ class Checkpointer:
                 os.makedirs(save.tmp)
                 os.makedirs(save.results)
             except OSError as e:
-                error = CheckpointError(f"cannot create a checkpoint under {self.root}: {e.strerror} ({e.filename})")
+                error = CheckpointSaveError(f"cannot create a checkpoint under {self.root}: {e.strerror} "
+                                            f"({e.filename})")
         _agree(error)
-        with torch.no_grad(), results_through_file(os.path.join(save.results, f"rank{_rank():05d}.pkl")):
+        save.queue = (ResultFile(os.path.join(save.results, f"rank{_rank():05d}.pkl")) if self.asynchronous
+                      else ResultSlot())
+        with torch.no_grad(), results_through(save.queue):
             state = _sharded_state(model_chunks, optimizer, is_loading=False, with_rng=True)
             request = dist_checkpointing.save(state, save.tmp, async_sharded_save=True, async_strategy="mcore")
         request = with_hashing(request, save.tmp, _rank())
         request = request._replace(finalize_fns=[*request.finalize_fns, partial(self._publish, save)])
         if not self.asynchronous:
-            request.execute_sync()  # megatron: copy to host, write, barrier, finalize (and publish)
+            try:
+                request.execute_sync()  # megatron: copy to host, write, barrier, finalize (and publish)
+            except BaseException as e:  # noqa: BLE001 -- torch DCP's CheckpointException is a BaseException
+                self._fail(save, e)  # (megatron's finalization and ours raise on every rank together)
             return save.final
         self._pending = save
         self._writer.start(request)
@@ -291,15 +299,9 @@ class Checkpointer:
         save = self._pending
         try:
             done = self._writer.poll(blocking=blocking)
-        except CheckpointError:
-            self._pending = None
-            raise
-        except Exception as e:  # a writer failed (megatron raises on every rank)
-            self._pending = None
-            self._discard(save)
-            raise CheckpointError(f"the save of step {save.step} into {save.tmp} failed: {type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
-                                  f"{self.root}/latest still names the previous checkpoint") from e
+        except BaseException as e:  # noqa: BLE001 -- a writer failed (megatron raises a CheckpointException, a
+            self._pending = None  # BaseException, on every rank), or publishing did
+            self._fail(save, e)
         if not done:
             return None
         self._pending = None
@@ -333,6 +335,27 @@ class Checkpointer:
     def close(self) -> None:
         """Collective: waits for the save in flight; nothing of it is left running."""
         self.wait()
+
+    def _fail(self, save: _Save, error: BaseException):
+        """After a failed save: its temporary directory removed; a failure to write (a full disk, a writer's error
+        gathered by megatron, a refused publication) raised as one CheckpointSaveError line, anything else as is."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        self._discard(save)
+        if isinstance(error, (OSError, CheckpointError, CheckpointException)):
+            raise self._save_failed(save, error) from error
+        raise error
+
+    def _save_failed(self, save: _Save, error: BaseException) -> CheckpointSaveError:
+        """One line for every rank: the first failure known here (this rank's own write, else what megatron
+        gathered from the others), the errno and file, and what is left on disk."""
+        previous = None
+        with contextlib.suppress(OSError, CheckpointError):
+            previous = latest_checkpoint(self.root)
+        kept = (f"{os.path.join(self.root, LATEST)} still names {os.path.basename(previous)}" if previous else
+                "no earlier checkpoint exists")
+        return CheckpointSaveError(f"the save of step {save.step} failed: {_root_cause(save, error)}; nothing was "
+                                   f"published, the partial {save.tmp} is removed and {kept}")
 
     def _discard(self, save: _Save) -> None:
         if _rank() == 0:
@@ -370,6 +393,30 @@ class Checkpointer:
         atomic_write_text(os.path.join(self.root, LATEST), iter_dir_name(save.step) + "\n")
         shutil.rmtree(save.results, ignore_errors=True)
         _prune(self.root, self.keep)
+
+
+def _root_cause(save: _Save, error: BaseException) -> str:
+    """The text of a failed save's first cause: this rank's writer's CheckpointSaveError, else the first rank's
+    failure in megatron's CheckpointException (the coordinator's holds every rank's, unpickled: their text only),
+    else a CheckpointSaveError in the chain of ``error``, else ``error`` itself."""
+    with contextlib.suppress(Exception):
+        own = save.queue.get_nowait()
+        if isinstance(own, CheckpointSaveError):
+            return str(own)
+    for rank in sorted(getattr(error, "failures", {})):  # torch DCP's CheckpointException: rank -> (exc, tb)
+        failure = error.failures[rank][0]
+        return str(failure).removeprefix("Worker failure: ")  # megatron's wrapper of a writer's error
+    cause = error
+    for _ in range(16):  # down the chain of causes
+        if cause is None:
+            break
+        if isinstance(cause, CheckpointSaveError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, OSError):
+        return f"{error} ({error.filename or save.tmp})"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def save_checkpoint(root: str, step: int, model_chunks, optimizer, meta: dict, *, keep: int = 2,
@@ -424,8 +471,8 @@ def check_compatible(meta: dict, expected: dict, path: str, ignore_model_keys=()
         elif want != have:
             diffs.append(f"{section}: checkpoint {have!r}, this run {want!r}")
     if diffs:
-        raise CheckpointMismatchError(f"checkpoint {path} was written for a different configuration:\n  "
-                                      + "\n  ".join(diffs))
+        raise CheckpointMismatchError(f"checkpoint {path} was written for a different configuration: "
+                                      + "; ".join(diffs))
 
 
 def _check_readable(path: str, state: dict) -> None:

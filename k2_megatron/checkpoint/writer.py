@@ -12,22 +12,29 @@ rank 0 writes DCP's ``.metadata`` and megatron's ``metadata.json``; then ours, w
   writer has exited; ``abandon`` kills the writers.
 
 In both, each rank's write is followed by SHA-256s of the files it wrote (k2_megatron.checkpoint.integrity), in
-the writer. Two things megatron-core 0.19.2 would leave behind are avoided: its writer hands its results back
-through a queue served by a spawned ``multiprocessing`` Manager (a ~560 MB process that outlives a killed trainer,
-with a resource_tracker) -- here a file per rank next to the checkpoint (``ResultFile``); and a forked writer
-survives its parent -- here it asks the kernel (prctl PR_SET_PDEATHSIG) to be killed when the trainer dies.
+the writer. A failed write (a full disk) is handed back as a ``CheckpointSaveError`` naming the rank, the errno and
+the file, through megatron's results queue, so that megatron's finalization raises it on every rank together (a
+synchronous save keeps its queue in memory: a full disk cannot also lose the error).
+
+Two things megatron-core 0.19.2 would leave behind are avoided: its writer hands its results back through a queue
+served by a spawned ``multiprocessing`` Manager (a ~560 MB process that outlives a killed trainer, with a
+resource_tracker) -- here a file per rank next to the checkpoint (``ResultFile``), or memory for a synchronous save
+(``ResultSlot``); and a forked writer survives its parent -- here it asks the kernel (prctl PR_SET_PDEATHSIG) to be
+killed when the trainer dies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import pickle
 import queue
 import signal
 
 from k2_megatron.checkpoint import integrity
+from k2_megatron.checkpoint.errors import CheckpointSaveError
 
 _PR_SET_PDEATHSIG = 1
 
@@ -53,21 +60,64 @@ class ResultFile:
             raise queue.Empty from None
 
 
+class ResultSlot:
+    """The results queue of a synchronous save: the write runs in this process, so the item stays in memory."""
+
+    def __init__(self):
+        self._item, self._full = None, False
+
+    def put(self, item) -> None:
+        self._item, self._full = item, True
+
+    def get_nowait(self):
+        if not self._full:
+            raise queue.Empty
+        return self._item
+
+
 @contextlib.contextmanager
-def results_through_file(path: str):
+def results_through(results):
     """While a save is planned (``dist_checkpointing.save``), makes megatron's FileSystemWriterAsync take
-    ``ResultFile(path)`` as the queue its writer hands results back through: megatron-core 0.19.2 creates that
-    queue lazily in a module global (``get_write_results_queue``) as a spawned Manager's queue, and each writer
-    keeps the queue it was planned with, so setting the global around the planning is the only way to supply
-    another. The global is restored afterwards: other saves in the process (the converter's) keep megatron's."""
+    ``results`` (a ``ResultFile`` across a fork, a ``ResultSlot`` in this process) as the queue its writer hands
+    results back through: megatron-core 0.19.2 creates that queue lazily in a module global
+    (``get_write_results_queue``) as a spawned Manager's queue, and each writer keeps the queue it was planned
+    with, so setting the global around the planning is the only way to supply another. The global is restored
+    afterwards: other saves in the process (the converter's) keep megatron's."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     previous = filesystem_async._results_queue
-    filesystem_async._results_queue = ResultFile(path)
+    filesystem_async._results_queue = results
     try:
         yield
     finally:
         filesystem_async._results_queue = previous
+
+
+class _LoggedErrors(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _megatron_write_errors():
+    """The errors megatron's writer logs while it writes. It catches a failed file write (OSError: errno, file)
+    and hands back only a RuntimeError naming the exception's type; the exception itself is in the ERROR record it
+    logs. Collected here (and kept off the console: the save's error reports it)."""
+    log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    handler, saved = _LoggedErrors(), (log.level, log.propagate)
+    log.addHandler(handler)
+    log.setLevel(logging.ERROR)
+    log.propagate = False
+    try:
+        yield handler.messages
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def _die_with(parent_pid: int) -> None:
@@ -83,12 +133,36 @@ def _die_with(parent_pid: int) -> None:
 
 def _write_then_hash(write, directory: str, rank: int, trainer_pid: int, *args) -> None:
     """The rank's write (megatron's write function; args: rank, write buckets, results queue), then the SHA-256s
-    of the files it wrote."""
+    of the files it wrote; a failure of either goes back through the results queue as a CheckpointSaveError."""
     if os.getpid() != trainer_pid:
         _die_with(trainer_pid)
-    write(*args)
-    buckets = args[1]  # (file path, file name relative to the directory, data) per file
-    integrity.write_rank_manifest(directory, rank, [name for _, name, _ in buckets])
+    _, buckets, results = args  # buckets: (file path, file name relative to the directory, data) per file
+    with _megatron_write_errors() as logged:
+        try:
+            write(*args)
+            failure = _write_failure(results, logged, buckets)
+        except Exception as e:  # noqa: BLE001 -- megatron re-raises a worker's failure as an AssertionError
+            failure = _write_failure(ResultSlot(), logged, buckets) or f"{type(e).__name__}: {e}"
+    if failure is None:
+        try:
+            integrity.write_rank_manifest(directory, rank, [name for _, name, _ in buckets])
+        except OSError as e:
+            failure = f"{e} (writing the integrity manifest {e.filename or directory})"
+    if failure is not None:
+        results.put(CheckpointSaveError(f"rank {rank}: {failure}"))
+
+
+def _write_failure(results, logged: list[str], buckets) -> str | None:
+    """What went wrong in megatron's write of ``buckets`` (None: nothing): the errors it logged, with the files."""
+    try:
+        outcome = results.get_nowait()
+    except queue.Empty:
+        outcome = None
+    if not logged and not isinstance(outcome, Exception):
+        return None
+    marker = "encountered an error: "  # megatron's message with the exception; its others name only its type
+    detail = "; ".join(m.partition(marker)[2] for m in logged if marker in m) or "; ".join(logged) or str(outcome)
+    return f"{detail} (writing {', '.join(path for path, _, _ in buckets)})"
 
 
 def with_hashing(request, directory: str, rank: int):
@@ -139,4 +213,4 @@ class AsyncWriter:
                 process.join()  # and reaps it here
 
 
-__all__ = ["AsyncWriter", "ResultFile", "results_through_file", "with_hashing"]
+__all__ = ["AsyncWriter", "ResultFile", "ResultSlot", "results_through", "with_hashing"]

@@ -280,6 +280,7 @@ class PretrainConfig:
         if (d.train_prefix is None) != (d.valid_prefix is None):
             raise ConfigError("data.train_prefix / data.valid_prefix: give both (your data) or neither "
                               "(the bundled corpus)")
+        _check_model_overrides(m.overrides)
         try:
             self.k2_config(vocab_size=None)
         except ValueError as e:
@@ -390,6 +391,18 @@ def _check_micro_batches(layout: ParallelLayout, name: str, count: int, scope: s
         layout.check_micro_batches(name, count, scope)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_model_overrides(overrides: dict) -> None:
+    """Every key of model.overrides must be a K2Config field (a typo would otherwise be a TypeError deep inside)."""
+    import difflib
+
+    fields = [f.name for f in dataclasses.fields(K2Config)]
+    for name in overrides:
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), fields, n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else "see K2Config in k2_megatron/config/model.py"
+            raise ConfigError(f"model.overrides.{name}: not a K2Config field ({hint})")
 
 
 def _positive_int(key: str, value) -> None:

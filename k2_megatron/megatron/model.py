@@ -212,33 +212,54 @@ def init_distributed_cpu(layout: ParallelLayout = ParallelLayout(), *, seed: int
     """gloo process group + megatron parallel_state for ``layout`` + RNG seeds on a CPU (cpu_compat enabled).
 
     rank/world_size/init_method default to the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT);
-    a single process without them gets a private file store. ``timeout_minutes``: of every process group
-    (None: torch's and megatron-core's defaults).
+    a single process without them gets an in-memory store (nothing on disk to leave behind). ``timeout_minutes``:
+    of every process group (None: torch's and megatron-core's defaults). When the layout does not fit the world
+    (ValueError naming the sizes) or megatron refuses it, what this call set up is torn down before it raises.
     """
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from k2_megatron.megatron import cpu_compat
 
+    patched_here = not cpu_compat.is_enabled()
     cpu_compat.enable()
-    if not torch.distributed.is_initialized():
-        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-        if init_method is None:
-            if "MASTER_ADDR" in os.environ:
-                init_method = "env://"
-            else:
-                import tempfile
-
-                init_method = f"file://{tempfile.mkstemp(prefix='k2_gloo_')[1]}"
-        timeout = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, init_method=init_method,
-                                             **timeout)
-    layout.for_world(torch.distributed.get_world_size())  # a clear error before megatron's assertions
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    initialize_model_parallel(layout, timeout_minutes=timeout_minutes)
+    created_group = not torch.distributed.is_initialized()
+    try:
+        if created_group:
+            _init_gloo_group(rank, world_size, init_method, timeout_minutes)
+        layout.for_world(torch.distributed.get_world_size())  # a clear error before megatron's assertions
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        initialize_model_parallel(layout, timeout_minutes=timeout_minutes)
+    except BaseException:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        if created_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if patched_here:
+            cpu_compat.disable()
+        raise
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def _init_gloo_group(rank: int | None, world_size: int | None, init_method: str | None,
+                     timeout_minutes: int | None) -> None:
+    """The default gloo process group: torchrun's (env://), the given init_method's, or for a lone process an
+    in-memory HashStore (a file store's file in /tmp outlives the run: torch never removes it)."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    timeout = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+    if init_method is None and "MASTER_ADDR" in os.environ:
+        init_method = "env://"
+    if init_method is not None:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, init_method=init_method,
+                                             **timeout)
+        return
+    if world_size != 1:
+        raise ValueError(f"world_size={world_size} without MASTER_ADDR or init_method: the processes have no "
+                         "rendezvous (launch them with torchrun)")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore(),
+                                         **timeout)
 
 
 def k2_model_provider(cfg: K2Config | str, layout: ParallelLayout | None = None, **config_kwargs):

@@ -112,6 +112,9 @@ class RehearsedTrainer(Trainer):
     def check_paths(self) -> None:
         pass  # a rehearsal writes nothing (its config's directories are the cluster's)
 
+    def _lock_directories(self):  # nor takes their lock
+        return None
+
     def _step_batches(self):
         from k2_megatron.training.prefetch import StepBatches
 

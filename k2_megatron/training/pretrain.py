@@ -22,8 +22,10 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron's jit_fuser is tor
 from k2_megatron.config import ConfigError, PretrainConfig, load_config  # noqa: E402
 from k2_megatron.training.trainer import Trainer  # noqa: E402
 
-# exit statuses of k2-pretrain besides 0 (finished) and 1 (an unexpected error: its traceback)
-EXIT_BAD_INPUT = 2   # a config, checkpoint or data set that cannot be used (one line naming it)
+# exit statuses of k2-pretrain besides 0 (finished)
+EXIT_FAILED = 1      # failed while running (a save that could not be written: one line; else a traceback)
+EXIT_BAD_INPUT = 2   # cannot run as configured: the config, or an input or directory it names (a tokenizer, dataset
+#                      prefixes, a checkpoint to load, a dataset index, an output directory another run holds)
 EXIT_STOPPED = 3     # stopped early (SIGTERM, SIGINT, train.max_wall_seconds) after a checkpoint: resume it
 EXIT_NONFINITE = 4   # non-finite gradients (optim.nonfinite): stopped after a checkpoint of the state before them
 
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                f"Exit status: 0 finished; {EXIT_BAD_INPUT} a config, checkpoint or data set that cannot be used "
                f"(one line naming it); {EXIT_STOPPED} stopped early by SIGTERM, SIGINT or train.max_wall_seconds "
                f"after saving a checkpoint (it prints the command that resumes the run); {EXIT_NONFINITE} stopped "
-               "by non-finite gradients after saving the state before them (optim.nonfinite); 1 anything else.")
+               "by non-finite gradients after saving the state before them (optim.nonfinite); 1 failed while running "
+               "(a checkpoint that could not be written: one line; anything else: its traceback).")
     parser.add_argument("--config", default=None, help="YAML config (default: the tiny CPU recipe, "
                         "examples/configs/k2_tiny_cpu.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="print the per-rank parameter and memory plan of "
@@ -97,23 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"k2-pretrain: config error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _report(e, EXIT_BAD_INPUT)
     if args.dry_run:
         from k2_megatron.training.plan import dry_run
 
         return dry_run(cfg, world_size=args.world_size)
     if args.rehearse:
         return _rehearse(args)
-    from k2_megatron.checkpoint.errors import CheckpointError
+    from k2_megatron.checkpoint.errors import CheckpointError, CheckpointSaveError
     from k2_megatron.data.dataset_index import DatasetIndexError
     from k2_megatron.optim import NonFiniteGradientError
+    from k2_megatron.training.run_lock import RunLockError
 
     try:
         result = pretrain(cfg)
-    except (ConfigError, CheckpointError, DatasetIndexError) as e:
-        print(f"k2-pretrain: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except CheckpointSaveError as e:
+        return _report(e, EXIT_FAILED)
+    except (ConfigError, CheckpointError, DatasetIndexError, RunLockError) as e:
+        return _report(e, EXIT_BAD_INPUT)
     except NonFiniteGradientError as e:
         print(f"k2-pretrain: {e}", file=sys.stderr)
         return EXIT_NONFINITE
@@ -139,6 +143,14 @@ def resume_command(cfg: PretrainConfig, argv: list[str]) -> str:
     words += argv + ([] if cfg.checkpoint.resume else ["checkpoint.resume=true"])
     launched = "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_JOB_ID" in os.environ
     return shlex.join(words) + (" (launched as before: the same torchrun / srun options)" if launched else "")
+
+
+def _report(error: Exception, status: int) -> int:
+    """``error`` as one line on stderr (every rank that meets it prints it); returns ``status``."""
+    kind = "config error" if isinstance(error, ConfigError) else type(error).__name__
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    print(f"k2-pretrain: {kind}: {text}", file=sys.stderr, flush=True)
+    return status
 
 
 def _rehearse(args) -> int:

@@ -35,26 +35,43 @@ from k2_megatron.training.prefetch import BATCH_FIELDS, StepBatches, stage_batch
 # ----- distributed setup -----
 
 def initialize_distributed(cfg: PretrainConfig) -> None:
+    """The process groups of ``cfg``'s layout on this rank (NCCL on a GPU, gloo on a CPU) and the seeds. The layout
+    is checked against the world size first (ConfigError naming the key, before megatron's initialize_model_parallel
+    would raise on every rank); anything set up before a failure is torn down."""
     layout = cfg.parallel.layout()
-    if torch.cuda.is_available():
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    cfg.layout(_launch_world_size())
+    if not torch.cuda.is_available():
+        from k2_megatron.megatron import init_distributed_cpu
 
-        from k2_megatron.megatron import initialize_model_parallel
+        init_distributed_cpu(layout, seed=cfg.train.seed, timeout_minutes=cfg.parallel.process_group_timeout_minutes)
+        return
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from k2_megatron.megatron import initialize_model_parallel
+
+    created_group = not dist.is_initialized()
+    try:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
-        if not dist.is_initialized():
+        if created_group:
             if "MASTER_ADDR" not in os.environ:
                 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
                                   RANK="0", WORLD_SIZE="1")
             dist.init_process_group("nccl", timeout=cfg.parallel.process_group_timeout())
         initialize_model_parallel(layout, timeout_minutes=cfg.parallel.process_group_timeout_minutes)
-        torch.manual_seed(cfg.train.seed)
-        model_parallel_cuda_manual_seed(cfg.train.seed)
-    else:
-        from k2_megatron.megatron import init_distributed_cpu
+    except BaseException:
+        parallel_state.destroy_model_parallel()
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    torch.manual_seed(cfg.train.seed)
+    model_parallel_cuda_manual_seed(cfg.train.seed)
 
-        init_distributed_cpu(layout, seed=cfg.train.seed, timeout_minutes=cfg.parallel.process_group_timeout_minutes)
+
+def _launch_world_size() -> int:
+    """The world size of this job: the process group's, or the one it will have (torchrun's WORLD_SIZE; 1 alone)."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def teardown_distributed() -> None:
@@ -139,21 +156,33 @@ def _only(batch: dict, fields: tuple[str, ...]) -> dict:
 
 def _prepare_tokens(cfg: PretrainConfig):
     """(tokenizer, train prefixes, valid prefixes); rank 0 builds the cached corpus data first."""
-    from k2_megatron.data import load_tokenizer, prepare_corpus_data
+    from k2_megatron.data import load_tokenizer, prepare_corpus_data, resolve_blend
 
     d = cfg.data
     rank = dist.get_rank()
     result = None
     for turn in (0, 1):  # rank 0 builds (train the BPE, tokenise), then the others read the cache
         if (rank == 0) == (turn == 0):
-            tok = load_tokenizer(d.tokenizer)
+            tok = _input_or_config_error("data.tokenizer", d.tokenizer, load_tokenizer, d.tokenizer)
             if d.train_prefix is None:
                 prepared = prepare_corpus_data(tok)
                 result = (tok, [prepared.train_prefix], [prepared.valid_prefix])
             else:
                 result = (tok, list(d.train_prefix), list(d.valid_prefix))
+                for key, prefixes in (("data.train_prefix", d.train_prefix), ("data.valid_prefix", d.valid_prefix)):
+                    _input_or_config_error(key, prefixes, resolve_blend, key, prefixes, weighted=False)
         dist.barrier()
     return result
+
+
+def _input_or_config_error(key: str, value, read, *args, **kwargs):
+    """``read(*args, **kwargs)`` of an input the config names (a tokenizer, dataset prefixes); a missing or
+    unreadable one is a ConfigError naming ``key`` and its value."""
+    try:
+        return read(*args, **kwargs)
+    except (OSError, ValueError) as e:
+        message = str(e) if str(e).startswith(key) else f"{key}={value!r}: {e}"
+        raise ConfigError(message) from None
 
 
 def forward_step(data_iterator, model, return_schedule_plan: bool = False):
@@ -334,6 +363,7 @@ class Trainer:
         self.saved_step = None  # the step of the last save started (published or in flight)
         self.skipped_steps = 0  # steps skipped for non-finite gradients since this process started
         self._initialized = False
+        self.run_lock = None
 
     # -- setup --
 
@@ -346,6 +376,7 @@ class Trainer:
         initialize_distributed(cfg)
         self._initialized = True
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.run_lock = self._lock_directories()
         self.dp, self.layout = cfg.layout(self.world)
         self.schedule = cfg.schedule()
         self.checkpoint_root = cfg.checkpoint.dir or os.path.join(cfg.output.dir, "checkpoints")
@@ -395,6 +426,14 @@ class Trainer:
         """The training micro-batches of the steps, the next read ahead on a thread (k2_megatron.training.prefetch)."""
         return StepBatches(self.data, self.layout.num_micro_batches, self.batch_fields,
                            pin_device=torch.cuda.current_device() if torch.cuda.is_available() else None)
+
+    def _lock_directories(self):
+        """One run at a time in output.dir and checkpoint.dir (k2_megatron.training.run_lock): rank 0 locks them
+        before anything is written there; every rank stops if another run holds them."""
+        from k2_megatron.training.run_lock import locked_directories, take_run_lock
+
+        return take_run_lock(locked_directories(self.cfg.output.dir, self.cfg.checkpoint.dir), rank=self.rank,
+                             world=self.world)
 
     def build_model(self) -> None:
         self.tc, self.chunks = build_model(self.cfg, self.k2cfg)
@@ -828,6 +867,9 @@ class Trainer:
             self.checkpointer.kill_writer()
         if getattr(self, "batches", None) is not None:
             self.batches.close()
+        if self.run_lock is not None:  # last: nothing of this run writes into its directories any more
+            self.run_lock.release()
+            self.run_lock = None
         if self._initialized:
             teardown_distributed()
             self._initialized = False

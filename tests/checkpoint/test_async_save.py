@@ -8,7 +8,8 @@ deterministic:
 - ``abandon`` kills the writer and removes the temporary directory; ``latest`` keeps the previous checkpoint;
   ``finish_within`` abandons a save still writing at the end of its grace period, publishes one done within it;
 - kill -9 of the trainer while its writer writes: ``latest`` still names the previous, complete checkpoint
-  (which loads), and no process the trainer started (writer, megatron's Manager, a resource_tracker) outlives it.
+  (which loads), and no process the trainer started (writer, megatron's Manager, a resource_tracker) outlives it;
+- a full disk in one rank's write fails the save on every rank, each naming that rank's errno and file.
 """
 
 import os
@@ -202,3 +203,61 @@ def test_kill_9_during_an_async_save_leaves_latest_complete_and_nothing_running(
     assert _alive(out["children"]) == []
     loaded = run_gloo_bodies(_load_latest, 1, lambda r: (r, 1, str(tmp_path / "init2"), str(tmp_path)))[0]
     assert loaded["latest"] == str(tmp_path / "ckpt" / "iter_0000001") and loaded["meta_step"] == 1
+
+
+def _disk_full_on_rank_1(rank, world, init_file, tmp):
+    import errno
+    import functools
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from tests.helpers.pretraining import build_zero1_bf16
+    from k2_megatron.checkpoint.errors import CheckpointSaveError
+    from k2_megatron.checkpoint.megatron import Checkpointer, latest_checkpoint
+    from k2_megatron.config import ParallelLayout
+
+    write_item = filesystem_async._write_item
+
+    @functools.wraps(write_item)  # megatron reads its signature
+    def disk_full_at_step_2(*args, **kwargs):
+        stream = next(a for a in args if hasattr(a, "write") and hasattr(a, "name"))
+        if rank == 1 and ".tmp-iter_0000002" in stream.name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_item(*args, **kwargs)
+
+    filesystem_async._write_item = disk_full_at_step_2
+    _, chunks, opt = build_zero1_bf16(ParallelLayout(), rank, world, init_file, seed=1)
+    root = os.path.join(tmp, "ckpt")
+    out = {}
+    for asynchronous in (False, True):
+        checkpointer = Checkpointer(root, asynchronous=asynchronous)
+        checkpointer.save(1, chunks, opt, {})
+        checkpointer.wait()
+        try:
+            checkpointer.save(2, chunks, opt, {})
+            checkpointer.wait()
+            out[asynchronous] = None
+        except CheckpointSaveError as e:
+            out[asynchronous] = str(e)
+        torch.distributed.barrier()
+        out[f"latest {asynchronous}"] = latest_checkpoint(root)
+        out[f"leftovers {asynchronous}"] = sorted(n for n in os.listdir(root) if n.startswith(".tmp"))
+    return out
+
+
+def test_a_full_disk_on_one_rank_fails_the_save_on_every_rank_naming_it(tmp_path):
+    """ENOSPC in rank 1's write, synchronous and asynchronous: every rank raises CheckpointSaveError (no rank waits
+    for the others forever); rank 0 and rank 1 name rank 1's errno and file; nothing is left of the save."""
+    from tests.helpers.model import run_gloo_bodies
+
+    results = run_gloo_bodies(_disk_full_on_rank_1, 2, lambda r: (r, 2, str(tmp_path / "init"), str(tmp_path)))
+    root = tmp_path / "ckpt"
+    for asynchronous in (False, True):
+        for rank in (0, 1):
+            message = results[rank][asynchronous]
+            assert message is not None and message.startswith(
+                f"the save of step 2 failed: rank 1: [Errno 28] No space left on device (writing {root}/"
+                ".tmp-iter_0000002/__1_0.distcp)"), (rank, asynchronous, message)
+            assert message.endswith(f"{root / 'latest'} still names iter_0000001"), message
+            assert results[rank][f"latest {asynchronous}"] == str(root / "iter_0000001")
+            assert results[rank][f"leftovers {asynchronous}"] == []

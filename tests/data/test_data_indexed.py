@@ -493,7 +493,11 @@ def test_preprocess_tool_errors_are_one_line(tmp_path, bpe, capsys):
              ([good, str(bad)], ["--workers", "2"], f"{bad}:3: not valid UTF-8 (byte 0xe9 at column 14)"),
              ([good, str(text)], [], f"{text}:3: not valid UTF-8 (byte 0xff at column 1)"),
              ([good, str(tmp_path / "missing.jsonl")], ["--workers", "2"],
-              f"{tmp_path / 'missing.jsonl'}: no such input file")]
+              f"{tmp_path / 'missing.jsonl'}: no such input file"),
+             ([good], ["--tokenizer", "bpe:/nonexistent/tokenizer.json"], "--tokenizer bpe:/nonexistent/"
+              "tokenizer.json: path: no tokenizer.json at '/nonexistent/tokenizer.json'"),
+             ([good], ["--tokenizer", "default:abc"],
+              "--tokenizer default:abc: spec: 'default:<vocab_size>' needs an integer, got 'default:abc'")]
     for inputs, extra, message in cases:
         code, out, err = _run_tool(["--input", *inputs, *base, *extra], capsys)
         assert (code, out) == (2, "") and "Traceback" not in err

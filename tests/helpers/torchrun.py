@@ -42,10 +42,11 @@ class TorchrunJob:
     """A torchrun job running in the background, its output going to two files (not pipes, which a chatty job
     would fill and block on while a test waits for something else)."""
 
-    def __init__(self, out_dir, overrides, nproc: int):
+    def __init__(self, out_dir, overrides, nproc: int, *, command: list[str] | None = None, env: dict | None = None):
         self._logs = [tempfile.TemporaryFile("w+", encoding="utf-8") for _ in range(2)]
-        self.proc = subprocess.Popen(_command(out_dir, *overrides, nproc=nproc), env=_environment(),
-                                     stdout=self._logs[0], stderr=self._logs[1])
+        self.proc = subprocess.Popen(command or _command(out_dir, *overrides, nproc=nproc),
+                                     env=dict(_environment(), **(env or {})), stdout=self._logs[0],
+                                     stderr=self._logs[1])
 
     def output(self) -> tuple[str, str]:
         """(stdout, stderr) so far."""
@@ -89,6 +90,18 @@ class TorchrunJob:
 def torchrun_job(out_dir, *overrides: str, nproc: int = 2):
     """A TorchrunJob for the block; nothing of it is left running after the block, whatever happened in it."""
     job = TorchrunJob(out_dir, overrides, nproc)
+    try:
+        yield job
+    finally:
+        job.close()
+
+
+@contextlib.contextmanager
+def pretrain_process(out_dir, *overrides: str, env: dict | None = None):
+    """``k2-pretrain`` as one process (``python -m k2_megatron.training.pretrain``, no torchrun) running a tiny run in
+    the background for the block (a TorchrunJob's interface); ``env``: added to its environment."""
+    command = [sys.executable, "-m", "k2_megatron.training.pretrain", f"output.dir={out_dir}", *TINY_RUN, *overrides]
+    job = TorchrunJob(out_dir, overrides, 1, command=command, env=env)
     try:
         yield job
     finally:
