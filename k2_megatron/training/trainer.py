@@ -376,11 +376,11 @@ class Trainer:
         initialize_distributed(cfg)
         self._initialized = True
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
-        self.run_lock = self._lock_directories()
         self.dp, self.layout = cfg.layout(self.world)
         self.schedule = cfg.schedule()
         self.checkpoint_root = cfg.checkpoint.dir or os.path.join(cfg.output.dir, "checkpoints")
-        self.check_paths()
+        self.check_paths()  # first: a directory that cannot be written is named by its key
+        self.run_lock = self._lock_directories()
         self.data = self._make_data(cfg, self.layout, self.dp, parallel_state.get_data_parallel_rank())
         self.k2cfg = cfg.k2_config(self.data.vocab_size)
         self.build_model()

@@ -211,7 +211,7 @@ def test_paths_and_sizes_are_checked_before_the_model_is_built(tmp_path, monkeyp
            "checkpoint.load": f"checkpoint.load={tmp_path / 'nowhere'}"}[case]
     assert cli.main(_overrides(out, "train.iters=2", bad)) == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"ConfigError: {case}=" in err, err
+    assert len(err.splitlines()) == 1 and f"config error: {case}=" in err, err
     if case == "train.eval_micro_batches":
         assert "the validation set holds" in err
     elif case != "checkpoint.load":
