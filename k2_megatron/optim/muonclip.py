@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, finite_check_piece
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
 from k2_megatron.ops.newton_schulz import flatten_coefficients
 from k2_megatron.optim.muon import (MUON_UPDATE_SCALE, adamw_step_, apply_decoupled_update_, matrices_of_update,
@@ -70,6 +71,18 @@ def muon_param_groups(model_or_named_params, *, adamw_patterns: Iterable[str] = 
         if params:
             groups.append({"params": params, "param_names": names, "use_muon": use_muon, **group_options})
     return groups
+
+
+def all_finite(tensors: Iterable[torch.Tensor], budget_bytes: int = DEFAULT_MUON_BUFFER_MIB * 2**20) -> torch.Tensor:
+    """0-d bool tensor on the tensors' device (nothing read back to the host): every element of ``tensors`` is
+    finite. Each tensor is checked in pieces whose ``torch.isfinite`` temporaries fit ``budget_bytes``
+    (k2_megatron.config.memory.finite_check_piece): a whole 4-billion-element gradient buffer at once would hold
+    28 GB."""
+    flags = []
+    for t in tensors:
+        for piece in t.reshape(-1).split(finite_check_piece(t.element_size(), budget_bytes)):
+            flags.append(torch.isfinite(piece).all())
+    return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
 def batched_orthogonalize(items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -237,7 +250,7 @@ class MuonClip(torch.optim.Optimizer):
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if bool(all_finite(grads)):
             return True
         bad = []
         for gi, group in enumerate(self.param_groups):

@@ -23,7 +23,9 @@ Memory per rank (bytes per parameter):
   megatron's warm-up count, one more with the EP all-to-all overlap), bf16, without and with K2's selective
   recomputation (norms, SwiGLU, MLA up-projections recomputed); and with the config's ``memory`` section (recompute,
   FP8 storage, CPU offload: ``activation_bytes_per_token``);
-- optimizer temporaries: the peak of one MuonClip step (``optimizer_temporary_bytes``);
+- optimizer temporaries: the peak of one MuonClip step (``optimizer_temporary_bytes``): Muon's gather span and one
+  Newton-Schulz call (the CUDA kernel's workspace included), each within ``memory.muon_buffer_mib``, or the
+  finiteness check's piece;
 - communication buffers outside the activations: EP all-to-all and pipeline send/receive (``communication_bytes``).
 The total per rank (states, temporaries, buffers, activations with the memory section) is compared with the
 device's memory (``memory.device_memory_gib``, default 80): the dry run exits 2, naming the bytes per category,
@@ -40,7 +42,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from k2_megatron.config import ConfigError, K2Config, MemoryOptions, ParallelLayout, PretrainConfig, get_preset
-from k2_megatron.config.memory import muon_temporary_bytes
+from k2_megatron.config.memory import finite_check_bytes_per_element, finite_check_piece, muon_temporary_bytes
 from k2_megatron.config.schedule import BatchLayout, batch_layout
 
 GIB = 1024**3
@@ -366,13 +368,16 @@ def _chunk_buffers(k2: K2Config, layers: range, embedding: bool, output: bool, l
 
 
 def optimizer_temporary_bytes(buffers: list[GradBuffer], tp: int, budget_bytes: int) -> float:
-    """Peak temporaries of one MuonClip step on a rank with these gradient buffers: the finiteness check of
-    MuonClipChainedOptimizer.step (a bool per element of one buffer), and per bucket Muon's gather ->
-    Newton-Schulz -> scatter streamed within ``budget_bytes`` (config.memory.muon_temporary_bytes)."""
+    """Peak temporaries of one MuonClip step on a rank with these gradient buffers (one thing at a time): the
+    finiteness check of MuonClipChainedOptimizer.step, in pieces within ``budget_bytes``
+    (config.memory.finite_check_piece), and per bucket Muon's gather -> Newton-Schulz -> scatter streamed within
+    ``budget_bytes`` (config.memory.muon_temporary_bytes). AdamW's temporary (one fp32 copy of a parameter's shard)
+    is smaller for every recipe: the largest, the embedding's shard, is well under the budget's gather buffer."""
     peak = 0.0
     for b in buffers:
-        peak = max(peak, b.numel, muon_temporary_bytes(b.largest_bucket, b.shards, b.largest_matrix // tp,
-                                                       budget_bytes, tp))
+        finite = finite_check_bytes_per_element(4) * min(b.numel, finite_check_piece(4, budget_bytes))
+        peak = max(peak, finite, muon_temporary_bytes(b.largest_bucket, b.shards, b.largest_matrix // tp,
+                                                      budget_bytes, tp))
     return peak
 
 
