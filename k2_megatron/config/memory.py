@@ -45,11 +45,26 @@ class MemoryOptions:
 
 # Muon under ZeRO-1 (k2_megatron.megatron.optimizer.MuonClipDistributedOptimizer.orthogonalize) streams each
 # gradient bucket through fp32 gather buffers of at most a budget's bytes (MuonClipConfig.buffer_bytes, the
-# config's memory.muon_buffer_mib). Per element of the matrices a rank orthogonalises itself come on top: their
-# fp32 stack (4), its copy in the Newton-Schulz dtype and the kernel's iterate and result (3 x 2, bf16), the fp32
-# result (4).
-MUON_BYTES_PER_OWNED_ELEMENT = 14
+# config's memory.muon_buffer_mib), and orthogonalises the matrices a rank owns in Newton-Schulz calls whose working
+# set fits the same budget. The working set per element of the whole matrices of one call (bf16 iteration, K2's):
+# their fp32 stack (4), its bf16 copy (2) and the CUDA kernel's peak, while it normalises: an fp32 copy, the
+# normalised quotient, the bf16 iterate and, for a tall matrix, its transposed copy (4 + 4 + 2 + 2;
+# k2_megatron.ops.newton_schulz.cuda_workspace_bytes).
+NEWTON_SCHULZ_BYTES_PER_ELEMENT = 18
 DEFAULT_MUON_BUFFER_MIB = 512
+
+
+def finite_check_bytes_per_element(itemsize: int) -> int:
+    """Device bytes per element that ``torch.isfinite`` holds at once for a floating tensor of ``itemsize``-byte
+    elements: ATen computes ``(x == x) * (x.abs() != inf)`` (aten/src/ATen/native/TensorCompare.cpp), so three bool
+    tensors and the absolute values are alive together (7 bytes for the fp32 gradient buffers)."""
+    return 3 + itemsize
+
+
+def finite_check_piece(itemsize: int, budget_bytes: int) -> int:
+    """Elements checked at a time so that the finiteness check of a gradient buffer holds at most ``budget_bytes``
+    (MuonClipConfig.buffer_bytes, the same budget as Muon's gather buffers)."""
+    return max(1, budget_bytes // finite_check_bytes_per_element(itemsize))
 
 
 def muon_gather_spans(matrices: list[tuple[int, int]], bucket_numel: int, dp_size: int,
@@ -76,17 +91,31 @@ def muon_gather_spans(matrices: list[tuple[int, int]], bucket_numel: int, dp_siz
     return False, spans
 
 
+def newton_schulz_batches(numels: list[int], budget_bytes: int) -> list[int]:
+    """How many of the consecutive whole matrices of ``numels`` elements each Newton-Schulz call takes, in order, so
+    that its working set (NEWTON_SCHULZ_BYTES_PER_ELEMENT per element) fits ``budget_bytes``; a larger matrix alone."""
+    counts: list[int] = []
+    filled = count = 0
+    for numel in numels:
+        if count and NEWTON_SCHULZ_BYTES_PER_ELEMENT * (filled + numel) > budget_bytes:
+            counts.append(count)
+            filled = count = 0
+        filled, count = filled + numel, count + 1
+    if count:
+        counts.append(count)
+    return counts
+
+
 def muon_temporary_bytes(bucket_numel: int, dp_size: int, largest_matrix: int, budget_bytes: int,
                          tp_size: int = 1) -> float:
     """Peak bytes of Muon's gather -> Newton-Schulz -> scatter temporaries for one gradient bucket (as
-    muon_gather_spans streams it; ``largest_matrix``: elements of its largest TP-local Muon matrix): the gather
-    buffers plus the Newton-Schulz workspace of this rank's share of the whole (TP-gathered) matrices in them,
-    dealt evenly but for one matrix."""
+    muon_gather_spans and newton_schulz_batches stream it; ``largest_matrix``: elements of its largest TP-local Muon
+    matrix): the gathered span, plus the larger of this rank's reduce-scatter output (whole bucket at once) and the
+    working set of one Newton-Schulz call over this rank's share of the whole (TP-gathered) matrices in the span
+    (dealt evenly but for one matrix), filled up to the budget."""
     shard = bucket_numel / dp_size
-    if 4 * (bucket_numel + shard) <= budget_bytes:
-        gathered, span = 4 * (bucket_numel + shard), bucket_numel
-    else:
-        span = max(budget_bytes // 4, largest_matrix)
-        gathered = 4 * span
+    whole = 4 * (bucket_numel + shard) <= budget_bytes
+    span = bucket_numel if whole else max(budget_bytes // 4, largest_matrix)
     owned = min(span, span / dp_size + largest_matrix) * tp_size
-    return gathered + MUON_BYTES_PER_OWNED_ELEMENT * owned
+    batch = min(owned, max(budget_bytes // NEWTON_SCHULZ_BYTES_PER_ELEMENT, largest_matrix * tp_size))
+    return 4 * span + max(4 * shard if whole else 0, NEWTON_SCHULZ_BYTES_PER_ELEMENT * batch)

@@ -15,7 +15,10 @@ and a local variant:
   orthogonalised ONCE by the rank that owns it (matrices dealt to ranks by Newton-Schulz cost, batched by shape
   through our kernel), and a reduce-scatter hands each rank its shard of the update; momentum stays sharded.
   A bucket larger than ``MuonClipConfig.buffer_bytes`` is streamed: runs of consecutive matrices within that many
-  fp32 bytes are gathered (all-reduce of each rank's pieces), orthogonalised and scattered one after the other.
+  fp32 bytes are gathered (all-reduce of each rank's pieces), orthogonalised and scattered one after the other; the
+  owner orthogonalises its matrices in Newton-Schulz calls whose working set fits the same budget, writing each
+  result over its gathered momentum. With the finiteness check's pieces (below), the step's temporaries stay within
+  about twice the budget (k2_megatron.config.memory; a single matrix larger than the budget goes alone).
 - ``MuonClipFloat16Optimizer`` / ``MuonClipFP32Optimizer`` (megatron's replicated wrappers): whole matrices
   already.
   In both, a tensor-parallel matrix is all-gathered over its TP group before Newton-Schulz and sliced after, so
@@ -30,7 +33,8 @@ and a local variant:
   and context-parallel ranks) and hands them to the inner optimizers; with QK-Clip off it still reads them for
   ``qk_clip_stats`` (the run's log).
 - Non-finite gradients and missing or non-finite max logits are detected on every rank and agreed on by all
-  ranks before anything is updated (a rank raising alone would leave the others waiting in a collective).
+  ranks before anything is updated (a rank raising alone would leave the others waiting in a collective). The
+  gradient buffers are checked in pieces within the budget (``torch.isfinite`` holds 7 bytes per fp32 element).
 Optimizer state (master weights, momentum, Adam moments, step) is saved and loaded with megatron's dist_checkpointing
 in model space (``MuonClipChainedOptimizer.sharded_state_dict``, k2_megatron.megatron.optimizer_state), so a run
 resumes on any other TP / PP / EP / DP layout.
@@ -53,13 +57,13 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 from k2_megatron.megatron import optimizer_state
-from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, muon_gather_spans
+from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, muon_gather_spans, newton_schulz_batches
 from k2_megatron.megatron.attention import K2MLACoreAttention, take_global_max_attn_logits
 from k2_megatron.megatron.layout import all_reduce_on_backend, collective_device
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
 from k2_megatron.optim.muon import MUON_UPDATE_SCALE, matrix_shape, muon_orthogonalize
 from k2_megatron.optim.muonclip import (DEFAULT_ADAMW_PATTERNS, MuonClip, NonFiniteGradientError, QKClipStats,
-                                        any_nonfinite, uses_muon)
+                                        all_finite, uses_muon)
 from k2_megatron.optim.qk_clip import QK_CLIP_ALPHA, QK_CLIP_TAU, MLAHeadLayout, WeightShard, check_qk_clip_args
 
 
@@ -322,13 +326,7 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
                 full = (self._gather_bucket(numel, ranges, update_of) if whole else
                         self._gather_span(start, end, ranges, update_of))
                 mine = [(m, off - start) for m, off, owner in span_units if owner == dp_rank]
-                ortho = _orthogonalize_whole([full[off:off + m.numel].view(m.shape) for m, off in mine],
-                                             [m.partition_dim for m, _ in mine], group, self.tp_group) if mine else []
-                self.matrices_orthogonalized += len(mine)
-                full.zero_()  # now the result: this rank's matrices, zeros elsewhere (summed over the ranks)
-                for (m, off), o in zip(mine, ortho):
-                    full[off:off + m.numel] = o.reshape(-1)
-                del ortho
+                self._orthogonalize_in_place(full, mine, group)
                 if whole:
                     self._scatter_bucket(full, ranges, out_of)
                 else:
@@ -336,6 +334,29 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
                     _copy_pieces(full, start, ranges, out_of, into_params=True)
                 del full
         return [out_of[self.main_to_model[main]] for _, main, _ in items]
+
+    def _orthogonalize_in_place(self, full: torch.Tensor, mine: list[tuple[_Matrix, int]], group: dict) -> None:
+        """Turns gathered momentum ``full`` into this rank's part of the result: Muon's O of each of its matrices
+        ``mine`` ((matrix, offset in ``full``)) written over its momentum, zeros elsewhere (the ranks' parts are
+        summed). Same-shaped matrices are orthogonalised together, in calls whose working set fits the budget
+        (k2_megatron.config.memory.newton_schulz_batches), identically on every rank of the TP group."""
+        tp_size = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
+        for batch in _newton_schulz_batches(mine, tp_size, self.muon_buffer_bytes):
+            self._orthogonalize_batch(full, batch, group)
+        self.matrices_orthogonalized += len(mine)
+        end = 0
+        for m, off in sorted(mine, key=lambda item: item[1]):
+            full[end:off].zero_()
+            end = off + m.numel
+        full[end:].zero_()
+
+    def _orthogonalize_batch(self, full: torch.Tensor, batch: list[tuple[_Matrix, int]], group: dict) -> None:
+        """One Newton-Schulz call: Muon's O of the matrices ``batch`` written over them in ``full`` (its temporaries
+        die on return, before the next call)."""
+        ortho = _orthogonalize_whole([full[off:off + m.numel].view(m.shape) for m, off in batch],
+                                     [m.partition_dim for m, _ in batch], group, self.tp_group)
+        for (m, off), o in zip(batch, ortho):
+            full[off:off + m.numel] = o.reshape(-1)
 
     def _bucket_ranges(self, units, shard_start: int) -> dict:
         """{model parameter: (start, end)} of this rank's piece of each parameter of ``units``, in the bucket."""
@@ -374,6 +395,22 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
 
     def _bucket_device(self) -> torch.device:
         return self.buffers[0].grad_data.device
+
+
+def _newton_schulz_batches(mine: list[tuple[_Matrix, int]], tp_size: int, budget_bytes: int) -> list[list]:
+    """``mine`` grouped by shape and TP split (in order of first appearance), each group cut into the Newton-Schulz
+    calls of newton_schulz_batches over the whole (TP-gathered) matrices."""
+    groups: dict[tuple, list] = {}
+    for m, off in mine:
+        groups.setdefault((m.shape, m.partition_dim), []).append((m, off))
+    batches = []
+    for members in groups.values():
+        whole = [m.numel * (tp_size if m.partition_dim is not None else 1) for m, _ in members]
+        first = 0
+        for count in newton_schulz_batches(whole, budget_bytes):
+            batches.append(members[first:first + count])
+            first += count
+    return batches
 
 
 def _copy_pieces(buf: torch.Tensor, buf_start: int, ranges: dict, tensors: dict, *, into_params: bool) -> None:
@@ -640,8 +677,8 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
         logits, missing = take_global_max_attn_logits(self.attention_layers)
         qk_clip = self.muonclip.qk_clip_tau is not None  # without it the logits are only logged
         grads_bad, missing_any, logits_bad_any = self._agree([
-            any_nonfinite(self._grad_buffers()), torch.tensor(qk_clip and bool(missing)),
-            any_nonfinite(logits.values()) if qk_clip else torch.tensor(False)])
+            ~all_finite(self._grad_buffers(), self.muonclip.buffer_bytes), torch.tensor(qk_clip and bool(missing)),
+            ~all_finite(logits.values()) if qk_clip else torch.tensor(False)])
         if missing_any:
             raise RuntimeError(f"MuonClip: attention layers recorded no max logits this step (no forward since the "
                                f"last step?): {missing or 'on another rank'}")

@@ -25,12 +25,16 @@ class RegisteredOp:
 
     ``op(*args)`` calls torch.ops.k2_megatron.<name> (the CUDA kernel, or the reference registered as its CPU
     kernel; fake on meta tensors); ``op.reference(*args)`` runs the reference directly, with the same autograd
-    formula; ``op.dispatches(t)`` says whether a call on tensor ``t`` may take the registered operator.
+    formula; ``op.dispatches(t)`` says whether a call on tensor ``t`` may take the registered operator;
+    ``op.workspace(*args)`` (or None) the device bytes its CUDA kernel holds at once besides its inputs, output
+    included, which the fake implementation does not allocate (the rehearsal counts them, k2_megatron.rehearsal).
     """
 
-    def __init__(self, name: str, reference: Callable, backward: Callable | None, setup_context: Callable | None):
+    def __init__(self, name: str, reference: Callable, backward: Callable | None, setup_context: Callable | None,
+                 workspace: Callable | None = None):
         self.name = name
         self.qualname = f"{NAMESPACE}::{name}"
+        self.workspace = workspace
         if backward is None:
             self.reference = reference
         else:
@@ -44,13 +48,13 @@ class RegisteredOp:
 
 
 def register_op(name: str, *, reference: Callable, fake: Callable, backward: Callable | None = None,
-                setup_context: Callable | None = None) -> RegisteredOp:
+                setup_context: Callable | None = None, workspace: Callable | None = None) -> RegisteredOp:
     """The op ``k2_megatron::<name>``: where k2_megatron._C defines its schema, ``reference`` becomes its CPU
     kernel, ``fake`` its fake implementation and ``backward`` / ``setup_context`` (both or neither, with the
-    signatures of torch.library.register_autograd) its autograd formula."""
+    signatures of torch.library.register_autograd) its autograd formula; ``workspace``: RegisteredOp.workspace."""
     if (backward is None) != (setup_context is None):
         raise TypeError(f"register_op({name!r}): give both backward and setup_context, or neither")
-    op = RegisteredOp(name, reference, backward, setup_context)
+    op = RegisteredOp(name, reference, backward, setup_context, workspace)
     REGISTERED_OPS[name] = op
     if _extension.op_registered(name):
         torch.library.register_fake(op.qualname, fake)

@@ -57,5 +57,20 @@ def _fake(x, coefficients, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def cuda_workspace_bytes(x: torch.Tensor, coefficients=(), eps: float = 0.0) -> int:
+    """The most device bytes the CUDA kernel (csrc/newton_schulz/newton_schulz.cpp) holds at once besides ``x``, its
+    output included: its fp32 copy of x (none for fp32 x) lives to the end; normalising holds the fp32 quotient, its
+    cast to x's dtype and, for a tall matrix (iterated on the transpose), a contiguous copy; each step holds the
+    iterate X, the next X and the [min(m, n)]^2 products A and B."""
+    m, n = x.shape[-2], x.shape[-1]
+    numel, size = x.numel(), x.element_size()
+    r = min(m, n)
+    fp32_copy = 0 if x.dtype == torch.float32 else 4 * numel
+    normalise = 4 * numel + (0 if x.dtype == torch.float32 else size * numel) + (size * numel if m > n else 0)
+    iterate = 2 * size * numel + 2 * size * (numel // (m * n) if m * n else 0) * r * r
+    return fp32_copy + max(normalise, iterate)
+
+
 # The schema and the CUDA kernel come from k2_megatron._C; the CPU kernel is the reference.
-_NEWTON_SCHULZ = register_op("newton_schulz", reference=reference.newton_schulz, fake=_fake)
+_NEWTON_SCHULZ = register_op("newton_schulz", reference=reference.newton_schulz, fake=_fake,
+                             workspace=cuda_workspace_bytes)

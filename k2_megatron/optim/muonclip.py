@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, finite_check_piece
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
 from k2_megatron.ops.newton_schulz import flatten_coefficients
 from k2_megatron.optim.muon import (MUON_UPDATE_SCALE, adamw_step_, apply_decoupled_update_, matrices_of_update,
@@ -41,16 +42,6 @@ _MUON_KEYS = ("momentum", "nesterov", "ns_steps", "ns_coefficients", "ns_eps", "
 
 class NonFiniteGradientError(RuntimeError):
     """Raised by ``MuonClip.step`` when a gradient holds inf or NaN (with nonfinite="raise")."""
-
-
-def any_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """0-d bool tensor on the tensors' device: whether any element of ``tensors`` is inf or NaN. One fused reduction
-    (the L2 norms of all tensors accumulated in float64, where finite float32 / bfloat16 values cannot overflow; inf
-    and NaN propagate to the sum), no copy of any tensor and no host read: the caller reads the flag once."""
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return torch.zeros((), dtype=torch.bool)
-    return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).sum())
 
 
 def uses_muon(name: str, param: torch.Tensor, adamw_patterns: Iterable[str] = DEFAULT_ADAMW_PATTERNS) -> bool:
@@ -80,6 +71,18 @@ def muon_param_groups(model_or_named_params, *, adamw_patterns: Iterable[str] = 
         if params:
             groups.append({"params": params, "param_names": names, "use_muon": use_muon, **group_options})
     return groups
+
+
+def all_finite(tensors: Iterable[torch.Tensor], budget_bytes: int = DEFAULT_MUON_BUFFER_MIB * 2**20) -> torch.Tensor:
+    """0-d bool tensor on the tensors' device (nothing read back to the host): every element of ``tensors`` is
+    finite. Each tensor is checked in pieces whose ``torch.isfinite`` temporaries fit ``budget_bytes``
+    (k2_megatron.config.memory.finite_check_piece): a whole 4-billion-element gradient buffer at once would hold
+    28 GB."""
+    flags = []
+    for t in tensors:
+        for piece in t.reshape(-1).split(finite_check_piece(t.element_size(), budget_bytes)):
+            flags.append(torch.isfinite(piece).all())
+    return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
 def batched_orthogonalize(items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -247,7 +250,7 @@ class MuonClip(torch.optim.Optimizer):
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not bool(any_nonfinite(grads)):  # one host read per step
+        if bool(all_finite(grads)):  # one host read per step
             return True
         bad = []
         for gi, group in enumerate(self.param_groups):

@@ -13,8 +13,9 @@ these three are assigned by ownership (``assign``) once the model and optimizer 
 - optimizer temporaries: anything else allocated inside the optimizer step;
 - activations: anything else allocated in the forward / backward passes of the micro-batches (what is kept for
   backward, received pipeline inputs included, plus the transients of each operator);
-- communication buffers: outputs of collectives other than pipeline receives, allocated during the step (all-to-all
-  and all-gather outputs, reduce-scatter outputs), in the forward/backward and the optimizer step alike;
+- communication buffers: outputs of collectives other than pipeline receives, allocated in the forward / backward
+  passes (all-to-all and all-gather outputs, reduce-scatter outputs); the buffers the optimizer step gathers into
+  (Muon's momentum spans) stay optimizer temporaries;
 - checkpoint temporaries: allocated while saving a checkpoint (e.g. the optimizer state gathered per bucket);
 - other: whatever else lives on the device (e.g. left over from setup).
 The step's peak (from ``begin_step``) is reported as the breakdown at the moment the total was highest, and as each
@@ -30,7 +31,7 @@ import torch
 
 CATEGORIES = ("parameters", "gradient buffers", "optimizer state", "optimizer temporaries", "activations",
               "communication buffers", "checkpoint temporaries", "other")
-PERSISTENT = ("parameters", "gradient buffers", "optimizer state")
+CLAIMABLE = ("activations", "other")  # what the outputs of collectives are taken from (claim_transient)
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -89,12 +90,25 @@ class MemoryTracker:
         weakref.finalize(storage, self._free, key, self._serial)
         self.current[category] += n
         self.total += n
+        self._note_peaks(category)
+
+    def _note_peaks(self, category: str) -> None:
         if self.current[category] > self.category_max[category]:
             self.category_max[category] = self.current[category]
         if self.total > self.region_max:
             self.region_max = self.total
         if self.total > self.peak.total:
             self.peak = MemoryPeak(self.total, self.phase, dict(self.current))
+
+    def transient(self, nbytes: int) -> None:
+        """Counts ``nbytes`` allocated and freed at once in the current allocation category: an operator's
+        internal workspace, which its fake implementation does not allocate (only the peaks see it)."""
+        category = self.allocation_category
+        self.current[category] += nbytes
+        self.total += nbytes
+        self._note_peaks(category)
+        self.current[category] -= nbytes
+        self.total -= nbytes
 
     def _free(self, key: int, serial: int) -> None:
         entry = self._live.get(key)
@@ -135,12 +149,13 @@ class MemoryTracker:
                 self.category_max[category] = max(self.category_max[category], self.current[category])
 
     def claim_transient(self, tensors, category: str) -> None:
-        """Moves storages to ``category`` unless they belong to a persistent category (parameters, gradient
-        buffers, optimizer state): used for the outputs of collectives."""
+        """Moves storages to ``category`` if they were counted as activations or other (used for the outputs of
+        collectives): the persistent categories keep theirs, and so do the optimizer step's and the checkpoint's
+        own temporaries (Muon's gather buffers are optimizer temporaries, as the planner counts them)."""
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.device.type == "cuda":
                 entry = self._live.get(storage_key(t))
-                if entry is not None and entry[1] not in PERSISTENT:
+                if entry is not None and entry[1] in CLAIMABLE:
                     self.assign([t], category)
 
     def begin_step(self) -> None:

@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException, Dynamic
                                            unset_fake_temporarily)
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from k2_megatron.ops._registration import REGISTERED_OPS
 from k2_megatron.rehearsal import fake_cuda
 from k2_megatron.rehearsal.collectives import CollectiveTrace
 from k2_megatron.rehearsal.host_sync import HostSyncTrace
@@ -150,6 +151,10 @@ class RehearsalMode(TorchDispatchMode):
             raise RehearsalError(f"{func} at {event.site} has an output shape that depends on device values: on a "
                                  f"GPU a host synchronisation, in a rehearsal impossible (fake tensors have no "
                                  f"values). {event.site.issuer.code}") from None
+        if func.namespace == "k2_megatron":
+            op = REGISTERED_OPS.get(func._opname)
+            if op is not None and op.workspace is not None:
+                r.memory.transient(op.workspace(*args, **kwargs))
         r.memory.on_outputs(out)
         return out
 

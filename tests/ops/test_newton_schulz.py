@@ -6,7 +6,7 @@ import torch
 import k2_megatron
 from k2_megatron import _extension
 from k2_megatron.ops import DEFAULT_COEFFICIENTS, newton_schulz
-from k2_megatron.ops.newton_schulz import flatten_coefficients
+from k2_megatron.ops.newton_schulz import cuda_workspace_bytes, flatten_coefficients
 from k2_megatron.ops.reference import newton_schulz as reference
 
 from tests.helpers.gpu import launched_kernels, reference_forbidden, require_cuda_kernel
@@ -151,6 +151,17 @@ def test_flatten_coefficients():
     assert flatten_coefficients(0, (1, 2, 3)) == []
 
 
+def test_cuda_workspace_bytes_follow_the_kernels_allocations():
+    """The CUDA kernel's working memory besides its input (what the rehearsal counts), from the allocations of
+    csrc/newton_schulz/newton_schulz.cpp: bf16 wide [2, 256, 1024]: fp32 copy 4N + max(quotient 4N + bf16 2N,
+    X + next X 4N + A, B 2 x 2 x 2 x 256^2 = N); tall: the transposed copy adds 2N; fp32 [3, 64, 64]: no copy,
+    max(quotient 4N, X + next X 8N + A, B 2 x 4 x 3 x 64^2 = 8N)."""
+    n = 2 * 256 * 1024
+    assert cuda_workspace_bytes(torch.empty(2, 256, 1024, dtype=torch.bfloat16, device="meta")) == 10 * n
+    assert cuda_workspace_bytes(torch.empty(2, 1024, 256, dtype=torch.bfloat16, device="meta")) == 12 * n
+    assert cuda_workspace_bytes(torch.empty(3, 64, 64, device="meta")) == 16 * 3 * 64 * 64
+
+
 def test_kernels_status_says_which_path():
     status = k2_megatron.kernels_status()
     if not torch.cuda.is_available():
@@ -262,6 +273,27 @@ def test_cuda_fp32_vs_float64(shape):
     with kernels_only():
         y = newton_schulz(x)
     assert max_rel_err(y, ns_float64(x)) < REL_TOL[torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype", [((8, 1024, 4096), torch.bfloat16), ((8, 4096, 1024), torch.bfloat16),
+                                         ((4, 1024, 1024), torch.float32)], ids=str)
+def test_cuda_workspace_bytes_are_what_the_kernel_allocates(shape, dtype):
+    """cuda_workspace_bytes (counted by the rehearsal, planned by k2_megatron.config.memory) against the caching
+    allocator's peak during one call, after a warm-up call (cuBLAS's workspace)."""
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    require_cuda_kernel("newton_schulz", x)
+    with kernels_only():
+        newton_schulz(x)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        y = newton_schulz(x)
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del y
+    expected = cuda_workspace_bytes(x)
+    assert abs(peak - expected) <= 0.02 * expected + 2**20, (peak, expected)
 
 
 @pytest.mark.gpu

@@ -377,19 +377,20 @@ def test_non_finite_gradient_skip_policy():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_any_nonfinite_is_one_reduction_over_all_tensors(dtype):
-    from k2_megatron.optim.muonclip import any_nonfinite
+def test_all_finite_is_one_flag_over_all_tensors_checked_in_pieces(dtype):
+    from k2_megatron.optim.muonclip import all_finite
 
-    big = torch.finfo(dtype).max  # finite values whose squares overflow the dtype (accumulated in float64)
-    tensors = [torch.full((5, 7), big, dtype=dtype), torch.zeros(0, dtype=dtype), -torch.ones(3, dtype=dtype)]
-    flag = any_nonfinite(tensors)
-    assert flag.shape == () and flag.dtype == torch.bool and not bool(flag)
+    big = torch.finfo(dtype).max  # finite extremes are finite
+    tensors = [torch.full((5, 7), big, dtype=dtype), torch.zeros(0, dtype=dtype), -torch.ones(300, dtype=dtype)]
+    budget = 64  # bytes: the 300-element tensor is checked in several pieces
+    flag = all_finite(tensors, budget)
+    assert flag.shape == () and flag.dtype == torch.bool and bool(flag)
     for bad in (float("nan"), float("inf"), -float("inf")):
-        broken = [t.clone() for t in tensors]
-        broken[2][1] = bad
-        assert bool(any_nonfinite(broken)), bad
-        assert bool(any_nonfinite(broken)) == (not all(bool(torch.isfinite(t).all()) for t in broken))
-    assert not bool(any_nonfinite([]))
+        for where in (0, 150, 299):  # the first, a middle and the last piece
+            broken = [t.clone() for t in tensors]
+            broken[2][where] = bad
+            assert not bool(all_finite(broken, budget)), (bad, where)
+    assert bool(all_finite([]))
 
 
 @pytest.mark.parametrize("logits,exc,match", [

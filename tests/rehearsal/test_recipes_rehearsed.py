@@ -93,6 +93,13 @@ def test_planner_matches_the_measured_model_state(rehearsed):
             assert abs(measured - planned) <= 0.10 * planned, (r["rank"], category, measured, planned)
 
 
+def test_planner_matches_the_measured_optimizer_temporaries(rehearsed):
+    _, _, _, reports, _ = rehearsed
+    for r in reports:
+        measured, planned = r["category_max"]["optimizer temporaries"], r["planned"]["optimizer temporaries"]
+        assert abs(measured - planned) <= 0.10 * planned, (r["rank"], measured, planned)
+
+
 def test_no_new_host_synchronisations(rehearsed):
     _, _, _, reports, _ = rehearsed
     for r in reports:

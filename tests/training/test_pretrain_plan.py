@@ -137,20 +137,30 @@ def test_dry_run_refuses_what_does_not_fit(capsys):
 
 
 def test_optimizer_temporaries_and_communication_buffers():
-    """The planner's categories from their definitions: the largest of the finiteness check (1 byte per element of
-    a buffer) and Muon's per-bucket temporaries (fp32 gather buffers: the bucket and this rank's shard when they fit
-    the budget, else a span of the budget's size or one matrix; 14 bytes per element of the rank's share of the
-    matrices gathered, evenly dealt but for one matrix); EP all-to-all send buffers (bf16 routed tokens; two
-    micro-batches with the EP overlap) and the pipeline's four bf16 activation buffers."""
+    """The planner's categories from their definitions: the largest of the finiteness check (7 bytes per element
+    of a piece of a buffer within the budget) and Muon's per-bucket temporaries (fp32 gather buffers: the bucket
+    when it and this rank's shard fit the budget, else a span of the budget's size or one matrix; plus the larger of
+    the rank's reduce-scatter output and one Newton-Schulz call: 18 bytes per element of the rank's share of the
+    matrices gathered, evenly dealt but for one matrix, up to the budget or one matrix), and megatron's gradient
+    clipping without Transformer Engine or Apex (an fp32 copy of the largest gradient shard); EP all-to-all send buffers
+    (bf16 routed tokens; two micro-batches with the EP overlap) and the pipeline's four bf16 activation buffers."""
+    from k2_megatron.config.memory import finite_check_piece
     from k2_megatron.training.plan import GradBuffer, communication_bytes, optimizer_temporary_bytes
 
     b = GradBuffer(numel=1000, shards=2, largest_param=300, largest_matrix=100)
-    assert optimizer_temporary_bytes([b], 1, 2**20) == 4 * (1000 + 500) + 14 * (500 + 100)  # whole bucket
-    assert optimizer_temporary_bytes([b], 1, 4 * 200) == 4 * 200 + 14 * 200  # spans of 200 (100 + one matrix)
-    assert optimizer_temporary_bytes([b], 1, 4 * 50) == 4 * 100 + 14 * 100  # one matrix, larger than the budget
+    assert optimizer_temporary_bytes([b], 1, 2**20) == 4 * 1000 + 18 * (500 + 100)  # whole bucket
+    assert optimizer_temporary_bytes([b], 1, 4 * 200) == 4 * 200 + 18 * 100  # spans of 200, calls of one matrix
+    assert optimizer_temporary_bytes([b], 1, 4 * 50) == 4 * 100 + 18 * 100  # one matrix, larger than the budget
     alone = GradBuffer(numel=1000, shards=1, largest_param=300, largest_matrix=100)  # owns all of it
-    assert optimizer_temporary_bytes([b, alone], 1, 2**20) == 4 * 2000 + 14 * 1000
-    assert optimizer_temporary_bytes([GradBuffer(10**6, 1, 10, 10)], 1, 4 * 50) == 10**6  # the finiteness check
+    assert optimizer_temporary_bytes([b, alone], 1, 2**20) == 4 * 1000 + 18 * 1000
+    assert optimizer_temporary_bytes([b], 2, 2**20) == 4 * 1000 + 18 * 2 * (500 + 50)  # TP2: whole matrices of 2 x 50
+    wide = GradBuffer(numel=10**6, shards=1, largest_param=10, largest_matrix=10)
+    assert optimizer_temporary_bytes([wide], 1, 18 * 1000) == 4 * 4500 + 18 * 1000  # spans and calls in the budget
+    assert finite_check_piece(4, 7000) == 1000 and finite_check_piece(4, 3) == 1  # the finiteness check's pieces
+    stack = GradBuffer(numel=10**6, shards=2, largest_param=4 * 10**5, largest_matrix=10)  # one large expert stack
+    assert optimizer_temporary_bytes([stack], 1, 18 * 1000) == 4 * 4 * 10**5  # clipping copies its gradient shard
+    assert optimizer_temporary_bytes([stack], 1, 18 * 1000, clip=False) == 4 * 4500 + 18 * 1000
+    assert optimizer_temporary_bytes([GradBuffer(10**6, 4, 9 * 10**5, 10)], 1, 18 * 1000) == 4 * 250000  # a shard
     cfg = load_config(os.path.join(CONFIGS, "k2_full.yaml"))
     k2 = cfg.k2_config(None)
     plan = plan_memory(cfg, 256)
