@@ -325,8 +325,12 @@ class MuonClip(torch.optim.Optimizer):
             if logits is None:
                 raise RuntimeError(f"MuonClip: no max logits for attention layer {name!r} this step (no forward "
                                    "since the last step?)")
-            check_max_logits(logits, target.layout.num_heads, where=f"QK-Clip of {name!r}")
+            check_max_logits(logits, target.layout.num_heads, where=f"QK-Clip of {name!r}", finite=False)
             collected[name] = logits.detach()
+        if collected and not bool(all_finite(collected.values())):  # every layer in one host read
+            bad = [name for name, logits in collected.items() if not bool(torch.isfinite(logits).all())]
+            raise ValueError(f"QK-Clip: non-finite max logits in {bad}; refusing to clip (the attention forward "
+                             "overflowed or produced NaN)")
         return collected
 
     def _apply_qk_clip(self, max_logits: dict[str, torch.Tensor]) -> None:

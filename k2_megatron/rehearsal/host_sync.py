@@ -55,10 +55,14 @@ ALLOWED_SYNCS: tuple[AllowedSync, ...] = (
                 "clipping threshold, so that the clipping branch runs",
                 file="megatron/core/optimizer/clip_grads.py", function="get_grad_norm_fp32", value=1.0e6),
     AllowedSync("non-finite check",
-                "MuonClip's step decision: whether any rank's gradient buffers or max logits hold inf / NaN (one fused "
-                "norm reduction each) and whether every attention layer recorded max logits, agreed over ranks and "
-                "read on the host in one transfer (once per optimizer step)",
+                "MuonClip's step decision: whether any rank's gradient buffers or max logits hold inf / NaN (checked "
+                "on the device in pieces within memory.muon_buffer_mib) and whether every attention layer recorded "
+                "max logits, agreed over ranks and read on the host in one transfer (once per optimizer step)",
                 file="k2_megatron/megatron/optimizer.py", function="_agree"),
+    AllowedSync("QK-Clip max logits finite",
+                "QK-Clip refuses to scale weights by non-finite max logits: one read for all attention layers of a "
+                "MuonClip (once per optimizer step; the rehearsal answers finite)",
+                file="k2_megatron/optim/muonclip.py", function="_collect_max_logits", value=1.0),
     AllowedSync("step figures",
                 "the step's loss (sum and count of the last stage's micro-batch losses over the world) and, at logged "
                 "steps, the per-layer max logits, clipped heads and expert loads (one table over the pipeline "
