@@ -190,6 +190,7 @@ def run_gloo_workers(target, world: int, args_for_rank, *, timeout: float = 300)
     the failed rank until their own timeouts."""
     import multiprocessing
     import multiprocessing.connection
+    import shutil
     import tempfile
     import time
 
@@ -232,6 +233,7 @@ def run_gloo_workers(target, world: int, args_for_rank, *, timeout: float = 300)
                 p.kill()
         for p in procs:
             p.join()
+        shutil.rmtree(tmp, ignore_errors=True)  # the results are read (torch.load copies them)
     assert not failures, "\n".join(failures)
     return results
 

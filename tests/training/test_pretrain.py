@@ -88,7 +88,6 @@ def test_sigterm_checkpoint_and_bit_identical_resume(tmp_path):
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
-    from k2_megatron.checkpoint.errors import CheckpointError
     from k2_megatron.checkpoint.megatron import latest_checkpoint
     from k2_megatron.training.pretrain import pretrain
 
@@ -100,10 +99,10 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
             raise Crash("simulated crash after the files were written, before publishing")
 
     root = tmp_path / "run" / "checkpoints"
-    # published by the next step's poll (asynchronous saves): the run stops there, naming the failed save
-    with pytest.raises(CheckpointError, match="the save of step 2 .* failed: Crash: simulated crash") as failed:
+    # published by the next step's poll (asynchronous saves): the run stops there with the error (a failure to
+    # write would be one CheckpointSaveError line; anything else keeps its type and traceback)
+    with pytest.raises(Crash, match="simulated crash"):
         pretrain(_cfg(tmp_path / "run", "train.iters=3", "checkpoint.save_interval=1"), _before_publish=crash)
-    assert isinstance(failed.value.__cause__, Crash)
     assert latest_checkpoint(str(root)) == str(root / "iter_0000001")
     assert not glob.glob(str(root / ".tmp-*")) and not (root / "iter_0000002").exists()  # the failed save removed
     (root / ".tmp-iter_0000002").mkdir()  # what a killed process leaves behind

@@ -46,10 +46,18 @@ def _cpu_only():
     require_no_cuda()
 
 
-def _alive_children() -> list[int]:
+def _children() -> set[int]:
     import psutil
 
-    return [p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
+
+
+@pytest.fixture
+def new_children():
+    """The test's own live child processes: what earlier tests of the session started and keep (multiprocessing's
+    resource_tracker of the spawn context, for one) is not the run's."""
+    before = _children()
+    return lambda: sorted(_children() - before)
 
 
 def _run(trainer) -> dict:
@@ -72,7 +80,7 @@ def _iter_dir(out_dir, step: int) -> str:
 
 # ----- asynchronous checkpoints -----
 
-def test_the_next_step_runs_while_the_checkpoint_is_written(tmp_path, monkeypatch):
+def test_the_next_step_runs_while_the_checkpoint_is_written(tmp_path, monkeypatch, new_children):
     from k2_megatron.checkpoint import writer
     from k2_megatron.training.trainer import Trainer
 
@@ -94,10 +102,10 @@ def test_the_next_step_runs_while_the_checkpoint_is_written(tmp_path, monkeypatc
     assert events.index(("publish", 1)) > events.index(("step", 2))
     assert [e for e in events if e[0] == "publish"] == [("publish", 1), ("publish", 2), ("publish", 3)]
     assert result["stopped_by"] is None and result["checkpoint"] == _iter_dir(tmp_path / "run", 3)
-    assert _alive_children() == []  # the run waited for its last save
+    assert new_children() == []  # the run waited for its last save
 
 
-def test_sigterm_with_a_grace_too_short_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+def test_sigterm_with_a_grace_too_short_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, new_children):
     from k2_megatron.checkpoint import writer
     from k2_megatron.training.pretrain import pretrain
     from k2_megatron.training.trainer import Trainer
@@ -118,13 +126,13 @@ def test_sigterm_with_a_grace_too_short_keeps_the_previous_checkpoint(tmp_path, 
         capsys.readouterr().out
     assert result["checkpoint"] == _latest(out) == _iter_dir(out, 2)
     assert sorted(os.listdir(out / "checkpoints")) == ["iter_0000002", "latest"]  # nothing of step 3's save
-    assert _alive_children() == []  # its writer killed
+    assert new_children() == []  # its writer killed
     monkeypatch.undo()
     resumed = pretrain(_cfg(out, *args))  # `latest` is complete: the run goes on from step 2
     assert len(resumed["losses"]) == 2 and resumed["final_step"] == 4
 
 
-def test_a_run_that_fails_with_a_save_in_flight_leaves_no_writer(tmp_path, monkeypatch):
+def test_a_run_that_fails_with_a_save_in_flight_leaves_no_writer(tmp_path, monkeypatch, new_children):
     from k2_megatron.checkpoint import writer
     from k2_megatron.training.pretrain import pretrain
 
@@ -137,7 +145,7 @@ def test_a_run_that_fails_with_a_save_in_flight_leaves_no_writer(tmp_path, monke
 
     with pytest.raises(RuntimeError, match="a failure while"):
         pretrain(_cfg(tmp_path / "run", "train.iters=3", "checkpoint.save_interval=1"), step_callback=fail_at_2)
-    assert _alive_children() == []  # killed, not waited for (its gate never opens)
+    assert new_children() == []  # killed, not waited for (its gate never opens)
     assert _latest(tmp_path / "run") is None  # never published; the next save removes its temporary directory
 
 
