@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "experts get s times the balanced load)")
     p.add_argument("--no-replay", action="store_true", help="compute every micro-batch (slow) instead of replaying "
                    "identical ones from a recorded one")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="with --ranks: how many ranks to rehearse "
+                   "at once, each in its own process on one core (default: the CPU count)")
     p.add_argument("--json", default=None, help="write the report(s) as JSON to this file")
     p.add_argument("--summary", action="store_true", help="print only the memory table")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
@@ -55,23 +57,49 @@ def _run_one(args, cfg) -> "RehearsalReport":  # noqa: F821
 
 
 def _run_many(args, ranks: list[int]) -> list[dict]:
-    reports = []
-    for rank in ranks:
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            cmd = [sys.executable, "-m", "k2_megatron.rehearsal", "--world-size", str(args.world_size), "--rank",
-                   str(rank), "--routing", args.routing, "--json", out.name, "--summary"]
-            cmd += (["--config", args.config] if args.config else []) + (["--no-replay"] if args.no_replay else [])
-            done = subprocess.run(cmd + list(args.overrides), capture_output=True, text=True)
-            if done.returncode not in (0, 1):
-                sys.stderr.write(done.stdout + done.stderr)
-                raise SystemExit(f"rehearsal of rank {rank} failed (exit status {done.returncode})")
-            with open(out.name, encoding="utf-8") as f:
-                text = f.read()
-            if not text:  # exit status 1 is also Python's for an uncaught exception: no report then
-                sys.stderr.write(done.stdout + done.stderr)
-                raise SystemExit(f"rehearsal of rank {rank} failed (exit status {done.returncode}, no report)")
-            reports.append(json.loads(text)[0])
+    """Each rank rehearsed in its own process, ``args.jobs`` at a time (a rehearsal is one Python thread of fake
+    tensors: one core each); the reports in the order of ``ranks``."""
+    with tempfile.TemporaryDirectory(prefix="k2_rehearsal_") as tmp:
+        outputs = [os.path.join(tmp, f"rank{rank}.json") for rank in ranks]
+        running: list[tuple[int, str, subprocess.Popen]] = []
+        try:
+            for rank, out in zip(ranks, outputs):
+                if len(running) >= args.jobs:
+                    _check_rank(*running.pop(0))
+                with open(out + ".log", "w", encoding="utf-8") as log:  # a file: a full pipe would stall the rank
+                    running.append((rank, out, subprocess.Popen(_rank_command(args, rank, out), stdout=log,
+                                                                stderr=subprocess.STDOUT)))
+            while running:
+                _check_rank(*running.pop(0))
+        finally:  # a failed rank (or an interrupt) stops the others
+            for _, _, proc in running:
+                proc.kill()
+                proc.wait()
+        reports = []
+        for out in outputs:
+            with open(out, encoding="utf-8") as f:
+                reports.append(json.loads(f.read())[0])
     return reports
+
+
+def _rank_command(args, rank: int, out: str) -> list[str]:
+    cmd = [sys.executable, "-m", "k2_megatron.rehearsal", "--world-size", str(args.world_size), "--rank", str(rank),
+           "--routing", args.routing, "--json", out, "--summary"]
+    cmd += (["--config", args.config] if args.config else []) + (["--no-replay"] if args.no_replay else [])
+    return cmd + list(args.overrides)
+
+
+def _check_rank(rank: int, out: str, proc: subprocess.Popen) -> None:
+    """Waits for a rank's rehearsal; exits naming the rank (with its output) when it produced no report."""
+    proc.wait()
+    with open(out + ".log", encoding="utf-8", errors="replace") as f:
+        output = f.read()
+    if proc.returncode not in (0, 1):
+        sys.stderr.write(output)
+        raise SystemExit(f"rehearsal of rank {rank} failed (exit status {proc.returncode})")
+    if not os.path.exists(out) or not os.path.getsize(out):  # status 1 is also Python's for an uncaught exception
+        sys.stderr.write(output)
+        raise SystemExit(f"rehearsal of rank {rank} failed (exit status {proc.returncode}, no report)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.layout(args.world_size)
     except ConfigError as e:
         print(f"rehearsal: config error: {e}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"rehearsal: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
         return 2
     if args.ranks is not None:
         reports = [RehearsalReport(**r) for r in _run_many(args, pipeline_ranks(cfg, args.world_size, args.ranks))]
