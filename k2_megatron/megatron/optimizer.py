@@ -56,7 +56,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePred
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
-from k2_megatron.megatron import optimizer_state
+from k2_megatron.megatron import multi_tensor, optimizer_state
 from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, muon_gather_spans, newton_schulz_batches
 from k2_megatron.megatron.attention import K2MLACoreAttention, take_global_max_attn_logits
 from k2_megatron.megatron.layout import all_reduce_on_backend, collective_device
@@ -587,7 +587,9 @@ def get_muonclip_optimizer(config: OptimizerConfig, model_chunks: list,
                            muonclip: MuonClipConfig | None = None) -> MuonClipChainedOptimizer:
     """The optimizer of ``model_chunks`` (DDP-wrapped, as for megatron's get_megatron_optimizer): megatron's
     parameter groups and wrappers with MuonClip inside, ZeRO-1 when ``config.use_distributed_optimizer``, mixed
-    precision per ``config``; one sub-optimizer for dense and one for expert parameters."""
+    precision per ``config``; one sub-optimizer for dense and one for expert parameters. Gradient clipping uses
+    k2_megatron.megatron.multi_tensor's device-side norm and scaling where megatron would use its local fallbacks."""
+    multi_tensor.install()
     muonclip = muonclip or MuonClipConfig()
     model_chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     _check_config(config, model_chunks)

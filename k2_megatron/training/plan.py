@@ -24,8 +24,8 @@ Memory per rank (bytes per parameter):
   recomputation (norms, SwiGLU, MLA up-projections recomputed); and with the config's ``memory`` section (recompute,
   FP8 storage, CPU offload: ``activation_bytes_per_token``);
 - optimizer temporaries: the peak of one MuonClip step (``optimizer_temporary_bytes``): Muon's gather span and one
-  Newton-Schulz call (the CUDA kernel's workspace included), each within ``memory.muon_buffer_mib``, the
-  finiteness check's piece, or megatron's gradient clipping (an fp32 copy of the largest gradient shard);
+  Newton-Schulz call (the CUDA kernel's workspace included), each within ``memory.muon_buffer_mib``, or the
+  finiteness check's piece (gradient clipping scales in place: k2_megatron.megatron.multi_tensor);
 - communication buffers outside the activations: EP all-to-all and pipeline send/receive (``communication_bytes``).
 The total per rank (states, temporaries, buffers, activations with the memory section) is compared with the
 device's memory (``memory.device_memory_gib``, default 80): the dry run exits 2, naming the bytes per category,
@@ -313,8 +313,7 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
                                                               cfg.parallel.ddp_bucket_size if c < pp else None)]
         plan.stages.append(StagePlan(s, layers, [chunk_layers[c] for c in chunks], params, local_experts, muon, adamw,
                                      params * wbytes, params * 4.0, opt, act, act_rc, passes, act_cfg,
-                                     optimizer_temporary_bytes(buffers, tp, cfg.memory.muon_buffer_mib * 2**20,
-                                                               clip=cfg.train.clip_grad > 0),
+                                     optimizer_temporary_bytes(buffers, tp, cfg.memory.muon_buffer_mib * 2**20),
                                      communication_bytes(k2, tokens, layers, cfg.parallel, layout)))
         total += dense + router + experts
         frac = k2.num_experts_per_tok / max(k2.n_routed_experts, 1)
@@ -368,20 +367,19 @@ def _chunk_buffers(k2: K2Config, layers: range, embedding: bool, output: bool, l
     return buffers
 
 
-def optimizer_temporary_bytes(buffers: list[GradBuffer], tp: int, budget_bytes: int, clip: bool = True) -> float:
+def optimizer_temporary_bytes(buffers: list[GradBuffer], tp: int, budget_bytes: int) -> float:
     """Peak temporaries of one MuonClip step on a rank with these gradient buffers (one thing at a time): the
     finiteness check of MuonClipChainedOptimizer.step, in pieces within ``budget_bytes``
     (config.memory.finite_check_piece); per bucket Muon's gather -> Newton-Schulz -> scatter streamed within
-    ``budget_bytes`` (config.memory.muon_temporary_bytes); with gradient clipping (``clip``), megatron-core's
-    scaling of the gradients: without Transformer Engine or Apex (this project needs neither) it falls back to
-    ``megatron.core.utils.local_multi_tensor_scale``, which makes an fp32 copy of each parameter's gradient shard in
-    turn (4 bytes per element of the largest). AdamW's temporary (one fp32 copy of a parameter's shard) is no larger."""
+    ``budget_bytes`` (config.memory.muon_temporary_bytes). Gradient clipping adds nothing: it scales the gradients
+    in place (Transformer Engine's or Apex's kernel, else k2_megatron.megatron.multi_tensor's replacement of
+    megatron-core's fallback, which copied each gradient shard). AdamW's temporary (one fp32 copy of a parameter's
+    shard) is no larger."""
     peak = 0.0
     for b in buffers:
         finite = finite_check_bytes_per_element(4) * min(b.numel, finite_check_piece(4, budget_bytes))
-        scale = 4 * min(b.largest_param, -(-b.numel // b.shards)) if clip else 0
-        peak = max(peak, finite, scale, muon_temporary_bytes(b.largest_bucket, b.shards, b.largest_matrix // tp,
-                                                             budget_bytes, tp))
+        peak = max(peak, finite, muon_temporary_bytes(b.largest_bucket, b.shards, b.largest_matrix // tp,
+                                                      budget_bytes, tp))
     return peak
 
 
@@ -459,7 +457,7 @@ def format_plan(plan: Plan, cfg: PretrainConfig) -> str:
     lines.append(f"with the config's memory section ({_memory_summary(cfg)}): activations per rank "
                  f"{', '.join(f'{gb(s.activations_configured):.1f}' for s in plan.stages)} GiB by stage (CPU-offloaded "
                  "activations excluded); optimizer temporaries (Muon's gather -> Newton-Schulz -> scatter, the "
-                 f"finiteness check, the gradient clipping) {', '.join(f'{gb(s.optimizer_temps):.1f}' for s in plan.stages)} GiB; "
+                 f"finiteness check) {', '.join(f'{gb(s.optimizer_temps):.1f}' for s in plan.stages)} GiB; "
                  f"communication buffers (EP all-to-all, pipeline send/receive) "
                  f"{', '.join(f'{gb(s.comm):.1f}' for s in plan.stages)} GiB")
     big = plan.largest()

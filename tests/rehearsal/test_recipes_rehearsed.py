@@ -38,7 +38,6 @@ RECIPES = {
 # issuing frame). Findings to fix, listed so that a new one fails this test; each fixed one is removed from here.
 KNOWN_UNEXPECTED_SYNCS = {
     ("megatron/core/pipeline_parallel/p2p_communication.py", "_communicate"),  # torch.cuda.synchronize (batch_p2p_sync)
-    ("megatron/core/utils.py", "local_multi_tensor_l2_norm"),  # megatron's norm without apex: one read per tensor
     ("megatron/core/optimizer/optimizer.py", "has_grad_norm_group"),
 }
 # memory categories the dry-run planner (k2_megatron/training/plan.py) models exactly; its activation estimate is
