@@ -338,5 +338,5 @@ class MuonClip(torch.optim.Optimizer):
         for name, logits in max_logits.items():
             target = self.qk_clip_targets[name]
             clipped = qk_clip_(target.w_q_up, target.w_kv_up, logits, target.layout, tau=self.qk_clip_tau,
-                               alpha=self.qk_clip_alpha)
+                               alpha=self.qk_clip_alpha, checked_finite=True)  # by _collect_max_logits
             self.qk_clip_stats[name] = QKClipStats(max_logits=logits, clipped=clipped)

@@ -152,8 +152,10 @@ def scale_rows_(shard: WeightShard, row_factors: torch.Tensor) -> None:
 
 @torch.no_grad()
 def qk_clip_(w_q_up, w_kv_up, max_logits: torch.Tensor, layout: MLAHeadLayout, *,
-             tau: float = QK_CLIP_TAU, alpha: float = QK_CLIP_ALPHA) -> torch.Tensor:
+             tau: float = QK_CLIP_TAU, alpha: float = QK_CLIP_ALPHA, checked_finite: bool = False) -> torch.Tensor:
     """Applies QK-Clip to one MLA layer's up-projection weights in place; returns the clipped-heads mask [h].
+    ``checked_finite``: the caller has checked ``max_logits`` for inf / NaN already (MuonClip checks every layer's in
+    one host read), so this layer's check would only add a read of its own.
 
     w_q_up, w_kv_up: the 2-D weights, or ``WeightShard``s of them (a distributed optimizer's flat master
     shards), or None for a weight of which this optimizer holds no piece. ``max_logits`` [num_heads] must already be the global maximum (all-reduced over data/context
@@ -164,7 +166,7 @@ def qk_clip_(w_q_up, w_kv_up, max_logits: torch.Tensor, layout: MLAHeadLayout, *
     w_q_up = w_q_up if w_q_up is None or isinstance(w_q_up, WeightShard) else WeightShard.of(w_q_up)
     w_kv_up = w_kv_up if w_kv_up is None or isinstance(w_kv_up, WeightShard) else WeightShard.of(w_kv_up)
     check_mla_weights(w_q_up, w_kv_up, layout)
-    check_max_logits(max_logits, layout.num_heads)
+    check_max_logits(max_logits, layout.num_heads, finite=not checked_finite)
     q_rows, kv_rows, clipped = qk_clip_row_factors(max_logits, layout, tau=tau, alpha=alpha)
     for shard, rows in ((w_q_up, q_rows), (w_kv_up, kv_rows)):
         if shard is not None:
