@@ -190,17 +190,6 @@ def _agree(error: BaseException | None) -> None:
             raise kinds.get(r[0], CheckpointError)(f"rank {rank}: {r[1]}")
 
 
-def _on_any_rank(flag: bool) -> bool:
-    """Collective: whether ``flag`` is set on any rank."""
-    if _world() == 1:
-        return flag
-    from k2_megatron.megatron.layout import collective_device
-
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def _remove_leftovers(root: str) -> None:
     """Discards the temporary directories of interrupted saves and the trash of interrupted deletions (in the
     background: k2_megatron.checkpoint.trash)."""
@@ -284,12 +273,14 @@ class Checkpointer:
         """Collective: publishes the save in flight if every rank's writer is done within ``seconds`` (a SIGTERM's
         grace period), else abandons it (``latest`` keeps naming the previous checkpoint). Returns the published
         directory; None when the save was abandoned or none was in flight."""
+        from k2_megatron.megatron.layout import set_on_any_rank
+
         deadline = time.monotonic() + seconds
         while self._pending is not None:
             published = self.poll()
             if published is not None:
                 return published
-            if _on_any_rank(time.monotonic() >= deadline):  # every rank takes the same branch
+            if set_on_any_rank(time.monotonic() >= deadline)[0]:  # every rank takes the same branch
                 self.abandon()
                 return None
             time.sleep(interval)

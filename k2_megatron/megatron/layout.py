@@ -66,3 +66,12 @@ def all_reduce_on_backend(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None
     on_backend = tensor.to(collective_device(group))
     dist.all_reduce(on_backend, op=op, group=group)
     return on_backend
+
+
+def set_on_any_rank(*flags: bool) -> list[bool]:
+    """Collective over the world (one all-reduce, one host read): each flag, set on any rank. Every rank takes the
+    same branch on the result."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [bool(f) for f in flags]
+    t = all_reduce_on_backend(torch.tensor([1.0 if f else 0.0 for f in flags]), op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]

@@ -333,16 +333,6 @@ class _StopSignal:
         self.previous = {}
 
 
-def _any_rank(*flags: bool) -> list[bool]:
-    """Collective (one all-reduce): each flag, set on any rank."""
-    from k2_megatron.megatron.layout import all_reduce_on_backend
-
-    if dist.get_world_size() == 1:
-        return list(flags)
-    t = all_reduce_on_backend(torch.tensor([1.0 if f else 0.0 for f in flags]), op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
 class Trainer:
     """The pretraining run of ``cfg`` on this process (one rank of a torchrun job, or alone); see the module.
 
@@ -752,13 +742,15 @@ class Trainer:
         """After the last step: the final checkpoint, started before the final validation (which runs while it is
         written), then waited for. A stop signal skips the validation if it has not begun and bounds the wait by
         the grace period; returns the signal when it cut something short (the validation or the checkpoint)."""
+        from k2_megatron.megatron.layout import set_on_any_rank
+
         if self.cfg.checkpoint.save_at_end and self.saved_step != self.iteration:
             self.save()
-        signalled, = _any_rank(self.stop.received is not None)
+        signalled, = set_on_any_rank(self.stop.received is not None)
         validated = not signalled
         if validated:
             valid.append((self.iteration, self.evaluate()))
-            signalled, = _any_rank(self.stop.received is not None)
+            signalled, = set_on_any_rank(self.stop.received is not None)
         published = self.finish_saves(self._grace_deadline() if signalled else None)
         if validated and published:
             return None
@@ -779,9 +771,11 @@ class Trainer:
     def _stop_reason(self) -> tuple[str | None, bool]:
         """Collective (one all-reduce): (why the run stops now: "SIGTERM" / "SIGINT" (here), "another rank" (a
         signal there), "max_wall_seconds"; None: it goes on, whether a signal on any rank is the reason)."""
+        from k2_megatron.megatron.layout import set_on_any_rank
+
         limit = self.cfg.train.max_wall_seconds
-        signalled, over_time = _any_rank(self.stop.received is not None,
-                                         limit is not None and time.time() - self.t_start > limit)
+        signalled, over_time = set_on_any_rank(self.stop.received is not None,
+                                               limit is not None and time.time() - self.t_start > limit)
         if signalled:
             return self.stop.received or "another rank", True
         return ("max_wall_seconds" if over_time else None), False
