@@ -13,9 +13,6 @@ Each patch is listed in PATCHES with the reason it exists. One fix here is not C
 the code that needs it, on any device: ``fix_checkpoint_without_output_default`` (megatron-core 0.19.2's
 selective "layernorm" recompute calls Transformer Engine's FP8 state without TE installed).
 
-One setting is needed rather than a patch: ``config_overrides()`` gives the TransformerConfig fields a CPU
-run must use (k2_megatron.megatron.model.to_transformer_config applies them without CUDA).
-
 Not patched, avoid instead: expert-tensor-parallel > 1 (megatron then all_gathers uneven splits, which
 gloo refuses; K2 uses expert_tensor_parallel=1) and megatron's torch norm with sequence parallel (the K2 spec
 builds its own norm). Tensor.type() answering 'torch.cuda.*' also satisfies the gradient-clipping type
@@ -275,15 +272,6 @@ PATCHES = ("torch.cuda.current_device", "torch.cuda.Stream", "torch.cuda.Event",
            "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
            "torch.Tensor.record_stream",
            "CudaToCpuMode (device='cuda' / .cuda() / pin_memory -> CPU, Tensor.type() -> 'torch.cuda.*')")
-
-
-def config_overrides(*, pipeline_parallel: int = 1) -> dict:
-    """TransformerConfig fields for a gloo run. gloo pairs point-to-point messages between two ranks in
-    posting order. With 2 pipeline ranks the next and previous stage are the same rank, and megatron's
-    batched p2p posts (send_prev, send_next) against (recv_prev, recv_next): activations and gradients of
-    equal shape are swapped under the interleaved schedule (measured: later microbatches' losses change).
-    megatron's unbatched p2p uses an even/odd posting order that pairs them correctly."""
-    return {"batch_p2p_comm": False} if pipeline_parallel > 1 else {}
 
 
 def check_version(allow_untested: bool = False) -> str:

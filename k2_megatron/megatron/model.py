@@ -126,12 +126,24 @@ def to_transformer_config(cfg: K2Config, layout: ParallelLayout = ParallelLayout
     )
     if cfg.n_routed_experts and not cfg.norm_topk_prob:
         raise ValueError("norm_topk_prob=False is not supported: megatron normalises sigmoid top-k weights")
-    if not torch.cuda.is_available():
-        from k2_megatron.megatron import cpu_compat
-
-        kwargs.update(cpu_compat.config_overrides(pipeline_parallel=layout.pipeline_parallel))
+    kwargs.update(pipeline_communication(layout))
     kwargs.update(overrides)
     return MLATransformerConfig(**kwargs)
+
+
+def pipeline_communication(layout: ParallelLayout) -> dict:
+    """megatron's pipeline send/receive settings (ModelParallelConfig fields) for ``layout``, the same on GPUs and on
+    a CPU. Unbatched sends and receives: megatron's batched path (batch_p2p_comm) synchronises the whole device after
+    every batch_isend_irecv (batch_p2p_sync; ~2000 host waits per step on k2_full, found by the rehearsal), and under
+    gloo, when the previous and the next stage are one rank, it pairs equal-shaped activations and gradients wrongly
+    (later micro-batches' losses change; megatron's unbatched path posts in an even/odd order that pairs them). With
+    virtual stages, sends and receives overlap the computation (overlap_p2p_comm, Megatron-LM's default for the
+    interleaved schedule). A stage's output is freed once sent, keeping its autograd node for the backward
+    (deallocate_pipeline_outputs, Megatron-LM's default): one hidden state less per micro-batch in flight."""
+    if layout.pipeline_parallel == 1:
+        return {}
+    return dict(batch_p2p_comm=False, overlap_p2p_comm=layout.virtual_stages > 1,
+                deallocate_pipeline_outputs=True)
 
 
 def build_k2_model(cfg: K2Config | str, transformer_config: MLATransformerConfig | None = None, *,

@@ -51,7 +51,8 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import (ChainedOptimizer, OptimizerConfig, _get_param_groups_and_buffers,
                                      check_config_overrides_consistency, get_standard_config_overrides)
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
+from megatron.core.optimizer.optimizer import (SEPARATE_GRAD_NORM_GROUPS, FP32Optimizer,
+                                               Float16OptimizerWithFloat16Params)
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
@@ -628,6 +629,7 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
 
     def __init__(self, chained_optimizers, muonclip: MuonClipConfig, model_chunks: list):
         super().__init__(chained_optimizers)
+        self._agree_on_grad_norm_groups()
         self.muonclip = muonclip
         self.model_chunks = model_chunks
         self.attention_layers = _attention_layers(model_chunks, qk_clip=muonclip.qk_clip_tau is not None)
@@ -638,6 +640,13 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
         if muonclip.qk_clip_tau is not None:
             for name, attn in self.attention_layers:
                 self._register_qk_clip(name, attn)
+
+    def _agree_on_grad_norm_groups(self) -> None:
+        """megatron asks, the first time it clips, whether any rank holds parameters of each separate gradient-norm
+        group (an all-reduce and a host read each, cached for the run: has_grad_norm_group). Asked here, while the
+        optimizer is built on every rank, the training steps make no such read."""
+        for group in SEPARATE_GRAD_NORM_GROUPS:
+            self.has_grad_norm_group(group)
 
     def _register_qk_clip(self, name: str, attn: MLASelfAttention) -> None:
         layout = _layout_of(attn)

@@ -171,11 +171,3 @@ def test_disable_must_run_on_the_enabling_thread(compat):
     t.join()
     assert errors and "thread that called enable()" in errors[0]
     assert compat.is_enabled()
-
-
-def test_config_overrides_for_gloo_pipelines():
-    from k2_megatron.megatron import cpu_compat
-
-    assert cpu_compat.config_overrides(pipeline_parallel=1) == {}
-    assert cpu_compat.config_overrides(pipeline_parallel=2) == {"batch_p2p_comm": False}
-    # (the PP2 x VPP2 gloo test in test_model_distributed.py fails without it)
