@@ -92,6 +92,7 @@ class RehearsedTrainer(Trainer):
         super().__init__(cfg, data=SyntheticData)
         self.r, self.replay = session, replay
         self.checkpoint_plan = None
+        self.replayed = 0  # model-chunk micro-batches replayed in the last step
 
     def setup(self) -> None:
         with self.r.phase("setup"):
@@ -139,6 +140,7 @@ class RehearsedTrainer(Trainer):
         finally:
             if replayer is not None:
                 replayer.remove()
+                self.replayed = replayer.replayed
 
     def optimizer_step(self):
         with self.r.phase("optimizer step", "optimizer temporaries"):
@@ -171,6 +173,6 @@ def rehearse_step(cfg, *, world_size: int, rank: int, routing=None, device=None,
             trainer.step()
             trainer.save()
             return RehearsalReport.of(r, cfg, checkpoint=trainer.checkpoint_plan,
-                                      micro_batches=trainer.layout.num_micro_batches)
+                                      micro_batches=trainer.layout.num_micro_batches, replayed=trainer.replayed)
         finally:
             trainer.close()
