@@ -53,6 +53,18 @@ def _optimizer_state(opt) -> list:
     return out
 
 
+def _as_after_a_first_step(chunks) -> None:
+    """megatron DDP with overlap_grad_reduce learns in a run's first step how often each parameter's gradient hook
+    fires in the last micro-batch's backward, and issues that step's bucket reduce-scatters only at its end
+    (finish_grad_sync); from the second step on, each bucket's reduce-scatter starts from the hook that completes it,
+    during the backward. The rehearsed step is such a step: every parameter's hook once per step."""
+    for chunk in chunks:
+        for group in (*getattr(chunk, "bucket_groups", ()), *getattr(chunk, "expert_parallel_bucket_groups", ())):
+            if group.ddp_config.overlap_grad_reduce and group.is_first_batch:
+                group.golden_per_param_grad_ready_counts = dict.fromkeys(group.params, 1)
+                group.is_first_batch = False
+
+
 class SyntheticData:
     """CorpusData's interface (k2_megatron.training.trainer) without a data set or tokenizer file: every micro-batch
     is the config's shape of fake host tokens."""
@@ -133,6 +145,7 @@ class RehearsedTrainer(Trainer):
 
     def forward_backward(self, batches: list) -> list:
         self.r.memory.begin_step()
+        _as_after_a_first_step(self.chunks)
         replayer = MicroBatchReplay(self.r, self.chunks, len(batches)).install() if self.replay else None
         try:
             with self.r.phase("forward-backward", "activations"):
