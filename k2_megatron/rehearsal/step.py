@@ -20,6 +20,9 @@ from k2_megatron.rehearsal.session import rehearsal
 from k2_megatron.training.trainer import Trainer
 
 
+COMBINED_1F1B_PHASE = "forward-backward (combined 1F1B)"
+
+
 def _synthetic_batch(micro_batch_size: int, seq_length: int) -> dict:
     """A micro-batch of the loop's format as fake host tensors (made once: converting real ones costs milliseconds
     every time they reach the device)."""
@@ -144,16 +147,31 @@ class RehearsedTrainer(Trainer):
         self.logger = RunLogger(self.cfg.output.dir, total_steps=self.cfg.train.iters, enabled=False)
 
     def forward_backward(self, batches: list) -> list:
+        from k2_megatron.rehearsal import fake_cuda
+
         self.r.memory.begin_step()
         _as_after_a_first_step(self.chunks)
         replayer = MicroBatchReplay(self.r, self.chunks, len(batches)).install() if self.replay else None
+        fake_cuda.observers.schedule_plan_run = self._in_combined_phase(fake_cuda.observers.schedule_plan_run)
         try:
             with self.r.phase("forward-backward", "activations"):
                 return super().forward_backward(batches)
         finally:
+            fake_cuda.observers.schedule_plan_run = None
             if replayer is not None:
                 replayer.remove()
                 self.replayed = replayer.replayed
+
+    def _in_combined_phase(self, inner):
+        """megatron's combined 1F1B schedule-plan runs (overlap_moe_expert_parallel_comm) in their own phase,
+        COMBINED_1F1B_PHASE: what they issue (the EP all-to-alls from the dispatch and combine nodes, which megatron
+        overlaps with the other micro-batch's computation, the pipeline sends and receives of its hooks, the DDP
+        hooks' reduce-scatters) is told apart in the records; ``inner``: micro-batch replay's observer or None."""
+        def run(original, *args, **kwargs):
+            with self.r.phase(COMBINED_1F1B_PHASE, "activations"):
+                return inner(original, *args, **kwargs) if inner is not None else original(*args, **kwargs)
+
+        return run
 
     def optimizer_step(self):
         with self.r.phase("optimizer step", "optimizer temporaries"):
