@@ -10,7 +10,8 @@ run (the pipeline's warm-up runs many forwards first) it is estimated by what of
 micro-batch 2's forward.
 
 - forward: the chunk's output (same shape and dtype, connected to its input for autograd), the bytes the recorded
-  forward kept for backward (one allocation of the same size, freed when the replayed backward is done; what a
+  forward kept for backward (one allocation per memory category, e.g. activations and the all-to-all buffers kept as
+  communication buffers, freed when the replayed backward is done; what a
   forward leaves behind until the next forward replaces it, e.g. the MoE dispatcher's copy of the routing map, is not
   replayed: one copy is alive at any time either way), the forward's high-water mark (allocated and freed at once),
   and the collectives and host synchronisations it made;
@@ -23,6 +24,25 @@ that micro-batch's autograd graph and its received input) until the next forward
 not, so micro-batch 2's leftovers stay alive until the last micro-batch, up to about two hidden states per model
 chunk more than a GPU holds (K2: ~0.1 GiB per chunk, ~0.1% of its activations; measured +0.1% on k2_full's stage 8
 with 64 micro-batches). ``replay=False`` runs every micro-batch for real (the tests compare both).
+
+A replayed backward produces no parameter gradients, so megatron DDP's gradient hooks do not fire for it (its
+autograd anchor, when the chunk has no input, is a leaf of its own, not a parameter); under ``no_sync`` they would
+only have accumulated, and the last micro-batch, computed, fires them all: with ``overlap_grad_reduce`` each bucket's
+reduce-scatter starts from its hook in that backward, as on a GPU.
+
+megatron's combined 1F1B schedule (``overlap_moe_expert_parallel_comm``, with ``delay_wgrad_compute``) does not call
+the model chunks: each schedule step runs one micro-batch's forward of a chunk and another's backward of a chunk
+from schedule plans (``TransformerModelChunkSchedulePlan.run``), layer by layer interleaved so that one's EP
+all-to-alls overlap the other's computation, the experts' weight gradients (``backward_dw``, which calls DDP's hooks)
+placed between. Replay intercepts those runs: the forward half is counted, recorded and replayed per chunk as above,
+and a replayed backward half frees what its forward kept and gives its input its gradient. When either half is
+replayed or recorded the two halves run one after the other (the backward first, then the forward; megatron's
+pipeline hooks in its order); two computed halves run megatron's own interleaved step. Not reproduced: the real step
+holds part of the forward's allocations (its first layer's, and transients) while the backward still holds its own,
+so the rehearsed peak can be lower by up to what one layer of one micro-batch keeps plus that layer's transients:
+on k2-tiny with one layer per chunk and five micro-batches in flight 7% of the activations (tests/rehearsal/
+test_step.py); on k2_full (two layers per chunk; 2-4 GiB kept per chunk and micro-batch, 31-47 of them in flight on
+the first and middle stages) 1-2 GiB, about 1% of a stage's peak.
 """
 
 from __future__ import annotations

@@ -50,10 +50,10 @@ BUCKETED_DDP = ("parallel.overlap_grad_reduce=true", "parallel.overlap_param_gat
 COMBINED_PHASE = "forward-backward (combined 1F1B)"  # k2_megatron/rehearsal/step.py
 
 
-@pytest.mark.parametrize("rank, overlaps", [(0, COMBINED_1F1B), (3, COMBINED_1F1B), (3, BUCKETED_DDP),
-                                            (0, COMBINED_1F1B + BUCKETED_DDP)],
-                         ids=["combined-1f1b-first-stage", "combined-1f1b-last-stage", "bucketed-ddp-last-stage",
-                              "all-four-first-stage"])
+@pytest.mark.parametrize("rank, overlaps", [(0, COMBINED_1F1B), (3, COMBINED_1F1B), (0, BUCKETED_DDP),
+                                            (3, COMBINED_1F1B + BUCKETED_DDP)],
+                         ids=["combined-1f1b-first-stage", "combined-1f1b-last-stage", "bucketed-ddp-first-stage",
+                              "all-four-last-stage"])
 def test_replay_under_k2_fulls_overlaps_reports_what_computing_reports(monkeypatch, rank, overlaps):
     # k2_full's overlaps on k2-tiny (PP2 x 2 virtual stages x EP2, world 4): megatron's combined 1F1B schedule with
     # delayed expert weight gradients, and megatron DDP's bucketed reduce-scatter / parameter all-gather
