@@ -57,7 +57,7 @@ H100 = RehearsedDevice()
 
 
 class _Observers:
-    """Callbacks the rehearsal installs: ``host_sync(kind, detail, count)``, ``backward_step`` (around megatron's), ``object_collective(name, group, obj)``,
+    """Callbacks the rehearsal installs: ``host_sync(kind, detail, count)``, ``backward_step`` and ``schedule_plan_run`` (around megatron's), ``object_collective(name, group, obj)``,
     ``memory()`` -> dict of torch.cuda.memory_* answers; ``routing`` (a k2_megatron.rehearsal.routing.Routing)."""
 
     def __init__(self):
@@ -65,6 +65,8 @@ class _Observers:
 
     def reset(self):
         self.backward_step = None  # wraps megatron's schedules.backward_step: (original, *args, **kwargs) -> result
+        self.schedule_plan_run = None  # wraps TransformerModelChunkSchedulePlan.run (combined 1F1B), the same way
+        self.storage_resized = None  # (storage) after UntypedStorage.resize_ (megatron frees buffers with resize_(0))
         self.host_sync = None
         self.object_collective = None
         self.memory = None
@@ -419,6 +421,25 @@ def _make_backward_step(original):
     return backward_step
 
 
+def _make_schedule_plan_run(original):
+    def run(*args, **kwargs):
+        if observers.schedule_plan_run is not None:
+            return observers.schedule_plan_run(original, *args, **kwargs)
+        return original(*args, **kwargs)
+
+    return staticmethod(run)
+
+
+def _make_storage_resize(original):
+    def resize_(self, size):
+        out = original(self, size)
+        if observers.storage_resized is not None:
+            observers.storage_resized(self)
+        return out
+
+    return resize_
+
+
 def _make_module_apply(original):
     def _apply(self, fn, recurse=True):
         """Module._apply (.to(), .bfloat16(), ...) on fake parameters: torch swaps tensor subclasses such as
@@ -454,6 +475,7 @@ def check_versions(allow_untested: bool = False) -> None:
 
 
 def _patch_list(device: RehearsedDevice, local_rank: int):
+    from megatron.core.models.common.model_chunk_schedule_plan import TransformerModelChunkSchedulePlan as ChunkPlan
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
@@ -471,7 +493,9 @@ def _patch_list(device: RehearsedDevice, local_rank: int):
                 (c10d, "_get_object_coll_device", _object_coll_device),
                 (dist, "get_backend", _make_get_backend(dist.get_backend)),
                 (MoEAlltoAllTokenDispatcher, "_maybe_dtoh_and_synchronize", _moe_dtoh_and_synchronize),
-                (schedules, "backward_step", _make_backward_step(schedules.backward_step))]
+                (schedules, "backward_step", _make_backward_step(schedules.backward_step)),
+                (ChunkPlan, "run", _make_schedule_plan_run(ChunkPlan.run)),
+                (torch.UntypedStorage, "resize_", _make_storage_resize(torch.UntypedStorage.resize_))]
     patches += [(dist, name, value) for name, value in _make_object_collectives().items()]
     patches.append((torch.Tensor, "pin_memory", _pin_memory))
     return patches
@@ -546,5 +570,8 @@ PATCHES = ("torch.tensor (device values inside the data)",
            "torch.distributed.distributed_c10d._get_object_coll_device", "torch.distributed.get_backend",
            "torch.distributed.{all_gather_object, broadcast_object_list, gather_object, scatter_object_list}",
            "megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
-           "megatron.core.pipeline_parallel.schedules.backward_step (an observer hook, for micro-batch replay)",
+           "megatron.core.pipeline_parallel.schedules.backward_step, "
+           "megatron.core.models.common.model_chunk_schedule_plan.TransformerModelChunkSchedulePlan.run (observer hooks, "
+           "for micro-batch replay)",
+           "torch.UntypedStorage.resize_ (an observer hook: megatron frees buffers with resize_(0), memory counts it)",
            "C++: CUDA device guard, CUDAHooks::hasPrimaryContext (fake_cuda_runtime.cpp)")

@@ -2,7 +2,8 @@
 
 Every fake CUDA tensor an operator returns is looked at; a storage not seen before is counted (its bytes, a category)
 until Python frees it (a finalizer on the storage object: torch keeps one Python object per storage, so this fires
-exactly when the last tensor using it dies, views and ``.data`` swaps included). That is what
+exactly when the last tensor using it dies, views and ``.data`` swaps included) or resizes it in place
+(``untyped_storage().resize_(n)``, seen through an observer of the fake-CUDA patches). That is what
 ``torch.cuda.memory_allocated()`` counts on a GPU; the caching allocator's reserve and fragmentation come on top.
 
 Categories (``CATEGORIES``):
@@ -75,6 +76,11 @@ class MemoryTracker:
         live = self._live.get(entry[0])
         return live is not None and live[2] == entry[1]
 
+    def live(self, entry: tuple[int, int]) -> tuple[int, str] | None:
+        """(bytes now, category) of a live storage (``watch``'s entry), None once it is freed."""
+        live = self._live.get(entry[0])
+        return (live[0], live[1]) if live is not None and live[2] == entry[1] else None
+
     def entry_of(self, t: torch.Tensor) -> tuple[int, int]:
         """(storage key, serial) of a counted device tensor's storage."""
         key = storage_key(t)
@@ -124,6 +130,19 @@ class MemoryTracker:
         storage = t.untyped_storage()
         if storage._cdata not in self._live:
             self._add(storage, category or self.allocation_category)
+
+    def on_resize(self, storage) -> None:
+        """A counted storage resized in place (``untyped_storage().resize_(0)`` is how megatron frees the all-to-all
+        buffers of its combined 1F1B schedule and offloaded activations; resizing back re-allocates)."""
+        entry = self._live.get(storage._cdata)
+        if entry is None:
+            return
+        delta = storage.nbytes() - entry[0]
+        entry[0] += delta
+        self.current[entry[1]] += delta
+        self.total += delta
+        if delta > 0:
+            self._note_peaks(entry[1])
 
     def on_outputs(self, out) -> None:
         if isinstance(out, torch.Tensor):

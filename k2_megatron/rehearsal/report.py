@@ -40,9 +40,10 @@ class RehearsalReport:
     unexpected_syncs: list   # rows of ``syncs`` without an allowed entry
     checkpoint: dict
     seconds: dict            # phase -> CPU seconds the rehearsal spent in it
+    replayed: int = 0        # model-chunk micro-batches replayed (k2_megatron.rehearsal.replay) instead of computed
 
     @classmethod
-    def of(cls, r, cfg, *, checkpoint=None, micro_batches: int = 0) -> "RehearsalReport":
+    def of(cls, r, cfg, *, checkpoint=None, micro_batches: int = 0, replayed: int = 0) -> "RehearsalReport":
         from megatron.core import parallel_state
 
         from k2_megatron.training.plan import plan_memory
@@ -60,7 +61,7 @@ class RehearsalReport:
                    dict(r.memory.category_max),
                    {c: (getattr(stage, f) if f else None) for c, f in PLANNER_FIELDS.items()},
                    r.collectives.summary(), syncs, [s for s in syncs if s["unexpected"]],
-                   dataclasses.asdict(checkpoint) if checkpoint is not None else {}, dict(r.phases))
+                   dataclasses.asdict(checkpoint) if checkpoint is not None else {}, dict(r.phases), replayed)
 
     def check(self) -> "RehearsalReport":
         """Raises RehearsalFailed listing the unexpected host synchronisations; returns self otherwise."""

@@ -20,6 +20,9 @@ from k2_megatron.rehearsal.session import rehearsal
 from k2_megatron.training.trainer import Trainer
 
 
+COMBINED_1F1B_PHASE = "forward-backward (combined 1F1B)"
+
+
 def _synthetic_batch(micro_batch_size: int, seq_length: int) -> dict:
     """A micro-batch of the loop's format as fake host tensors (made once: converting real ones costs milliseconds
     every time they reach the device)."""
@@ -51,6 +54,18 @@ def _optimizer_state(opt) -> list:
         for state in (inner.state.values() if inner is not None else []):
             out += [v for v in state.values() if isinstance(v, torch.Tensor)]
     return out
+
+
+def _as_after_a_first_step(chunks) -> None:
+    """megatron DDP with overlap_grad_reduce learns in a run's first step how often each parameter's gradient hook
+    fires in the last micro-batch's backward, and issues that step's bucket reduce-scatters only at its end
+    (finish_grad_sync); from the second step on, each bucket's reduce-scatter starts from the hook that completes it,
+    during the backward. The rehearsed step is such a step: every parameter's hook once per step."""
+    for chunk in chunks:
+        for group in (*getattr(chunk, "bucket_groups", ()), *getattr(chunk, "expert_parallel_bucket_groups", ())):
+            if group.ddp_config.overlap_grad_reduce and group.is_first_batch:
+                group.golden_per_param_grad_ready_counts = dict.fromkeys(group.params, 1)
+                group.is_first_batch = False
 
 
 class SyntheticData:
@@ -92,6 +107,7 @@ class RehearsedTrainer(Trainer):
         super().__init__(cfg, data=SyntheticData)
         self.r, self.replay = session, replay
         self.checkpoint_plan = None
+        self.replayed = 0  # model-chunk micro-batches replayed in the last step
 
     def setup(self) -> None:
         with self.r.phase("setup"):
@@ -131,14 +147,31 @@ class RehearsedTrainer(Trainer):
         self.logger = RunLogger(self.cfg.output.dir, total_steps=self.cfg.train.iters, enabled=False)
 
     def forward_backward(self, batches: list) -> list:
+        from k2_megatron.rehearsal import fake_cuda
+
         self.r.memory.begin_step()
+        _as_after_a_first_step(self.chunks)
         replayer = MicroBatchReplay(self.r, self.chunks, len(batches)).install() if self.replay else None
+        fake_cuda.observers.schedule_plan_run = self._in_combined_phase(fake_cuda.observers.schedule_plan_run)
         try:
             with self.r.phase("forward-backward", "activations"):
                 return super().forward_backward(batches)
         finally:
+            fake_cuda.observers.schedule_plan_run = None
             if replayer is not None:
                 replayer.remove()
+                self.replayed = replayer.replayed
+
+    def _in_combined_phase(self, inner):
+        """megatron's combined 1F1B schedule-plan runs (overlap_moe_expert_parallel_comm) in their own phase,
+        COMBINED_1F1B_PHASE: what they issue (the EP all-to-alls from the dispatch and combine nodes, which megatron
+        overlaps with the other micro-batch's computation, the pipeline sends and receives of its hooks, the DDP
+        hooks' reduce-scatters) is told apart in the records; ``inner``: micro-batch replay's observer or None."""
+        def run(original, *args, **kwargs):
+            with self.r.phase(COMBINED_1F1B_PHASE, "activations"):
+                return inner(original, *args, **kwargs) if inner is not None else original(*args, **kwargs)
+
+        return run
 
     def optimizer_step(self):
         with self.r.phase("optimizer step", "optimizer temporaries"):
@@ -171,6 +204,6 @@ def rehearse_step(cfg, *, world_size: int, rank: int, routing=None, device=None,
             trainer.step()
             trainer.save()
             return RehearsalReport.of(r, cfg, checkpoint=trainer.checkpoint_plan,
-                                      micro_batches=trainer.layout.num_micro_batches)
+                                      micro_batches=trainer.layout.num_micro_batches, replayed=trainer.replayed)
         finally:
             trainer.close()

@@ -170,8 +170,16 @@ def memory() -> dict:
         allocated = torch.cuda.memory_allocated()
         del act, view, host
         after_free = r.memory.total
+        with r.phase("forward-backward", "activations"):  # megatron frees buffers with untyped_storage().resize_(0)
+            buffer = torch.empty(1024, 256, device="cuda")  # 1 MiB
+            buffer.untyped_storage().resize_(0)
+            after_resize = r.memory.total
+            buffer.untyped_storage().resize_(512 * 1024)  # and re-allocates them (offloading): 512 KiB
+            after_regrow = r.memory.total
+            del buffer
     return {"at_peak": at_peak, "peak": r.memory.peak.total, "category_max": r.memory.category_max,
-            "allocated": allocated, "after_free": after_free, "weight": weight.numel() * 2}
+            "allocated": allocated, "after_free": after_free, "weight": weight.numel() * 2,
+            "after_resize": after_resize, "after_regrow": after_regrow, "after_all": r.memory.total}
 
 
 def harness() -> dict:

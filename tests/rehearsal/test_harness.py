@@ -96,6 +96,9 @@ def test_memory_by_category_at_the_peak_and_after_frees(harness):
     assert out["category_max"]["activations"] == 6144 * kib
     assert out["allocated"] == (512 + 1024 + 2048) * kib  # torch.cuda.memory_allocated() answers the live bytes
     assert out["after_free"] == (512 + 1024) * kib
+    assert out["after_resize"] == out["after_free"]  # a storage resized to nothing holds nothing
+    assert out["after_regrow"] == out["after_free"] + 512 * kib
+    assert out["after_all"] == out["after_free"]
 
 
 @pytest.mark.slow

@@ -3,9 +3,10 @@ world 256 for the first rank of the first, a middle and the last pipeline stage,
 on its one GPU, each rank one optimizer step through k2-pretrain's Trainer in its own process
 (``python -m k2_megatron.rehearsal ... --ranks first,middle,last``); prints the per-rank memory table.
 
-k2_full is rehearsed without the EP all-to-all overlap: megatron's combined 1F1B builds schedule plans instead of
-calling the model chunks, which micro-batch replay does not intercept yet, so its 1024 micro-batches would all be
-computed (hours of CPU)."""
+k2_full is rehearsed as configured, its four overlaps on: megatron's combined 1F1B schedule (the EP all-to-alls of one
+micro-batch overlapped with another's computation, expert weight gradients delayed) and megatron DDP's bucketed
+gradient reduce-scatter and parameter all-gather, started from its hooks during the step (micro-batch replay runs under
+both: k2_megatron/rehearsal/replay.py)."""
 
 from __future__ import annotations
 
@@ -23,16 +24,11 @@ from tests.helpers import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # about a minute of CPU per rank
 
-# k2_full without two of its overlaps, which micro-batch replay (k2_megatron/rehearsal/replay.py) cannot run yet: the
-# EP all-to-all overlap (megatron's combined 1F1B runs layers from schedule plans that replay does not intercept) and
-# the overlapped gradient reduce-scatter (megatron's DDP hook then needs every parameter's .grad, and a replayed
-# backward produces only its input gradient).
 RECIPES = {
-    "k2_full": ("examples/configs/k2_full.yaml", 256, 1024, [
-        "parallel.overlap_moe_expert_parallel_comm=false", "parallel.delay_wgrad_compute=false",
-        "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false"]),
+    "k2_full": ("examples/configs/k2_full.yaml", 256, 1024, []),
     "k2_mini_1gpu": ("examples/configs/k2_mini_1gpu.yaml", 1, 32, []),
 }
+COMBINED_PHASE = "forward-backward (combined 1F1B)"  # k2_megatron/rehearsal/step.py
 
 # Host synchronisations of the step that the rehearsal finds outside the allowed list (file, function of the issuing
 # frame), to be fixed: none today. The last two, megatron's torch.cuda.synchronize after each batched p2p and its
@@ -79,6 +75,31 @@ def test_every_pipeline_rank_runs_a_whole_step(rehearsed, capsys):
             ops = {(c["op"], c["group"]) for c in r["collectives"]}
             assert ("all_to_all_single", "EXPERT_MODEL_PARALLEL_GROUP") in ops
             assert {("send", "PIPELINE_MODEL_PARALLEL_GROUP"), ("recv", "PIPELINE_MODEL_PARALLEL_GROUP")} & ops
+
+
+def test_k2_full_runs_its_overlaps(rehearsed):
+    name, _, micro_batches, reports, _ = rehearsed
+    if name != "k2_full":
+        pytest.skip("k2_full's overlaps")
+    for r in reports:
+        chunks = 2  # virtual stages: all but micro-batches 0, 1, 2 and the last of each chunk are replayed
+        assert r["replayed"] == chunks * (micro_batches - 4), r["replayed"]
+        step = [c for c in r["collectives"] if c["phase"].startswith("forward-backward")]
+        # the EP all-to-alls come from the combined 1F1B schedule's dispatch and combine nodes, as many for every
+        # micro-batch (replayed ones included)
+        a2a = [c for c in step if c["op"] == "all_to_all_single"]
+        assert {c["phase"] for c in a2a} == {COMBINED_PHASE}, {c["phase"] for c in a2a}
+        assert sum(c["count"] for c in a2a) % micro_batches == 0
+        # a steady-state step: each gradient bucket's reduce-scatter is started by megatron DDP's hook in the last
+        # micro-batch's backward (not at the end by finalize_model_grads), once per bucket, and its parameter
+        # all-gather in the forward; ZeRO-1 over the data-parallel and expert-data-parallel groups
+        scatters = [c for c in step if c["op"] == "reduce_scatter_tensor_coalesced"]
+        gathers = [c for c in step if c["op"] == "all_gather_into_tensor_coalesced"]
+        assert scatters and all("start_grad_sync" in c["site"] and "in finalize" not in c["site"] for c in scatters)
+        assert gathers and all("start_param_sync" in c["site"] for c in gathers)
+        for group in ("DATA_PARALLEL_GROUP_WITH_CP", "EXPERT_DATA_PARALLEL_GROUP"):
+            n_scatter = sum(c["count"] for c in scatters if c["group"] == group)
+            assert n_scatter == sum(c["count"] for c in gathers if c["group"] == group) > 0, (r["rank"], group)
 
 
 def test_planner_matches_the_measured_model_state(rehearsed):
