@@ -40,9 +40,8 @@ KNOWN_UNEXPECTED_SYNCS = {
     ("megatron/core/pipeline_parallel/p2p_communication.py", "_communicate"),  # torch.cuda.synchronize (batch_p2p_sync)
     ("megatron/core/optimizer/optimizer.py", "has_grad_norm_group"),
 }
-# memory categories the dry-run planner (k2_megatron/training/plan.py) models exactly; its activation estimate is
-# shown next to the measurement in the table, 12-21% off on these recipes (see the README)
-EXACT_CATEGORIES = ("parameters", "gradient buffers", "optimizer state")
+# memory categories the dry-run planner (k2_megatron/training/plan.py) must match within 10% of the measurement
+EXACT_CATEGORIES = ("parameters", "gradient buffers", "optimizer state", "activations", "communication buffers")
 
 
 def _issuer(site: str) -> tuple[str, str]:
@@ -88,7 +87,7 @@ def test_planner_matches_the_measured_model_state(rehearsed):
     for r in reports:
         for category in EXACT_CATEGORIES:
             measured, planned = r["category_max"][category], r["planned"][category]
-            assert abs(measured - planned) <= 0.10 * planned, (r["rank"], category, measured, planned)
+            assert abs(measured - planned) <= 0.10 * max(planned, measured), (r["rank"], category, measured, planned)
 
 
 def test_planner_matches_the_measured_optimizer_temporaries(rehearsed):
