@@ -15,6 +15,7 @@ What stands in the way on a CPU-only machine with torch 2.13 (CUDA build) and me
 | ``Module.cuda()`` / ``.to()`` / ``.bfloat16()`` swap tensor subclasses (FakeTensor) into parameters in place, which fails with weak references | host parameters are replaced by fake device parameters with the same attributes; fake parameters take converted tensors as their data |
 | ``torch.tensor(list of device scalars)`` reads each value below the dispatcher (megatron's l2-norm fallback without Apex / Transformer Engine does, one read per gradient tensor) | the reads are reported and the result is stacked from the fake values |
 | object collectives (all_gather_object, ...) pickle through the device and read the bytes back | recorded as a collective + host synchronisation; every rank's object is taken to be this rank's |
+| megatron's recomputation frees an output with ``untyped_storage().resize_(0)``, which no operator dispatch shows | ``UntypedStorage.resize_`` tells the memory count (``observers.storage_resized``) |
 | pinning host memory (``Tensor.pin_memory``: the loop's micro-batches, k2_megatron.training.prefetch) needs the driver | the tensor itself (pageable host memory: its copy to a fake device tensor moves no data anyway) |
 
 ``enable()`` installs everything (refusing untested torch / megatron-core releases, and refusing while cpu_compat
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from k2_megatron.config.memory import H100_80GB_MEMORY_BYTES
 from k2_megatron.megatron import cpu_compat
 
 TESTED_TORCH_VERSIONS = ("2.13",)
@@ -47,7 +49,7 @@ class RehearsedDevice:
     """The GPU each rank is rehearsed on (what torch.cuda answers about it)."""
 
     name: str = "NVIDIA H100 80GB HBM3"
-    total_memory: int = 80 * 1000**3  # bytes, as torch.cuda.get_device_properties(...).total_memory reports
+    total_memory: int = H100_80GB_MEMORY_BYTES  # bytes, as torch.cuda.get_device_properties(...).total_memory reports
     capability: tuple[int, int] = (9, 0)
     multi_processor_count: int = 132
     devices_per_node: int = 8
@@ -58,7 +60,8 @@ H100 = RehearsedDevice()
 
 class _Observers:
     """Callbacks the rehearsal installs: ``host_sync(kind, detail, count)``, ``backward_step`` (around megatron's), ``object_collective(name, group, obj)``,
-    ``memory()`` -> dict of torch.cuda.memory_* answers; ``routing`` (a k2_megatron.rehearsal.routing.Routing)."""
+    ``memory()`` -> dict of torch.cuda.memory_* answers; ``routing`` (a k2_megatron.rehearsal.routing.Routing);
+    ``storage_resized(storage)`` after a device storage's ``resize_`` (megatron's recomputation frees outputs so)."""
 
     def __init__(self):
         self.reset()
@@ -69,6 +72,7 @@ class _Observers:
         self.object_collective = None
         self.memory = None
         self.routing = None
+        self.storage_resized = None
 
 
 observers = _Observers()
@@ -410,6 +414,18 @@ def _make_tensor(original):
     return tensor
 
 
+def _make_storage_resize(original):
+    def resize_(self, size):
+        """UntypedStorage.resize_: megatron's CheckpointWithoutOutput frees a recomputed output's memory with
+        ``resize_(0)``, below the dispatcher; the rehearsal's memory count is told."""
+        out = original(self, size)
+        if observers.storage_resized is not None:
+            observers.storage_resized(self)
+        return out
+
+    return resize_
+
+
 def _make_backward_step(original):
     def backward_step(*args, **kwargs):
         if observers.backward_step is not None:
@@ -474,6 +490,7 @@ def _patch_list(device: RehearsedDevice, local_rank: int):
                 (schedules, "backward_step", _make_backward_step(schedules.backward_step))]
     patches += [(dist, name, value) for name, value in _make_object_collectives().items()]
     patches.append((torch.Tensor, "pin_memory", _pin_memory))
+    patches.append((torch.UntypedStorage, "resize_", _make_storage_resize(torch.UntypedStorage.resize_)))
     return patches
 
 
@@ -547,4 +564,5 @@ PATCHES = ("torch.tensor (device values inside the data)",
            "torch.distributed.{all_gather_object, broadcast_object_list, gather_object, scatter_object_list}",
            "megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
            "megatron.core.pipeline_parallel.schedules.backward_step (an observer hook, for micro-batch replay)",
+           "torch.UntypedStorage.resize_ (an observer hook: recomputation frees outputs with resize_(0))",
            "C++: CUDA device guard, CUDAHooks::hasPrimaryContext (fake_cuda_runtime.cpp)")

@@ -100,6 +100,17 @@ class MemoryTracker:
         if self.total > self.peak.total:
             self.peak = MemoryPeak(self.total, self.phase, dict(self.current))
 
+    def resized(self, storage) -> None:
+        """A counted storage's ``resize_`` (megatron's recomputation frees an output with resize_(0)): its bytes now."""
+        entry = self._live.get(storage._cdata)
+        if entry is None:
+            return
+        n = storage.nbytes()
+        self.current[entry[1]] += n - entry[0]
+        self.total += n - entry[0]
+        entry[0] = n
+        self._note_peaks(entry[1])
+
     def transient(self, nbytes: int) -> None:
         """Counts ``nbytes`` allocated and freed at once in the current allocation category: an operator's
         internal workspace, which its fake implementation does not allocate (only the peaks see it)."""

@@ -200,6 +200,7 @@ def rehearsal(world_size: int, rank: int, *, routing: Routing | None = None,
         fake_cuda.observers.host_sync = r.syncs.record
         fake_cuda.observers.object_collective = r.collectives.on_object_collective
         fake_cuda.observers.memory = r.memory.stats
+        fake_cuda.observers.storage_resized = r.memory.resized
         fake_cuda.observers.routing = r.routing
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
         with fake_cuda.FakeCudaTensorMode(allow_non_fake_inputs=True), RehearsalMode(r), \

@@ -28,7 +28,7 @@ Memory per rank (bytes per parameter):
   finiteness check's piece (gradient clipping scales in place: k2_megatron.megatron.multi_tensor);
 - communication buffers outside the activations: EP all-to-all and pipeline send/receive (``communication_bytes``).
 The total per rank (states, temporaries, buffers, activations with the memory section) is compared with the
-device's memory (``memory.device_memory_gib``, default 80): the dry run exits 2, naming the bytes per category,
+device's memory (``memory.device_memory_gib``, default an H100 80GB's 79.6 GiB): the dry run exits 2, naming the bytes per category,
 when the largest stage does not fit.
 Not modelled: NCCL's and the CUDA caching allocator's own memory (workspace, fragmentation), the CUDA context.
 K2 report (section 4): bf16 weights + fp32 gradient buffers ~6 TB over a 256-GPU model-parallel group (~30 GB
@@ -42,7 +42,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from k2_megatron.config import ConfigError, K2Config, MemoryOptions, ParallelLayout, PretrainConfig, get_preset
-from k2_megatron.config.memory import finite_check_bytes_per_element, finite_check_piece, muon_temporary_bytes
+from k2_megatron.config.memory import (H100_80GB_MEMORY_BYTES, finite_check_bytes_per_element, finite_check_piece,
+                                       muon_temporary_bytes)
 from k2_megatron.config.schedule import BatchLayout, batch_layout
 
 GIB = 1024**3
@@ -258,7 +259,7 @@ class Plan:
     total_params: int
     active_params: int
     stages: list[StagePlan] = field(default_factory=list)
-    device_memory: float = 80 * GIB  # bytes of one device (the config's memory.device_memory_gib)
+    device_memory: float = H100_80GB_MEMORY_BYTES  # bytes of one device (the config's memory.device_memory_gib)
 
     def largest(self) -> StagePlan:
         """The stage whose ranks need the most memory."""
