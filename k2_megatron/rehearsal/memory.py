@@ -75,6 +75,11 @@ class MemoryTracker:
         live = self._live.get(entry[0])
         return live is not None and live[2] == entry[1]
 
+    def live_bytes(self, watched: dict) -> int:
+        """The bytes now held by the still-live storages of ``watched`` (a ``watch()`` record; a storage resized
+        since, e.g. a recomputed output freed with resize_(0), counts what it holds now)."""
+        return sum(self._live[key][0] for key, serial in watched if self.is_live((key, serial)))
+
     def entry_of(self, t: torch.Tensor) -> tuple[int, int]:
         """(storage key, serial) of a counted device tensor's storage."""
         key = storage_key(t)
