@@ -106,11 +106,17 @@ class MemoryTracker:
             self.peak = MemoryPeak(self.total, self.phase, dict(self.current))
 
     def resized(self, storage) -> None:
-        """A counted storage's ``resize_`` (megatron's recomputation frees an output with resize_(0)): its bytes now."""
-        entry = self._live.get(storage._cdata)
+        """A storage's ``resize_``: resized to 0 bytes it is freed (megatron's recomputation frees an output so, the
+        tensor object living on), resized up it is counted anew in the current allocation category."""
+        key, n = storage._cdata, storage.nbytes()
+        entry = self._live.get(key)
         if entry is None:
+            if n:
+                self._add(storage, self.allocation_category)
             return
-        n = storage.nbytes()
+        if n == 0:
+            self._free(key, entry[2])
+            return
         self.current[entry[1]] += n - entry[0]
         self.total += n - entry[0]
         entry[0] = n
