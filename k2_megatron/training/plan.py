@@ -19,14 +19,18 @@ Memory per rank (bytes per parameter):
 - ZeRO-1 optimizer state, sharded over the dense / expert data-parallel group: fp32 master copy 4 (bf16 runs only)
   + MuonClip state: Muon momentum 4 (hidden matrices and expert stacks), AdamW moments 8 (embeddings, output
   layer, router, norms);
-- activations of the in-flight micro-batches of the rank's stage (1F1B: PP - stage micro-batches; interleaved:
-  megatron's warm-up count, one more with the EP all-to-all overlap), bf16, without and with K2's selective
-  recomputation (norms, SwiGLU, MLA up-projections recomputed); and with the config's ``memory`` section (recompute,
-  FP8 storage, CPU offload: ``activation_bytes_per_token``);
+- activations: what each (micro-batch, model chunk) forward alive at the stage's peak keeps for backward
+  (``chunk_activation_bytes``: per module and token, ``activation_bytes_by_module``, as measured under the rehearsal;
+  the chunk's output; on the last chunk the final norm's output and the loss's fp32 logits), the passes alive taken
+  from megatron's schedule order (``in_flight_chunks``: 1F1B PP - stage, interleaved its warm-up count in
+  get_schedule_table's order, one more with the EP all-to-all overlap), plus the output layer's working set on the
+  last stage; bf16, without and with K2's selective recomputation (norms, SwiGLU, MLA up-projections recomputed), and
+  with the config's ``memory`` section (recompute, FP8 storage, CPU offload);
 - optimizer temporaries: the peak of one MuonClip step (``optimizer_temporary_bytes``): Muon's gather span and one
   Newton-Schulz call (the CUDA kernel's workspace included), each within ``memory.muon_buffer_mib``, or the
   finiteness check's piece (gradient clipping scales in place: k2_megatron.megatron.multi_tensor);
-- communication buffers outside the activations: EP all-to-all and pipeline send/receive (``communication_bytes``).
+- communication buffers outside the activations: the EP all-to-all's outputs (``communication_bytes``; the
+  pipeline's received tensors are the chunks' inputs, counted with the activations).
 The total per rank (states, temporaries, buffers, activations with the memory section) is compared with the
 device's memory (``memory.device_memory_gib``, default an H100 80GB's 79.6 GiB): the dry run exits 2, naming the bytes per category,
 when the largest stage does not fit.
@@ -554,6 +558,7 @@ def dry_run(cfg, world_size: int | None = None, file=None) -> int:
     return 0
 
 
-__all__ = ["GradBuffer", "LayerLargest", "LayerParams", "Plan", "StagePlan", "activation_bytes_per_token",
-           "communication_bytes", "dry_run", "format_plan", "layer_largest", "layer_params",
+__all__ = ["GradBuffer", "K2_RECOMPUTE", "LayerLargest", "LayerParams", "Plan", "StagePlan",
+           "activation_bytes_by_module", "activation_bytes_per_token", "chunk_activation_bytes", "communication_bytes", "in_flight_chunks",
+           "output_working_bytes", "dry_run", "format_plan", "layer_largest", "layer_params",
            "optimizer_temporary_bytes", "plan_memory"]
