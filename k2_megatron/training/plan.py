@@ -522,7 +522,7 @@ def format_plan(plan: Plan, cfg: PretrainConfig) -> str:
                  f"{', '.join(f'{gb(s.activations_configured):.1f}' for s in plan.stages)} GiB by stage (CPU-offloaded "
                  "activations excluded); optimizer temporaries (Muon's gather -> Newton-Schulz -> scatter, the "
                  f"finiteness check) {', '.join(f'{gb(s.optimizer_temps):.1f}' for s in plan.stages)} GiB; "
-                 f"communication buffers (EP all-to-all, pipeline send/receive) "
+                 f"communication buffers (EP all-to-all outputs) "
                  f"{', '.join(f'{gb(s.comm):.1f}' for s in plan.stages)} GiB")
     big = plan.largest()
     lines.append(f"largest per-rank total (states + optimizer temporaries + communication buffers + activations "
