@@ -361,11 +361,9 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         # the (micro-batch, chunk) forwards alive at this stage's activation peak (megatron's EP all-to-all overlap
         # runs one more micro-batch's forward first), without and with K2's selective recomputation
         extra = 1 if cfg.parallel.overlap_moe_expert_parallel_comm else 0
-        act, act_rc, act_cfg = (_stage_activation_bytes(k2, chunks, starts, chunk_layers, pp, vpp, s, n_micro, extra,
-                                                        options, tokens, tp)
-                                for options in (MemoryOptions(), K2_RECOMPUTE, cfg.memory.options()))
-        passes = act_cfg[1]
-        act, act_rc, act_cfg = act[0], act_rc[0], act_cfg[0]
+        (act, passes), (act_rc, _), (act_cfg, _) = (
+            _stage_activation_bytes(k2, chunks, starts, chunk_layers, pp, vpp, s, n_micro, extra, options, tokens, tp)
+            for options in (MemoryOptions(), K2_RECOMPUTE, cfg.memory.options()))
         # ZeRO-1: dense states over DP, expert states over expert-DP
         dense_local = params - local_experts
         dense_muon_local = dense_muon // tp
