@@ -43,6 +43,13 @@ class MemoryOptions:
 
 
 
+# One H100 SXM 80GB as torch.cuda.get_device_properties(0).total_memory reports it (81559 MiB, ~79.6 GiB: the card's
+# 80 GiB of HBM3 less what the driver reserves): the dry run's default device memory (memory.device_memory_gib) and
+# the GPU the rehearsal answers for (k2_megatron.rehearsal.fake_cuda.H100).
+H100_80GB_MEMORY_BYTES = 81559 * 2**20
+DEFAULT_DEVICE_MEMORY_GIB = H100_80GB_MEMORY_BYTES / 2**30
+
+
 # Muon under ZeRO-1 (k2_megatron.megatron.optimizer.MuonClipDistributedOptimizer.orthogonalize) streams each
 # gradient bucket through fp32 gather buffers of at most a budget's bytes (MuonClipConfig.buffer_bytes, the
 # config's memory.muon_buffer_mib), and orthogonalises the matrices a rank owns in Newton-Schulz calls whose working

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, MemoryOptions
+from k2_megatron.config.memory import DEFAULT_DEVICE_MEMORY_GIB, DEFAULT_MUON_BUFFER_MIB, MemoryOptions
 from k2_megatron.config.model import PRESETS, K2Config, get_preset
 from k2_megatron.config.parallel import ParallelLayout
 from k2_megatron.config.schedule import BatchLayout, WSDSchedule, YarnConfig, batch_layout
@@ -192,7 +192,8 @@ class MemorySection:
                                                      # dense_mlp, shared_expert (whole-MLP recompute)
     cpu_offload: list = field(default_factory=list)  # megatron offload_modules (CUDA only): attn_norm, qkv_linear,
                                                      # core_attn, attn_proj, mlp_norm
-    device_memory_gib: float = 80.0         # one accelerator's memory: the dry run refuses a layout that needs more
+    # one accelerator's memory (default an H100 80GB's, as torch reports it): the dry run refuses a layout that needs more
+    device_memory_gib: float = DEFAULT_DEVICE_MEMORY_GIB
     # ZeRO-1 Muon: fp32 buffers gathering a gradient bucket's momentum for Newton-Schulz, at most this many MiB at a
     # time (k2_megatron.megatron.optimizer.MuonClipConfig.buffer_bytes; a matrix larger than this is gathered alone)
     muon_buffer_mib: int = DEFAULT_MUON_BUFFER_MIB

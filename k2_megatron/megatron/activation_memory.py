@@ -97,7 +97,8 @@ class _FP8Saved:
 
 
 def _storage_key(t: torch.Tensor):
-    return (t.device, t.untyped_storage().data_ptr())
+    # the storage itself (a view shares it), not its address: fake tensors (the rehearsal) all have address 0
+    return t.untyped_storage()._cdata
 
 
 def _identity(x):

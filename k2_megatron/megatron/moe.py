@@ -127,6 +127,11 @@ class K2GroupedMLP(MegatronModule):
             ckpt = CheckpointWithoutOutput(fp8=None)
             with fp8_saved_tensors(h, enabled=fp8):  # the checkpoint keeps only its inputs: h (FP8) and probs
                 a = ckpt.checkpoint(_weighted_swiglu, h, permuted_probs)
+            if fp8:
+                # autograd's record of the checkpoint's input (a detached leaf, through its gradient accumulator)
+                # would keep h's bf16 storage alive beside the FP8 copy; nothing reads it again (fc1's backward
+                # needs its input, the recomputation the FP8 copy)
+                h.untyped_storage().resize_(0)
             out = self._expert_gemm(a, self.linear_fc2_weight, batch_sizes)
             ckpt.discard_output_and_register_recompute(out)  # a is freed; recomputed before fc2's backward
             return out, None

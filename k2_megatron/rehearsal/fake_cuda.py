@@ -15,6 +15,7 @@ What stands in the way on a CPU-only machine with torch 2.13 (CUDA build) and me
 | ``Module.cuda()`` / ``.to()`` / ``.bfloat16()`` swap tensor subclasses (FakeTensor) into parameters in place, which fails with weak references | host parameters are replaced by fake device parameters with the same attributes; fake parameters take converted tensors as their data |
 | ``torch.tensor(list of device scalars)`` reads each value below the dispatcher (megatron's l2-norm fallback without Apex / Transformer Engine does, one read per gradient tensor) | the reads are reported and the result is stacked from the fake values |
 | object collectives (all_gather_object, ...) pickle through the device and read the bytes back | recorded as a collective + host synchronisation; every rank's object is taken to be this rank's |
+| megatron frees memory with ``untyped_storage().resize_(0)`` (recomputed outputs, combined 1F1B's all-to-all buffers, offloaded activations), which no operator dispatch shows | ``UntypedStorage.resize_`` tells the memory count (``observers.storage_resized``) |
 | pinning host memory (``Tensor.pin_memory``: the loop's micro-batches, k2_megatron.training.prefetch) needs the driver | the tensor itself (pageable host memory: its copy to a fake device tensor moves no data anyway) |
 
 ``enable()`` installs everything (refusing untested torch / megatron-core releases, and refusing while cpu_compat
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from k2_megatron.config.memory import H100_80GB_MEMORY_BYTES
 from k2_megatron.megatron import cpu_compat
 
 TESTED_TORCH_VERSIONS = ("2.13",)
@@ -47,7 +49,7 @@ class RehearsedDevice:
     """The GPU each rank is rehearsed on (what torch.cuda answers about it)."""
 
     name: str = "NVIDIA H100 80GB HBM3"
-    total_memory: int = 80 * 1000**3  # bytes, as torch.cuda.get_device_properties(...).total_memory reports
+    total_memory: int = H100_80GB_MEMORY_BYTES  # bytes, as torch.cuda.get_device_properties(...).total_memory reports
     capability: tuple[int, int] = (9, 0)
     multi_processor_count: int = 132
     devices_per_node: int = 8
@@ -57,8 +59,10 @@ H100 = RehearsedDevice()
 
 
 class _Observers:
-    """Callbacks the rehearsal installs: ``host_sync(kind, detail, count)``, ``backward_step`` and ``schedule_plan_run`` (around megatron's), ``object_collective(name, group, obj)``,
-    ``memory()`` -> dict of torch.cuda.memory_* answers; ``routing`` (a k2_megatron.rehearsal.routing.Routing)."""
+    """Callbacks the rehearsal installs: ``host_sync(kind, detail, count)``, ``backward_step`` and ``schedule_plan_run``
+    (around megatron's), ``object_collective(name, group, obj)``, ``memory()`` -> dict of torch.cuda.memory_*
+    answers; ``routing`` (a k2_megatron.rehearsal.routing.Routing); ``storage_resized(storage)`` after a storage's
+    ``resize_`` (megatron frees recomputed outputs, all-to-all buffers and offloaded activations so)."""
 
     def __init__(self):
         self.reset()
@@ -412,6 +416,19 @@ def _make_tensor(original):
     return tensor
 
 
+def _make_storage_resize(original):
+    def resize_(self, size):
+        """UntypedStorage.resize_: megatron frees memory with ``resize_(0)``, below the dispatcher (a recomputed
+        output in CheckpointWithoutOutput, the combined 1F1B schedule's all-to-all buffers, offloaded activations);
+        the rehearsal's memory count is told."""
+        out = original(self, size)
+        if observers.storage_resized is not None:
+            observers.storage_resized(self)
+        return out
+
+    return resize_
+
+
 def _make_backward_step(original):
     def backward_step(*args, **kwargs):
         if observers.backward_step is not None:
@@ -428,16 +445,6 @@ def _make_schedule_plan_run(original):
         return original(*args, **kwargs)
 
     return staticmethod(run)
-
-
-def _make_storage_resize(original):
-    def resize_(self, size):
-        out = original(self, size)
-        if observers.storage_resized is not None:
-            observers.storage_resized(self)
-        return out
-
-    return resize_
 
 
 def _make_module_apply(original):

@@ -81,6 +81,11 @@ class MemoryTracker:
         live = self._live.get(entry[0])
         return (live[0], live[1]) if live is not None and live[2] == entry[1] else None
 
+    def live_bytes(self, watched: dict) -> int:
+        """The bytes now held by the still-live storages of ``watched`` (a ``watch()`` record; a storage resized
+        since, e.g. a recomputed output freed with resize_(0), counts what it holds now)."""
+        return sum(live[0] for live in map(self.live, watched) if live is not None)
+
     def entry_of(self, t: torch.Tensor) -> tuple[int, int]:
         """(storage key, serial) of a counted device tensor's storage."""
         key = storage_key(t)
@@ -132,10 +137,14 @@ class MemoryTracker:
             self._add(storage, category or self.allocation_category)
 
     def on_resize(self, storage) -> None:
-        """A counted storage resized in place (``untyped_storage().resize_(0)`` is how megatron frees the all-to-all
-        buffers of its combined 1F1B schedule and offloaded activations; resizing back re-allocates)."""
+        """A device storage resized in place: ``untyped_storage().resize_(0)`` is how megatron frees a recomputed output
+        (CheckpointWithoutOutput), the all-to-all buffers of its combined 1F1B schedule and offloaded activations, the
+        tensor object living on; resizing back re-allocates, in the storage's category (a storage not counted yet is
+        counted in the current allocation category)."""
         entry = self._live.get(storage._cdata)
         if entry is None:
+            if storage.device.type == "cuda" and storage.nbytes():
+                self._add(storage, self.allocation_category)
             return
         delta = storage.nbytes() - entry[0]
         entry[0] += delta

@@ -19,16 +19,20 @@ Memory per rank (bytes per parameter):
 - ZeRO-1 optimizer state, sharded over the dense / expert data-parallel group: fp32 master copy 4 (bf16 runs only)
   + MuonClip state: Muon momentum 4 (hidden matrices and expert stacks), AdamW moments 8 (embeddings, output
   layer, router, norms);
-- activations of the in-flight micro-batches of the rank's stage (1F1B: PP - stage micro-batches; interleaved:
-  megatron's warm-up count, one more with the EP all-to-all overlap), bf16, without and with K2's selective
-  recomputation (norms, SwiGLU, MLA up-projections recomputed); and with the config's ``memory`` section (recompute,
-  FP8 storage, CPU offload: ``activation_bytes_per_token``);
+- activations: what each (micro-batch, model chunk) forward alive at the stage's peak keeps for backward
+  (``chunk_activation_bytes``: per module and token, ``activation_bytes_by_module``, as measured under the rehearsal;
+  the chunk's output; on the last chunk the final norm's output and the loss's fp32 logits), the passes alive taken
+  from megatron's schedule order (``in_flight_chunks``: 1F1B PP - stage, interleaved its warm-up count in
+  get_schedule_table's order, one more with the EP all-to-all overlap), plus the output layer's working set on the
+  last stage; bf16, without and with K2's selective recomputation (norms, SwiGLU, MLA up-projections recomputed), and
+  with the config's ``memory`` section (recompute, FP8 storage, CPU offload);
 - optimizer temporaries: the peak of one MuonClip step (``optimizer_temporary_bytes``): Muon's gather span and one
   Newton-Schulz call (the CUDA kernel's workspace included), each within ``memory.muon_buffer_mib``, or the
   finiteness check's piece (gradient clipping scales in place: k2_megatron.megatron.multi_tensor);
-- communication buffers outside the activations: EP all-to-all and pipeline send/receive (``communication_bytes``).
+- communication buffers outside the activations: the EP all-to-all's outputs (``communication_bytes``; the
+  pipeline's received tensors are the chunks' inputs, counted with the activations).
 The total per rank (states, temporaries, buffers, activations with the memory section) is compared with the
-device's memory (``memory.device_memory_gib``, default 80): the dry run exits 2, naming the bytes per category,
+device's memory (``memory.device_memory_gib``, default an H100 80GB's 79.6 GiB): the dry run exits 2, naming the bytes per category,
 when the largest stage does not fit.
 Not modelled: NCCL's and the CUDA caching allocator's own memory (workspace, fragmentation), the CUDA context.
 K2 report (section 4): bf16 weights + fp32 gradient buffers ~6 TB over a 256-GPU model-parallel group (~30 GB
@@ -42,7 +46,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from k2_megatron.config import ConfigError, K2Config, MemoryOptions, ParallelLayout, PretrainConfig, get_preset
-from k2_megatron.config.memory import finite_check_bytes_per_element, finite_check_piece, muon_temporary_bytes
+from k2_megatron.config.memory import (H100_80GB_MEMORY_BYTES, finite_check_bytes_per_element, finite_check_piece,
+                                       muon_temporary_bytes)
 from k2_megatron.config.schedule import BatchLayout, batch_layout
 
 GIB = 1024**3
@@ -109,59 +114,113 @@ def layer_largest(cfg, layer: int) -> LayerLargest:
                         fe * h)
 
 
-def _activation_elements_per_token(cfg, layer: int, recompute: bool) -> int:
-    """bf16 elements kept for backward per token in one decoder layer (rough, megatron local modules)."""
+def activation_bytes_by_module(cfg: K2Config, layer: int, options: MemoryOptions, dtype_bytes: int = 2) -> dict:
+    """Device bytes kept for backward per token by decoder layer ``layer`` of K2Config ``cfg`` (activations in
+    ``dtype_bytes``, megatron's local modules with ours inside), by module, with ``options``: recompute drops what
+    the listed modules recompute, FP8 stores the MoE fc1 and SwiGLU inputs in 1 byte + 4 bytes per 128, and CPU
+    offload moves the listed modules' saved tensors off the device (``activation_bytes_per_token`` sums what stays).
+
+    Keys are megatron-core's ``offload_modules`` names where a module is one (attn_norm, qkv_linear, core_attn,
+    attn_proj, mlp_norm, expert_fc1, moe_act: the tensors saved inside that module's offload context); the others
+    are ours. Measured per module under the rehearsal's fake CUDA (the live allocations of one micro-batch's forward
+    that its backward frees, K2 sizes): a layer keeps its input (the norm's) and its mid-layer residual, fp32
+    reciprocal RMS per norm, MLA's latents and normed latents, the q / k / v handed to attention (its up-projection
+    outputs themselves are freed: RoPE and the concatenation copy them), attention's output and fp32 log-sum-exp,
+    the router's fp32 logits and scores, the dispatched tokens (fc1's input), fc1's output and the two SwiGLU
+    intermediates and output our weighted SwiGLU saves (k2_megatron.megatron.moe._weighted_swiglu); the combine
+    keeps nothing (the routing weights are applied inside SwiGLU, the un-permutation has no weights)."""
+    rc, d = set(options.recompute), dtype_bytes
     h, H = cfg.hidden_size, cfg.num_attention_heads
     dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     ql, kl = cfg.q_lora_rank or 0, cfg.kv_lora_rank
-    # residual in, norm out, q latent (+ normed), kv latent (+ normed), q and k per head (pre/post rope),
-    # v, attention output, projection input
-    attn = h + (0 if recompute else h) + ql * (1 if recompute else 2) + (kl + dr) + (0 if recompute else kl) \
-        + (0 if recompute else H * (dn + dr) + H * (dn + dv)) + 2 * H * (dn + dr) + H * dv + H * dv
+    fp8 = 1 + 4 / 128  # FP8 bytes per element (1x128 tiles, an fp32 scale each)
+    norm, rstd = "layernorm" in rc, 4  # recomputed norms keep only their input; fp32 1/RMS per token otherwise
+    e = {}
+    e["attn_norm"] = h * d + (0 if norm else rstd)                    # the layer's input, saved by its norm
+    # the norm's output (the down-projections' input), the q and kv latents (k_R included), their normed copies
+    # (the up-projections' input; kept with mla_up_proj recompute) with their norms' 1/RMS, RoPE's fp32 cos/sin
+    e["qkv_linear"] = ((0 if norm else h) + ql + kl + dr + ql + kl) * d + (2 * rstd if ql else rstd) + dr * 4
+    qkv = 2 * H * (dn + dr) + H * dv                                   # q, k (RoPE applied), v into attention
+    e["core_attn"] = (0 if "mla_up_proj" in rc else qkv * d) + H * 4  # ... and the fp32 log-sum-exp per head
+    e["attn_proj"] = H * dv * d                                        # attention's output (linear_proj's input)
+    e["mlp_norm"] = h * d + (0 if norm else rstd)                      # the mid-layer residual, saved by the norm
+    e["mlp_input"] = 0 if norm else h * d                              # the norm's output (router, fc1 inputs)
     if layer < cfg.first_k_dense_replace:
-        f = cfg.intermediate_size
-        mlp = h + (0 if recompute else h) + 2 * f + (0 if recompute else f)
-    else:
-        k, fe, fs = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts
-        mlp = (h + (0 if recompute else h) + 2 * cfg.n_routed_experts       # residual, norm out, router fp32
-               + k * h + k * 2 * fe + (0 if recompute else k * fe)         # dispatched tokens, fc1 out, SwiGLU out
-               + 2 * fs + (0 if recompute else fs) + k * h)                 # shared expert, combine input
-    return attn + mlp
+        f = cfg.intermediate_size                                      # fc1 out (2f), SwiGLU's saved tensors (3f)
+        e["dense_mlp"] = 0 if "dense_mlp" in rc else 5 * f * d
+        return e
+    k, E, fe = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
+    fs = fe * cfg.n_shared_experts
+    swiglu = "swiglu" in rc
+    stored = fp8 if options.fp8_activations else d
+    # fp32 logits and scores, the bool routing map; top-k ids (int64) and weights (fp32), the dispatcher's row map
+    # (int64), ids and weights of the dispatched rows
+    e["router"] = 9 * E + 32 * k
+    e["expert_fc1"] = k * h * stored                                   # the dispatched tokens (fc1's input)
+    # fc1's output (SwiGLU's input; the checkpoint's input with swiglu recompute) and silu(gate), silu(gate) * up
+    e["moe_act"] = 2 * k * fe * stored + (0 if swiglu else 2 * k * fe * d)
+    e["expert_fc2"] = 0 if swiglu else k * fe * d                      # the weighted SwiGLU output (fc2's input)
+    e["shared_expert"] = 0 if "shared_expert" in rc else 5 * fs * d    # as the dense MLP's, whole recompute
+    return e
 
 
 def activation_bytes_per_token(cfg: K2Config, layer: int, options: MemoryOptions, dtype_bytes: int = 2) -> float:
-    """Bytes kept for backward per token by decoder layer ``layer`` of K2Config ``cfg`` (rough count of the
-    megatron local modules, as the dry-run planner's; activations in ``dtype_bytes``), with ``options``:
-    recompute drops the outputs of the listed modules, FP8 stores the MoE fc1 and SwiGLU inputs in
-    1 byte + 4 bytes per 128, CPU offload moves the listed modules' saved inputs off the GPU."""
-    rc, off = set(options.recompute), set(options.cpu_offload)
-    h, H = cfg.hidden_size, cfg.num_attention_heads
-    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-    ql, kl = cfg.q_lora_rank or 0, cfg.kv_lora_rank
-    fp8 = (1 + 4 / 128) / dtype_bytes  # FP8 bytes per element, in units of dtype_bytes
-    norm = "layernorm" in rc
-    up = "mla_up_proj" in rc
-    e = defaultdict(float)  # elements per token, by module
-    e["attn_norm"] = h + (0 if norm else h)                       # residual in (norm input), norm out
-    e["qkv_linear"] = (ql + kl + dr)                              # q / kv latents (down-projection outputs)
-    # normed latents (kept: megatron's "mla_up_proj" recomputes from them), q and kv up-projection outputs
-    e["mla_up"] = ql + kl + (0 if up else H * (dn + dr) + H * (dn + dv))
-    e["core_attn"] = 2 * H * (dn + dr) + H * dv                   # q, k (with rope), v into attention
-    e["attn_proj"] = H * dv                                       # attention output (projection input)
-    e["mlp_norm"] = h + (0 if norm else h)
-    if layer < cfg.first_k_dense_replace:
-        f = cfg.intermediate_size
-        e["mlp"] = 0 if "dense_mlp" in rc else 2 * f + f         # fc1 out (SwiGLU in), SwiGLU out
+    """Bytes kept on the device for backward per token by decoder layer ``layer`` with ``options``: the modules of
+    ``activation_bytes_by_module`` that ``options.cpu_offload`` leaves on the device."""
+    off = set(options.cpu_offload)
+    return float(sum(b for name, b in activation_bytes_by_module(cfg, layer, options, dtype_bytes).items()
+                     if name not in off))
+
+
+def chunk_activation_bytes(cfg: K2Config, layers: range, last: bool, options: MemoryOptions, tokens: int,
+                           tp: int = 1, dtype_bytes: int = 2) -> float:
+    """Device bytes one micro-batch's forward through a model chunk keeps until its backward: its decoder layers'
+    (``activation_bytes_per_token``), the chunk's output (megatron's schedule keeps it; its input is the first
+    layer's) and, on the last chunk, the final norm's output with its 1/RMS and the loss's fp32 logits."""
+    per_token = sum(activation_bytes_per_token(cfg, layer, options, dtype_bytes) for layer in layers)
+    per_token += cfg.hidden_size * dtype_bytes
+    if last:
+        per_token += cfg.hidden_size * dtype_bytes + 4 + cfg.vocab_size * 4
+    return per_token * tokens / tp
+
+
+def output_working_bytes(cfg: K2Config, tokens: int, tp: int = 1, dtype_bytes: int = 2) -> float:
+    """The last chunk's working set above what it keeps, at its peak: the output layer's logits in the model's dtype
+    while the loss makes its fp32 copy (the decoder layers' own working sets are smaller)."""
+    return cfg.vocab_size * dtype_bytes * tokens / tp
+
+
+def in_flight_chunks(pp: int, vpp: int, stage: int, n_micro: int, chunk_bytes: list[float],
+                     extra_warmup: int = 0) -> tuple[float, list[int]]:
+    """(bytes, passes per local chunk) of the (micro-batch, model chunk) forwards alive at the activation peak of
+    pipeline stage ``stage``, chunk_bytes[v] being what one pass through its virtual stage v keeps. megatron-core
+    0.19.2's schedules (pipeline_parallel/schedules.py): without pipelining one at a time; 1F1B PP - stage - 1
+    warm-up forwards; interleaved 1F1B (PP - stage - 1) * 2 + (V - 1) * PP warm-up forwards in the order of
+    get_schedule_table (groups of PP micro-batches per virtual stage) and the backwards in the same order with the
+    virtual stages reversed; ``extra_warmup``: one more with the EP all-to-all overlap. Then one forward and one
+    backward at a time: the peak is right after a steady-state forward (or after the warm-up when it takes all)."""
+    total = n_micro * vpp
+    if pp == 1:
+        warmup = min(extra_warmup, total)
+    elif vpp == 1:
+        warmup = min(pp - stage - 1 + extra_warmup, total)
     else:
-        k, fe, fs = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts
-        swiglu_rc = "swiglu" in rc
-        fc1_in = k * h * (fp8 if options.fp8_activations else 1)
-        swiglu_in = k * 2 * fe * (fp8 if options.fp8_activations else 1)
-        e["router"] = 2 * cfg.n_routed_experts                    # fp32 logits
-        e["experts"] = fc1_in + swiglu_in + (0 if swiglu_rc else k * fe) + k * h  # ... SwiGLU out, combine in
-        e["shared"] = 0 if "shared_expert" in rc else 2 * fs + fs
-    total = sum(v for name, v in e.items() if name not in off)
-    return total * dtype_bytes
+        warmup = min((pp - stage - 1) * 2 + (vpp - 1) * pp + extra_warmup, total)
+    groups = [(start, min(start + pp, n_micro)) for start in range(0, n_micro, pp)] if vpp > 1 else [(0, n_micro)]
+    order = [v for a, b in groups for v in range(vpp) for _ in range(a, b)]
+    alive = [0] * vpp
+    for v in order[:warmup]:
+        alive[v] += 1
+    best = (-1.0, list(alive))
+    for i in range(total - warmup):
+        alive[order[warmup + i]] += 1
+        held = sum(n * b for n, b in zip(alive, chunk_bytes))
+        if held > best[0]:
+            best = (held, list(alive))
+        alive[vpp - 1 - order[i]] -= 1
+    if warmup == total:
+        best = (sum(n * b for n, b in zip(alive, chunk_bytes)), list(alive))
+    return best
 
 
 @dataclass
@@ -204,7 +263,7 @@ class Plan:
     total_params: int
     active_params: int
     stages: list[StagePlan] = field(default_factory=list)
-    device_memory: float = 80 * GIB  # bytes of one device (the config's memory.device_memory_gib)
+    device_memory: float = H100_80GB_MEMORY_BYTES  # bytes of one device (the config's memory.device_memory_gib)
 
     def largest(self) -> StagePlan:
         """The stage whose ranks need the most memory."""
@@ -250,6 +309,22 @@ def _planned_layout(cfg: PretrainConfig, world_size: int, k2: K2Config) -> tuple
     return layout, chunk_layers
 
 
+K2_RECOMPUTE = MemoryOptions(recompute=("layernorm", "mla_up_proj", "swiglu"))  # the dry run's "act rc" column
+
+
+def _stage_activation_bytes(k2, chunks, starts, chunk_layers, pp, vpp, stage, n_micro, extra, options, tokens,
+                            tp) -> tuple[float, int]:
+    """(peak activation bytes, forwards in flight then) of one rank of pipeline stage ``stage`` whose model chunks
+    are ``chunks``: the in-flight passes' chunk_activation_bytes plus, where the last chunk is, the output layer's
+    working set."""
+    last = pp * vpp - 1
+    per_chunk = [chunk_activation_bytes(k2, range(starts[c], starts[c] + chunk_layers[c]), c == last, options, tokens,
+                                        tp) for c in chunks]
+    held, alive = in_flight_chunks(pp, vpp, stage, n_micro, per_chunk, extra)
+    working = output_working_bytes(k2, tokens, tp) if last in chunks else 0.0
+    return held + working, sum(alive)
+
+
 def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
     """The per-stage plan of PretrainConfig ``cfg`` on ``world_size`` ranks (analytic, no allocation)."""
     k2 = cfg.k2_config(_vocab_size(cfg))
@@ -271,7 +346,6 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         chunks = [c for c in range(pp * vpp) if c % pp == s]
         layers = [layer for c in chunks for layer in range(starts[c], starts[c] + chunk_layers[c])]
         dense = dense_muon = router = experts = 0
-        act, act_rc = 0.0, 0.0
         for layer in layers:
             lp = layer_params(k2, layer)
             dense, dense_muon, router, experts = (dense + lp.dense, dense_muon + lp.dense_muon, router + lp.router,
@@ -284,29 +358,17 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         params = dense // tp + router + local_experts        # TP shards the dense matrices (approximately)
         muon = dense_muon // tp + local_experts
         adamw = params - muon
-        # in-flight (micro-batch, chunk) passes at the activation peak of this stage; megatron's EP all-to-all
-        # overlap runs one more micro-batch's forward first (interleaved: one more warm-up micro-batch,
-        # schedules.get_pp_rank_microbatches; without pipelining: the next forward before this backward)
+        # the (micro-batch, chunk) forwards alive at this stage's activation peak (megatron's EP all-to-all overlap
+        # runs one more micro-batch's forward first), without and with K2's selective recomputation
         extra = 1 if cfg.parallel.overlap_moe_expert_parallel_comm else 0
-        if vpp > 1:
-            passes = min((pp - s - 1) * 2 + (vpp - 1) * pp + 1 + extra, n_micro * vpp)
-        else:
-            passes = min(pp - s + extra, n_micro)
-        per_chunk = [sum(_activation_elements_per_token(k2, layer, rc) for layer in range(starts[c], starts[c] +
-                                                                                        chunk_layers[c]))
-                     for rc in (False, True) for c in chunks]
-        mean_chunk = [sum(per_chunk[:len(chunks)]) / len(chunks), sum(per_chunk[len(chunks):]) / len(chunks)]
-        act = passes * mean_chunk[0] * tokens * 2 / tp
-        act_rc = passes * mean_chunk[1] * tokens * 2 / tp
+        (act, passes), (act_rc, _), (act_cfg, _) = (
+            _stage_activation_bytes(k2, chunks, starts, chunk_layers, pp, vpp, s, n_micro, extra, options, tokens, tp)
+            for options in (MemoryOptions(), K2_RECOMPUTE, cfg.memory.options()))
         # ZeRO-1: dense states over DP, expert states over expert-DP
         dense_local = params - local_experts
         dense_muon_local = dense_muon // tp
         opt = ((dense_local * master + dense_muon_local * 4 + (dense_local - dense_muon_local) * 8) / dp
                + local_experts * (master + 4) / expert_dp)
-        memory = cfg.memory.options()
-        act_cfg = (passes * sum(activation_bytes_per_token(k2, layer, memory) for c in chunks
-                                for layer in range(starts[c], starts[c] + chunk_layers[c])) / len(chunks)
-                   * tokens / tp)
         # megatron buckets the first virtual stage's chunk only (k2-pretrain: disable_bucketing for the others)
         buffers = [b for c in chunks for b in _chunk_buffers(k2, range(starts[c], starts[c] + chunk_layers[c]),
                                                               c == 0, c == pp * vpp - 1, layout,
@@ -384,17 +446,17 @@ def optimizer_temporary_bytes(buffers: list[GradBuffer], tp: int, budget_bytes: 
 
 
 def communication_bytes(k2: K2Config, tokens: int, layers: list[int], parallel, layout: ParallelLayout) -> float:
-    """Communication buffers of a rank outside the activations (bf16): the EP all-to-all's send buffer of one
-    micro-batch's routed tokens (two micro-batches with the EP overlap), and the pipeline's send and receive
-    buffers of one activation each way. ZeRO-1's gradient reduce-scatter and parameter all-gather work in place
-    in the gradient and parameter buffers; NCCL's own workspace is not counted."""
-    h, tp = k2.hidden_size, layout.tensor_parallel
+    """Communication buffers of a rank outside the activations (bf16): the EP all-to-all's output buffers of one
+    micro-batch's routed tokens, two alive at once (measured in the rehearsal: a MoE layer's forward still holds the
+    dispatch's output when the combine's arrives; the dispatched tokens kept for backward are the dispatcher's
+    regrouped copy, an activation), twice that with the EP overlap (a forward beside a backward). The pipeline's received tensors are the chunks' inputs,
+    counted with the activations; ZeRO-1's gradient reduce-scatter and parameter all-gather work in place in the
+    gradient and parameter buffers; NCCL's own workspace is not counted."""
     moe = any(layer >= k2.first_k_dense_replace for layer in layers)
-    a2a = 0.0
-    if moe and layout.expert_parallel > 1:
-        a2a = tokens * k2.num_experts_per_tok * h * 2 * (2 if parallel.overlap_moe_expert_parallel_comm else 1)
-    p2p = 4 * tokens * h * 2 / tp if layout.pipeline_parallel > 1 else 0.0
-    return a2a + p2p
+    if not moe or layout.expert_parallel == 1:
+        return 0.0
+    buffer = tokens * k2.num_experts_per_tok * k2.hidden_size * 2
+    return 2 * buffer * (2 if parallel.overlap_moe_expert_parallel_comm else 1)
 
 
 def _vocab_size(cfg: PretrainConfig) -> int:
@@ -458,7 +520,7 @@ def format_plan(plan: Plan, cfg: PretrainConfig) -> str:
                  f"{', '.join(f'{gb(s.activations_configured):.1f}' for s in plan.stages)} GiB by stage (CPU-offloaded "
                  "activations excluded); optimizer temporaries (Muon's gather -> Newton-Schulz -> scatter, the "
                  f"finiteness check) {', '.join(f'{gb(s.optimizer_temps):.1f}' for s in plan.stages)} GiB; "
-                 f"communication buffers (EP all-to-all, pipeline send/receive) "
+                 f"communication buffers (EP all-to-all outputs) "
                  f"{', '.join(f'{gb(s.comm):.1f}' for s in plan.stages)} GiB")
     big = plan.largest()
     lines.append(f"largest per-rank total (states + optimizer temporaries + communication buffers + activations "
@@ -494,6 +556,7 @@ def dry_run(cfg, world_size: int | None = None, file=None) -> int:
     return 0
 
 
-__all__ = ["GradBuffer", "LayerLargest", "LayerParams", "Plan", "StagePlan", "activation_bytes_per_token",
-           "communication_bytes", "dry_run", "format_plan", "layer_largest", "layer_params",
+__all__ = ["GradBuffer", "K2_RECOMPUTE", "LayerLargest", "LayerParams", "Plan", "StagePlan",
+           "activation_bytes_by_module", "activation_bytes_per_token", "chunk_activation_bytes", "communication_bytes", "in_flight_chunks",
+           "output_working_bytes", "dry_run", "format_plan", "layer_largest", "layer_params",
            "optimizer_temporary_bytes", "plan_memory"]

@@ -219,6 +219,42 @@ def moe_item() -> dict:
             "line": _line_of(forward_with_item, "permuted_probs.sum().item()")}
 
 
+def layer_activations(*overrides: str) -> dict:
+    """Per decoder layer: the device bytes its forward allocated that are still alive when the micro-batch's forward
+    is done (what backward will free), k2-mini with 2 layers (dense + MoE) on one rehearsed GPU, one micro-batch of
+    256 tokens; beside it the planner's activation_bytes_per_token of that layer times the tokens."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from k2_megatron.config import load_config
+    from k2_megatron.rehearsal.session import rehearsal
+    from k2_megatron.rehearsal.step import RehearsedTrainer
+    from k2_megatron.training.plan import activation_bytes_per_token
+
+    seq = 256
+    cfg = load_config("examples/configs/k2_mini_1gpu.yaml", [
+        "model.overrides.num_hidden_layers=2", f"data.seq_length={seq}", "train.micro_batch_size=1",
+        f"train.global_batch_tokens={seq}", *overrides])
+    watched, measured = {}, {}
+    with rehearsal(1, 0) as r:
+        trainer = RehearsedTrainer(cfg, r, replay=False)
+        trainer.setup()
+        mem = r.memory
+        model = trainer.chunks[0]
+        layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
+        for m in layers:
+            m.register_forward_pre_hook(lambda m, args: watched.__setitem__(m.layer_number, mem.watch()))
+            m.register_forward_hook(lambda m, args, out: mem.unwatch())
+        model.register_forward_hook(lambda m, args, out: measured.update(
+            {n: mem.live_bytes(w) for n, w in watched.items()}))
+        with r.phase("forward-backward", "activations"):
+            trainer.forward_backward([trainer.data.next_batch(trainer.batch_fields)])
+        trainer.close()
+    k2 = cfg.k2_config(None)
+    planned = {m.layer_number: activation_bytes_per_token(k2, m.layer_number - 1, cfg.memory.options()) * seq
+               for m in layers}
+    return {"measured": measured, "planned": planned}
+
+
 def pretrain_step(world_size: str, rank: str, *overrides: str) -> dict:
     """The pretraining loop itself (k2_megatron.training.pretrain.pretrain) under the rehearsal, one step."""
     from k2_megatron.rehearsal.session import rehearsal

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from k2_megatron.config import ConfigError, MemoryOptions, load_config
+from k2_megatron.config import ConfigError, MemoryOptions, get_preset, load_config
 from k2_megatron.megatron.activation_memory import transformer_config_overrides
 from k2_megatron.training.plan import activation_bytes_per_token
 
@@ -237,32 +237,22 @@ def _print_table(runs) -> None:
 # ----- planner -----
 
 def test_planner_accounts_for_the_options():
-    from k2_megatron.config import get_preset
-    from k2_megatron.training.plan import _activation_elements_per_token
-
     cfg = get_preset("k2")
-    for layer in (0, 5):
-        # no options: the planner's original count; K2's recompute: the same, except what megatron and we do not
-        # recompute: the dense layer's and the shared expert's SwiGLU outputs and MLA's normed latents
-        assert activation_bytes_per_token(cfg, layer, MemoryOptions()) == 2 * _activation_elements_per_token(
-            cfg, layer, False)
-        kept = cfg.intermediate_size if layer == 0 else cfg.moe_intermediate_size * cfg.n_shared_experts
-        kept += cfg.q_lora_rank + cfg.kv_lora_rank
-        assert activation_bytes_per_token(cfg, layer, MemoryOptions(recompute=ALL_RECOMPUTE)) == 2 * (
-            _activation_elements_per_token(cfg, layer, True) + kept)
-    mlp_rc = MemoryOptions(recompute=("dense_mlp", "shared_expert"))
-    assert activation_bytes_per_token(cfg, 0, MemoryOptions()) - activation_bytes_per_token(cfg, 0, mlp_rc) == (
-        2 * 3 * cfg.intermediate_size)
-    assert activation_bytes_per_token(cfg, 5, MemoryOptions()) - activation_bytes_per_token(cfg, 5, mlp_rc) == (
-        2 * 3 * cfg.moe_intermediate_size * cfg.n_shared_experts)
-    k, h, f = cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
-    saved = (activation_bytes_per_token(cfg, 5, MemoryOptions())
-             - activation_bytes_per_token(cfg, 5, MemoryOptions(fp8_activations=True)))
-    assert saved == pytest.approx(k * (h + 2 * f) * (2 - 1 - 4 / 128))
+    h, H, k, fe = cfg.hidden_size, cfg.num_attention_heads, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    qkv = 2 * H * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) + H * cfg.v_head_dim
+    none = {layer: activation_bytes_per_token(cfg, layer, MemoryOptions()) for layer in (0, 5)}
+    # what each recomputation drops (bf16): the norms' outputs and fp32 1/RMS, MLA's q / k / v, SwiGLU's two
+    # intermediates and output, the dense MLP's and the shared expert's fc1 output and SwiGLU tensors
+    dropped = {"layernorm": 2 * (2 * h + 4), "mla_up_proj": 2 * qkv, "swiglu": 2 * 3 * k * fe,
+               "dense_mlp": 2 * 5 * cfg.intermediate_size,
+               "shared_expert": 2 * 5 * fe * cfg.n_shared_experts}
+    for name, at in dropped.items():
+        layer = 0 if name == "dense_mlp" else 5
+        assert none[layer] - activation_bytes_per_token(cfg, layer, MemoryOptions(recompute=(name,))) == at, name
+    saved = none[5] - activation_bytes_per_token(cfg, 5, MemoryOptions(fp8_activations=True))
+    assert saved == pytest.approx(k * (h + 2 * fe) * (2 - 1 - 4 / 128))  # fc1's and SwiGLU's inputs as FP8
     offload = MemoryOptions(cpu_offload=("core_attn",))
-    assert activation_bytes_per_token(cfg, 5, MemoryOptions()) - activation_bytes_per_token(cfg, 5, offload) == 2 * (
-        2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
-        + cfg.num_attention_heads * cfg.v_head_dim)
+    assert none[5] - activation_bytes_per_token(cfg, 5, offload) == 2 * qkv + 4 * H  # q, k, v and the log-sum-exp
 
 
 def test_dry_run_reports_the_memory_section():

@@ -106,7 +106,7 @@ def test_fake_cuda_answers_runs_a_backward_and_restores_everything(harness):
     out = harness["fake_cuda_patches"]
     assert out["available before"] is False and out["available after"] is False
     assert out["inside"] == {"available": True, "count": 8, "current": 3, "name": "NVIDIA H100 80GB HBM3",
-                             "capability": [9, 0], "memory": 80 * 1000**3}
+                             "capability": [9, 0], "memory": 81559 * 2**20}  # an H100 SXM 80GB's total_memory
     assert out["backward"] == {"grad shape": [4, 2], "grad device": "cuda:3", "indexed": [3, 1, 4]}
     assert out["restored"] is True
     assert out["refuses while cpu_compat"]["type"] == "RuntimeError"

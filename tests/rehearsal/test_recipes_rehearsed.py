@@ -34,9 +34,10 @@ COMBINED_PHASE = "forward-backward (combined 1F1B)"  # k2_megatron/rehearsal/ste
 # frame), to be fixed: none today. The last two, megatron's torch.cuda.synchronize after each batched p2p and its
 # has_grad_norm_group read, are gone (k2_megatron/megatron/model.py pipeline_communication; the optimizer's build).
 KNOWN_UNEXPECTED_SYNCS: set[tuple[str, str]] = set()
-# memory categories the dry-run planner (k2_megatron/training/plan.py) models exactly; its activation estimate is
-# shown next to the measurement in the table, 12-21% off on these recipes (see the README)
-EXACT_CATEGORIES = ("parameters", "gradient buffers", "optimizer state")
+# memory categories the dry-run planner (k2_megatron/training/plan.py) must match within 10% (or 1 MiB: k2_mini's
+# 96 KiB of small collectives' outputs, e.g. the MoE load statistics, are not planned)
+EXACT_CATEGORIES = ("parameters", "gradient buffers", "optimizer state", "activations", "communication buffers")
+SMALL = 2**20
 
 
 def _issuer(site: str) -> tuple[str, str]:
@@ -107,7 +108,7 @@ def test_planner_matches_the_measured_model_state(rehearsed):
     for r in reports:
         for category in EXACT_CATEGORIES:
             measured, planned = r["category_max"][category], r["planned"][category]
-            assert abs(measured - planned) <= 0.10 * planned, (r["rank"], category, measured, planned)
+            assert abs(measured - planned) <= max(0.10 * planned, SMALL), (r["rank"], category, measured, planned)
 
 
 def test_planner_matches_the_measured_optimizer_temporaries(rehearsed):

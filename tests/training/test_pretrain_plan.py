@@ -127,7 +127,7 @@ def test_dry_run_refuses_what_does_not_fit(capsys):
                          + big.activations_configured)
     assert dry_run(cfg, world_size=256) == 2
     err = capsys.readouterr().err
-    assert f"stage {big.stage} needs {big.total / GIB:.1f} GiB per rank, more than the device's 80.0 GiB" in err
+    assert f"stage {big.stage} needs {big.total / GIB:.1f} GiB per rank, more than the device's 79.6 GiB" in err
     for name, b in cats.items():
         assert f"{name} {b / GIB:.1f}" in err
     roomy = load_config(os.path.join(CONFIGS, "k2_full.yaml"), [f"memory.device_memory_gib={big.total / GIB + 1}"])
@@ -163,9 +163,15 @@ def test_optimizer_temporaries_and_communication_buffers():
     k2 = cfg.k2_config(None)
     plan = plan_memory(cfg, 256)
     tokens, h = cfg.data.seq_length * cfg.train.micro_batch_size, k2.hidden_size
-    a2a = 2 * tokens * k2.num_experts_per_tok * h * 2  # EP overlap on in the recipe
-    assert plan.stages[1].comm == a2a + 4 * tokens * h * 2
+    buffer = tokens * k2.num_experts_per_tok * h * 2  # one all-to-all output of a micro-batch's routed tokens
+    assert plan.stages[1].comm == 2 * 2 * buffer  # dispatch's + combine's, two micro-batches with the EP overlap
     off = load_config(os.path.join(CONFIGS, "k2_full.yaml"), ["parallel.overlap_moe_expert_parallel_comm=false",
                                                               "parallel.delay_wgrad_compute=false"])
-    assert communication_bytes(k2, tokens, plan.stages[1].layers, off.parallel, plan.layout) == (
-        a2a / 2 + 4 * tokens * h * 2)
+    assert communication_bytes(k2, tokens, plan.stages[1].layers, off.parallel, plan.layout) == 2 * buffer
+
+
+def test_default_device_memory_is_the_rehearsed_h100s():
+    from k2_megatron.rehearsal.fake_cuda import H100
+
+    plan = plan_memory(load_config(os.path.join(CONFIGS, "k2_full.yaml")), 256)
+    assert plan.device_memory == H100.total_memory == 81559 * 2**20  # torch's total_memory of an H100 SXM 80GB
