@@ -191,7 +191,7 @@ class MemorySection:
     recompute: list = field(default_factory=list)    # any of layernorm, mla_up_proj, swiglu (K2: these three),
                                                      # dense_mlp, shared_expert (whole-MLP recompute)
     cpu_offload: list = field(default_factory=list)  # megatron offload_modules (CUDA only): attn_norm, qkv_linear,
-                                                     # core_attn, attn_proj, mlp_norm
+                                                     # core_attn, attn_proj, mlp_norm, expert_fc1, moe_act
     device_memory_gib: float = 80.0         # one accelerator's memory: the dry run refuses a layout that needs more
     # ZeRO-1 Muon: fp32 buffers gathering a gradient bucket's momentum for Newton-Schulz, at most this many MiB at a
     # time (k2_megatron.megatron.optimizer.MuonClipConfig.buffer_bytes; a matrix larger than this is gathered alone)

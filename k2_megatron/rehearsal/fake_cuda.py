@@ -16,6 +16,9 @@ What stands in the way on a CPU-only machine with torch 2.13 (CUDA build) and me
 | ``torch.tensor(list of device scalars)`` reads each value below the dispatcher (megatron's l2-norm fallback without Apex / Transformer Engine does, one read per gradient tensor) | the reads are reported and the result is stacked from the fake values |
 | object collectives (all_gather_object, ...) pickle through the device and read the bytes back | recorded as a collective + host synchronisation; every rank's object is taken to be this rank's |
 | pinning host memory (``Tensor.pin_memory``: the loop's micro-batches, k2_megatron.training.prefetch) needs the driver | the tensor itself (pageable host memory: its copy to a fake device tensor moves no data anyway) |
+| megatron's fine-grained activation offloading manages only real CUDA tensors (it skips fake ones, as under torch.compile tracing) | ``ChunkOffloadHandler._can_manage_tensor_for_offload`` takes fake CUDA tensors (its pinned host copies are fake host tensors, counted by the session) |
+| megatron's offload manager sets Transformer Engine's ``cpu_offload.CPUOffloadEnabled`` (and refuses without TE) | without TE, a stand-in module holding that flag (only TE's own layers read it) |
+| megatron frees activations early by resizing their storage to 0 (recomputed outputs, offloaded tensors), which the memory meter would not see | ``UntypedStorage.resize_`` reports the resized storage (``observers.storage_resized``) |
 
 ``enable()`` installs everything (refusing untested torch / megatron-core releases, and refusing while cpu_compat
 is enabled, which routes CUDA to the CPU); ``disable()`` removes the Python patches. The C++ runtime stand-in cannot be
@@ -58,7 +61,8 @@ H100 = RehearsedDevice()
 
 class _Observers:
     """Callbacks the rehearsal installs: ``host_sync(kind, detail, count)``, ``backward_step`` (around megatron's), ``object_collective(name, group, obj)``,
-    ``memory()`` -> dict of torch.cuda.memory_* answers; ``routing`` (a k2_megatron.rehearsal.routing.Routing)."""
+    ``memory()`` -> dict of torch.cuda.memory_* answers, ``storage_resized(storage)``; ``routing`` (a
+    k2_megatron.rehearsal.routing.Routing)."""
 
     def __init__(self):
         self.reset()
@@ -68,6 +72,7 @@ class _Observers:
         self.host_sync = None
         self.object_collective = None
         self.memory = None
+        self.storage_resized = None
         self.routing = None
 
 
@@ -454,6 +459,8 @@ def check_versions(allow_untested: bool = False) -> None:
 
 
 def _patch_list(device: RehearsedDevice, local_rank: int):
+    from megatron.core.extensions import transformer_engine as te_extension
+    from megatron.core.pipeline_parallel import fine_grained_activation_offload as offload
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
@@ -474,11 +481,38 @@ def _patch_list(device: RehearsedDevice, local_rank: int):
                 (schedules, "backward_step", _make_backward_step(schedules.backward_step))]
     patches += [(dist, name, value) for name, value in _make_object_collectives().items()]
     patches.append((torch.Tensor, "pin_memory", _pin_memory))
+    patches += [(offload.ChunkOffloadHandler, "_can_manage_tensor_for_offload", staticmethod(_offloadable)),
+                (torch.UntypedStorage, "resize_", _make_storage_resize(torch.UntypedStorage.resize_))]
+    if te_extension.cpu_offload is None:
+        patches.append((te_extension, "cpu_offload", _TransformerEngineCpuOffloadFlag))
     return patches
 
 
 def _pin_memory(tensor, device=None):
     return tensor
+
+
+def _offloadable(tensor) -> bool:
+    """megatron's ChunkOffloadHandler._can_manage_tensor_for_offload, fake CUDA tensors included."""
+    return not isinstance(tensor, torch.nn.Parameter) and tensor.device.type == "cuda"
+
+
+def _make_storage_resize(original):
+    def resize_(self, size):
+        out = original(self, size)
+        if observers.storage_resized is not None and self.device.type == "cuda":
+            observers.storage_resized(self)
+        return out
+
+    return resize_
+
+
+class _TransformerEngineCpuOffloadFlag:
+    """Stands in for transformer_engine.pytorch.cpu_offload without TE: megatron's offload manager only sets its
+    CPUOffloadEnabled flag around each offload group (TE's own layers read it; the K2 layers are megatron's local
+    ones)."""
+
+    CPUOffloadEnabled = False
 
 
 def is_enabled() -> bool:
@@ -547,4 +581,8 @@ PATCHES = ("torch.tensor (device values inside the data)",
            "torch.distributed.{all_gather_object, broadcast_object_list, gather_object, scatter_object_list}",
            "megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
            "megatron.core.pipeline_parallel.schedules.backward_step (an observer hook, for micro-batch replay)",
+           "megatron.core.pipeline_parallel.fine_grained_activation_offload.ChunkOffloadHandler."
+           "_can_manage_tensor_for_offload (fake CUDA tensors offloaded)",
+           "megatron.core.extensions.transformer_engine.cpu_offload (a flag holder, without Transformer Engine)",
+           "torch.UntypedStorage.resize_ (reported to the memory meter)",
            "C++: CUDA device guard, CUDAHooks::hasPrimaryContext (fake_cuda_runtime.cpp)")

@@ -10,7 +10,9 @@ run (the pipeline's warm-up runs many forwards first) it is estimated by what of
 micro-batch 2's forward.
 
 - forward: the chunk's output (same shape and dtype, connected to its input for autograd), the bytes the recorded
-  forward kept for backward (one allocation of the same size, freed when the replayed backward is done; what a
+  forward kept for backward on the device (one allocation of the same size, freed when the replayed backward is done;
+  with megatron's activation offloading, what it copied to pinned host memory is not among them: the replayed forward
+  holds the same pinned host bytes until its backward, ``MemoryTracker.hold_pinned``; what a
   forward leaves behind until the next forward replaces it, e.g. the MoE dispatcher's copy of the routing map, is not
   replayed: one copy is alive at any time either way), the forward's high-water mark (allocated and freed at once),
   and the collectives and host synchronisations it made;
@@ -52,6 +54,7 @@ class _Record:
     forward_events: tuple = ((), ())   # (collectives, host syncs)
     backward_events: tuple = ((), ())
     backward_done: bool = False
+    pinned_kept: int = 0      # pinned host bytes the forward left holding its offloaded activations
 
 
 class _Replayed(torch.autograd.Function):
@@ -61,6 +64,7 @@ class _Replayed(torch.autograd.Function):
         del high
         ballast = record.kept - (record.output_bytes if record.output_kept else 0)
         ctx.kept = torch.empty(max(ballast, 0), dtype=torch.uint8, device="cuda")
+        replay.r.memory.hold_pinned(record.pinned_kept)
         ctx.replay, ctx.record, ctx.anchor_shape = replay, record, anchor.shape
         ctx.anchor_is_input = replay.anchor_is_input
         replay.events(record.forward_events)
@@ -73,6 +77,7 @@ class _Replayed(torch.autograd.Function):
         del high
         ctx.replay.events(record.backward_events)
         ctx.kept = None
+        ctx.replay.r.memory.hold_pinned(-record.pinned_kept)
         grad_in = torch.empty(ctx.anchor_shape, dtype=grad.dtype, device="cuda") if ctx.anchor_is_input else None
         return grad_in, None, None
 
@@ -141,7 +146,7 @@ class MicroBatchReplay:
             if i != RECORDED:
                 return original(*args, **kwargs)
             mem = self.r.memory
-            start, marks = mem.total, self._marks()
+            start, marks, pinned = mem.total, self._marks(), mem.pinned
             mem.region_max = start
             allocated = mem.watch()
             try:
@@ -150,7 +155,7 @@ class MicroBatchReplay:
                 mem.unwatch()
             record = _Record(tuple(out.shape), out.dtype, out.numel() * out.element_size(), allocated,
                              mem.entry_of(out), forward_high=mem.region_max - start,
-                             forward_events=self._since(marks))
+                             forward_events=self._since(marks), pinned_kept=mem.pinned - pinned)
             self.records[index] = record
             out.grad_fn.register_prehook(lambda grads: self._start_backward(record))
             return out

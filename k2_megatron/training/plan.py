@@ -129,11 +129,13 @@ def _activation_elements_per_token(cfg, layer: int, recompute: bool) -> int:
     return attn + mlp
 
 
-def activation_bytes_per_token(cfg: K2Config, layer: int, options: MemoryOptions, dtype_bytes: int = 2) -> float:
+def activation_bytes_per_token(cfg: K2Config, layer: int, options: MemoryOptions, dtype_bytes: int = 2,
+                               offloaded: bool = False) -> float:
     """Bytes kept for backward per token by decoder layer ``layer`` of K2Config ``cfg`` (rough count of the
     megatron local modules, as the dry-run planner's; activations in ``dtype_bytes``), with ``options``:
     recompute drops the outputs of the listed modules, FP8 stores the MoE fc1 and SwiGLU inputs in
-    1 byte + 4 bytes per 128, CPU offload moves the listed modules' saved inputs off the GPU."""
+    1 byte + 4 bytes per 128, CPU offload moves the listed modules' saved inputs off the GPU.
+    offloaded=True: the bytes CPU offload moves to pinned host memory instead."""
     rc, off = set(options.recompute), set(options.cpu_offload)
     h, H = cfg.hidden_size, cfg.num_attention_heads
     dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -158,9 +160,11 @@ def activation_bytes_per_token(cfg: K2Config, layer: int, options: MemoryOptions
         fc1_in = k * h * (fp8 if options.fp8_activations else 1)
         swiglu_in = k * 2 * fe * (fp8 if options.fp8_activations else 1)
         e["router"] = 2 * cfg.n_routed_experts                    # fp32 logits
-        e["experts"] = fc1_in + swiglu_in + (0 if swiglu_rc else k * fe) + k * h  # ... SwiGLU out, combine in
+        e["expert_fc1"] = fc1_in                                  # dispatched tokens (fc1 input)
+        e["moe_act"] = swiglu_in                                  # fc1 out (SwiGLU input)
+        e["experts"] = (0 if swiglu_rc else k * fe) + k * h       # SwiGLU out, combine in
         e["shared"] = 0 if "shared_expert" in rc else 2 * fs + fs
-    total = sum(v for name, v in e.items() if name not in off)
+    total = sum(v for name, v in e.items() if (name in off) == offloaded)
     return total * dtype_bytes
 
 
@@ -182,6 +186,7 @@ class StagePlan:
     activations_configured: float = 0.0  # with the config's memory section (activation_bytes_per_token)
     optimizer_temps: float = 0.0         # peak temporaries of the optimizer step (optimizer_temporary_bytes)
     comm: float = 0.0                    # communication buffers (communication_bytes)
+    offloaded: float = 0.0               # pinned host bytes of the CPU-offloaded activations (memory.cpu_offload)
 
     @property
     def states(self) -> float:
@@ -304,9 +309,9 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         opt = ((dense_local * master + dense_muon_local * 4 + (dense_local - dense_muon_local) * 8) / dp
                + local_experts * (master + 4) / expert_dp)
         memory = cfg.memory.options()
-        act_cfg = (passes * sum(activation_bytes_per_token(k2, layer, memory) for c in chunks
-                                for layer in range(starts[c], starts[c] + chunk_layers[c])) / len(chunks)
-                   * tokens / tp)
+        act_cfg, act_host = ((passes * sum(activation_bytes_per_token(k2, layer, memory, offloaded=host)
+                                           for c in chunks for layer in range(starts[c], starts[c] + chunk_layers[c]))
+                              / len(chunks) * tokens / tp) for host in (False, True))
         # megatron buckets the first virtual stage's chunk only (k2-pretrain: disable_bucketing for the others)
         buffers = [b for c in chunks for b in _chunk_buffers(k2, range(starts[c], starts[c] + chunk_layers[c]),
                                                               c == 0, c == pp * vpp - 1, layout,
@@ -314,7 +319,7 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         plan.stages.append(StagePlan(s, layers, [chunk_layers[c] for c in chunks], params, local_experts, muon, adamw,
                                      params * wbytes, params * 4.0, opt, act, act_rc, passes, act_cfg,
                                      optimizer_temporary_bytes(buffers, tp, cfg.memory.muon_buffer_mib * 2**20),
-                                     communication_bytes(k2, tokens, layers, cfg.parallel, layout)))
+                                     communication_bytes(k2, tokens, layers, cfg.parallel, layout), act_host))
         total += dense + router + experts
         frac = k2.num_experts_per_tok / max(k2.n_routed_experts, 1)
         active += dense + router + experts * frac
@@ -460,6 +465,9 @@ def format_plan(plan: Plan, cfg: PretrainConfig) -> str:
                  f"finiteness check) {', '.join(f'{gb(s.optimizer_temps):.1f}' for s in plan.stages)} GiB; "
                  f"communication buffers (EP all-to-all, pipeline send/receive) "
                  f"{', '.join(f'{gb(s.comm):.1f}' for s in plan.stages)} GiB")
+    if cfg.memory.cpu_offload:
+        lines.append(f"CPU-offloaded activations in pinned host memory per rank: "
+                     f"{', '.join(f'{gb(s.offloaded):.1f}' for s in plan.stages)} GiB by stage")
     big = plan.largest()
     lines.append(f"largest per-rank total (states + optimizer temporaries + communication buffers + activations "
                  f"with the memory section): {gb(big.total):.1f} GiB on stage {big.stage} ("

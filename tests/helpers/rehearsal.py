@@ -193,6 +193,49 @@ def step(config: str, world_size: str, rank: str, *overrides: str) -> dict:
     return results
 
 
+def offload_step(world_size: str, rank: str, *overrides: str) -> dict:
+    """``step`` with megatron's activation offloading of every tensor (min_offloaded_tensor_size=0: k2-tiny's are
+    below megatron's default of 2**20 elements), plus what megatron's offload manager reports offloaded in its
+    warm-up step (the first micro-batches, up to the first backward)."""
+    from megatron.core.pipeline_parallel.fine_grained_activation_offload import PipelineOffloadManager
+
+    from k2_megatron.megatron import activation_memory
+    from k2_megatron.rehearsal.replay import MicroBatchReplay
+
+    original = activation_memory.transformer_config_overrides
+
+    def every_tensor(options):
+        out = original(options)
+        if options.cpu_offload:
+            out["min_offloaded_tensor_size"] = 0
+        return out
+
+    activation_memory.transformer_config_overrides = every_tensor
+    summaries = []
+
+    def summary(self):  # what post_warmup_callback computes (once per manager), kept before the rehearsal drops it
+        warmup = getattr(self, "_is_warmup", False)
+        out = reset(self)
+        if warmup and not self._is_warmup:
+            summaries.append(dict(self.offload_summary_bytes))
+        return out
+
+    reset = PipelineOffloadManager.reset
+    PipelineOffloadManager.reset = summary
+    records = []
+
+    def remove(self):  # micro-batch replay's records: what each chunk's recorded forward kept, device and host
+        records.append([{"kept": r.kept, "pinned_kept": r.pinned_kept} for r in self.records if r is not None])
+        return remove_replay(self)
+
+    remove_replay = MicroBatchReplay.remove
+    MicroBatchReplay.remove = remove
+    results = step("-", world_size, rank, *overrides)
+    results["megatron_offloaded"] = summaries  # one per rehearsal: replay first with REPLAY=both
+    results["records"] = records[0] if records else []
+    return results
+
+
 def moe_item() -> dict:
     """An .item() inserted into the MoE experts' forward is reported with its location."""
     from k2_megatron.megatron import moe

@@ -46,7 +46,7 @@ def test_options_validate_and_map_to_megatron():
     with pytest.raises(ValueError, match=r"memory.recompute: \['rmsnorm'\] has unknown"):
         MemoryOptions(recompute=("rmsnorm",))
     with pytest.raises(ValueError, match="memory.cpu_offload"):
-        MemoryOptions(cpu_offload=("expert_fc1",))
+        MemoryOptions(cpu_offload=("fused_group_mlp",))  # megatron's, TE op fuser only
     with pytest.raises(TypeError, match="memory.fp8_activations must be a bool"):
         MemoryOptions(fp8_activations="yes")
 
@@ -63,7 +63,9 @@ def test_pretrain_config_memory_section(tmp_path):
 
     with pytest.raises(ValueError, match="memory.cpu_offload=.*needs CUDA"):
         check_supported(MemoryOptions(cpu_offload=("core_attn",)), cuda=False)
-    check_supported(MemoryOptions(cpu_offload=("core_attn",)), cuda=True)
+    with pytest.raises(ValueError, match="memory.cpu_offload=.*needs Transformer Engine"):
+        check_supported(MemoryOptions(cpu_offload=("core_attn",)), cuda=True, te_cpu_offload=False)
+    check_supported(MemoryOptions(cpu_offload=("core_attn", "expert_fc1", "moe_act")), cuda=True, te_cpu_offload=True)
 
 
 def test_checkpoint_without_output_default_fixed():
