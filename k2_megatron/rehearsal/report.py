@@ -158,7 +158,7 @@ def format_memory_table(reports: list[RehearsalReport]) -> str:
         f"{gib(r.peak_total) + ' (' + r.peak_phase.split()[0] + ')':>{width}}" for r in reports))
     if any(r.pinned_host or r.pinned_host_planned for r in reports):
         lines.append(f"{'pinned host (offload)':<24}" + "".join(
-            f"{f'{gib(r.pinned_host):>10}{gib(r.pinned_host_planned or 0):>10}':>{width}}" for r in reports)
+            f"{gib(r.pinned_host):>10}{gib(r.pinned_host_planned or 0):>10}{'':>6}" for r in reports)
             + "   (host memory of the rank's CPU-offloaded activations, not in the device peak)")
     over = [r for r in reports if r.peak_total > r.device_memory]
     if over:

@@ -44,6 +44,28 @@ def _error(fn) -> dict:
     return {"type": None, "message": ""}
 
 
+def counts(rows) -> "Counter":
+    """Occurrences of the report's collectives or host synchronisations by (op or kind, group or site, phase)."""
+    from collections import Counter
+
+    c = Counter()
+    for row in rows:
+        c[(row["op"] if "op" in row else row["kind"], row.get("group", row.get("site")), row["phase"])] += row["count"]
+    return c
+
+
+def assert_replay_matches_computed(replay: dict, computed: dict, hidden_state: int) -> None:
+    """Micro-batch replay's report against the one computing every micro-batch (k2-tiny on PP2 with virtual stages):
+    the same peaks within replay's known excess (k2_megatron/rehearsal/replay.py: up to two hidden states per model
+    chunk), the same collectives and host synchronisations."""
+    excess = 2 * 2 * hidden_state
+    assert computed["peak_total"] <= replay["peak_total"] <= computed["peak_total"] * 1.005 + excess
+    for category, value in computed["category_max"].items():
+        assert value - 64 * 1024 <= replay["category_max"][category] <= value * 1.005 + excess, category
+    assert counts(replay["collectives"]) == counts(computed["collectives"])
+    assert counts(replay["syncs"]) == counts(computed["syncs"])
+
+
 # ----- scenarios -----
 
 def fake_cuda_patches() -> dict:

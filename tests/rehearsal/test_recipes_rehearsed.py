@@ -41,7 +41,7 @@ KNOWN_UNEXPECTED_SYNCS = {
     ("megatron/core/optimizer/optimizer.py", "has_grad_norm_group"),
 }
 # memory categories the dry-run planner (k2_megatron/training/plan.py) models exactly; its activation estimate is
-# shown next to the measurement in the table, 12-21% off on these recipes (see the README)
+# shown next to the measurement in the table, far off on these recipes (see the README)
 EXACT_CATEGORIES = ("parameters", "gradient buffers", "optimizer state")
 
 
