@@ -12,7 +12,9 @@ import dataclasses
 # shared expert (megatron's local MLP has no SwiGLU-only recompute), fc1 included.
 RECOMPUTE_CHOICES = {"layernorm": "layernorm", "mla_up_proj": "mla_up_proj", "swiglu": "moe_act", "dense_mlp": "mlp",
                      "shared_expert": "shared_experts"}
-OFFLOAD_CHOICES = ("attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm")
+# megatron-core's offload_modules names: its layers implement the first five, our experts (K2GroupedMLP) the last two
+# (expert_fc1: the fc1 input, i.e. the dispatched tokens; moe_act: the SwiGLU input, i.e. fc1's output).
+OFFLOAD_CHOICES = ("attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm", "expert_fc1", "moe_act")
 
 
 @dataclasses.dataclass(frozen=True)

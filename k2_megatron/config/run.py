@@ -191,7 +191,7 @@ class MemorySection:
     recompute: list = field(default_factory=list)    # any of layernorm, mla_up_proj, swiglu (K2: these three),
                                                      # dense_mlp, shared_expert (whole-MLP recompute)
     cpu_offload: list = field(default_factory=list)  # megatron offload_modules (CUDA only): attn_norm, qkv_linear,
-                                                     # core_attn, attn_proj, mlp_norm
+                                                     # core_attn, attn_proj, mlp_norm, expert_fc1, moe_act
     # one accelerator's memory (default an H100 80GB's, as torch reports it): the dry run refuses a layout that needs more
     device_memory_gib: float = DEFAULT_DEVICE_MEMORY_GIB
     # ZeRO-1 Muon: fp32 buffers gathering a gradient bucket's momentum for Newton-Schulz, at most this many MiB at a

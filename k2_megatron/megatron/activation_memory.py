@@ -21,9 +21,17 @@ Three independent switches (``k2_megatron.config.MemoryOptions``; the pretrainin
   ``dense_mlp`` -> megatron "mlp" and ``shared_expert`` -> megatron "shared_experts" recompute the whole MLP
   (fc1 included) from its input.
 - ``cpu_offload``: megatron-core's fine-grained activation offloading (fine_grained_activation_offloading,
-  offload_modules) for the modules megatron's own layers implement in our (local-spec) K2 layers:
-  OFFLOAD_CHOICES. It needs CUDA (copy streams, pinned host memory); megatron's schedules and GPTModel drive
-  it, nothing else is needed here.
+  offload_modules; megatron/core/pipeline_parallel/fine_grained_activation_offload.py): the tensors a module saves
+  for backward are copied to pinned host memory on a side stream when its group commits and copied back when
+  backward reaches it, overlapped with the 1F1B schedule. OFFLOAD_CHOICES: attn_norm, qkv_linear, core_attn,
+  attn_proj, mlp_norm, which megatron's own layers implement in our (local-spec) K2 layers, and expert_fc1 (the
+  routed experts' fc1 input, i.e. the dispatched tokens) and moe_act (the SwiGLU input, i.e. fc1's output), which
+  our experts implement as megatron's TEGroupedMLP does (K2GroupedMLP.forward). With fp8_activations the FP8 tiles
+  and scales are what is offloaded (``fp8_saved_tensors`` passes what it stores through the offload hooks); with
+  the swiglu recompute, moe_act's group commits after the down-projection, so the SwiGLU input is reloaded before
+  it is recomputed. Megatron asks for attn_proj only with core_attn (the output of core attention is attn_proj's
+  input). It needs CUDA (copy streams, pinned host memory) and Transformer Engine's cpu_offload module, whose flag
+  megatron's offload manager sets (``check_supported``); megatron's schedules and GPTModel drive it.
 
 ``transformer_config_overrides(options)`` gives the MLATransformerConfig fields, ``apply_activation_memory``
 switches the FP8 storage on in built model chunks. The planner's analytic count of each option is
@@ -56,12 +64,23 @@ def transformer_config_overrides(options: MemoryOptions) -> dict:
     return out
 
 
-def check_supported(options: MemoryOptions, *, cuda: bool | None = None) -> None:
-    """Raise ValueError for options this machine cannot run (CPU offload without CUDA)."""
+def check_supported(options: MemoryOptions, *, cuda: bool | None = None, te_cpu_offload: bool | None = None) -> None:
+    """Raise ValueError for options this machine cannot run: CPU offload without CUDA, or without Transformer Engine's
+    cpu_offload module (megatron-core 0.19.2's offload manager raises "TE CPU offload is not available" without it)."""
+    if not options.cpu_offload:
+        return
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if options.cpu_offload and not cuda:
+    if not cuda:
         raise ValueError(f"memory.cpu_offload={list(options.cpu_offload)} needs CUDA: megatron-core's activation "
                          f"offloading copies to pinned host memory on side streams (set memory.cpu_offload=[] on CPU)")
+    if te_cpu_offload is None:
+        from megatron.core.extensions import transformer_engine as te_extension
+
+        te_cpu_offload = te_extension.cpu_offload is not None
+    if not te_cpu_offload:
+        raise ValueError(f"memory.cpu_offload={list(options.cpu_offload)} needs Transformer Engine: megatron-core's "
+                         f"activation offload manager sets transformer_engine.pytorch.cpu_offload's flag (install "
+                         f"transformer-engine or set memory.cpu_offload=[])")
 
 
 def apply_activation_memory(model_chunks, options: MemoryOptions) -> int:
@@ -97,7 +116,8 @@ class _FP8Saved:
 
 
 def _storage_key(t: torch.Tensor):
-    # the storage itself (a view shares it), not its address: fake tensors (the rehearsal) all have address 0
+    # the storage object's address, not its data pointer: views and detached copies share it, and fake tensors (the
+    # rehearsal's), whose data pointers are all 0, keep distinct ones
     return t.untyped_storage()._cdata
 
 

@@ -38,6 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.pipeline_parallel.fine_grained_activation_offload import (
+    FineGrainedActivationOffloadingInterface as off_interface,
+)
 from megatron.core.tensor_parallel.random import (
     CheckpointWithoutOutput,
     get_cuda_rng_tracker,
@@ -76,6 +79,10 @@ class K2GroupedMLP(MegatronModule):
             raise ValueError("K2GroupedMLP: moe_apply_probs_on_input is not supported")
         self.num_local_experts = num_local_experts
         self.fp8_activation_storage = False  # FP8 copies of the saved fc1 / SwiGLU inputs (apply_activation_memory)
+        # megatron's fine-grained activation offloading of the fc1 input and of the SwiGLU input (offload_modules)
+        offloaded = set(config.offload_modules or ()) if config.fine_grained_activation_offloading else set()
+        self.offload_expert_fc1 = "expert_fc1" in offloaded
+        self.offload_moe_act = "moe_act" in offloaded
         hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
         self.ffn_hidden_size = ffn
         dtype = config.params_dtype
@@ -119,13 +126,19 @@ class K2GroupedMLP(MegatronModule):
             raise RuntimeError("K2GroupedMLP: delay_wgrad_compute is on and the weight gradients of the last backward "
                                "are still pending: call backward_dw() after each backward (megatron's combined 1F1B "
                                "schedule does, with overlap_moe_expert_parallel_comm)")
-        # FP8 storage and SwiGLU recomputation change what is kept for backward, never the outputs.
+        # FP8 storage, SwiGLU recomputation and CPU offload change what is kept for backward, never the outputs.
+        # Offload (megatron's groups "expert_fc1" and "moe_act", as its TEGroupedMLP): what a group's block saves
+        # (FP8 tiles and scales when fp8 is on: fp8_saved_tensors passes them through the offload hooks) is copied
+        # to pinned host memory when the group commits, and reloaded when backward reaches the commit.
         fp8 = self.fp8_activation_storage
-        with fp8_saved_tensors(x, enabled=fp8):
+        fc1_offload = off_interface(self.offload_expert_fc1, x, "expert_fc1")
+        with fc1_offload as x, fp8_saved_tensors(x, enabled=fp8):
             h = self._expert_gemm(x, self.linear_fc1_weight, batch_sizes)
+        h = fc1_offload.group_offload(h, forced_released_tensors=[x])  # x is not needed on the device any more
+        act_offload = off_interface(self.offload_moe_act, h, "moe_act")
         if swiglu_recompute_enabled(self.config) and torch.is_grad_enabled():
             ckpt = CheckpointWithoutOutput(fp8=None)
-            with fp8_saved_tensors(h, enabled=fp8):  # the checkpoint keeps only its inputs: h (FP8) and probs
+            with act_offload as h, fp8_saved_tensors(h, enabled=fp8):  # the checkpoint keeps only h and probs
                 a = ckpt.checkpoint(_weighted_swiglu, h, permuted_probs)
             if fp8:
                 # autograd's record of the checkpoint's input (a detached leaf, through its gradient accumulator)
@@ -134,10 +147,13 @@ class K2GroupedMLP(MegatronModule):
                 h.untyped_storage().resize_(0)
             out = self._expert_gemm(a, self.linear_fc2_weight, batch_sizes)
             ckpt.discard_output_and_register_recompute(out)  # a is freed; recomputed before fc2's backward
-            return out, None
-        with fp8_saved_tensors(h, enabled=fp8):
-            a = _weighted_swiglu(h, permuted_probs)
-        return self._expert_gemm(a, self.linear_fc2_weight, batch_sizes), None
+        else:
+            with act_offload as h, fp8_saved_tensors(h, enabled=fp8):
+                a = _weighted_swiglu(h, permuted_probs)
+            out = self._expert_gemm(a, self.linear_fc2_weight, batch_sizes)
+        # The moe_act group commits on fc2's output, not on a: its backward (which waits for the reload of h) then
+        # runs before fc2's, whose hook recomputes SwiGLU from h.
+        return act_offload.group_offload(out, forced_released_tensors=[h]), None
 
     def _expert_gemm(self, x: torch.Tensor, weight: torch.Tensor, batch_sizes: torch.Tensor) -> torch.Tensor:
         """x_e W_e^T per local expert; with delayed wgrad the backward leaves W's gradient to backward_dw."""

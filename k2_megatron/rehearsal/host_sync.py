@@ -49,6 +49,12 @@ ALLOWED_SYNCS: tuple[AllowedSync, ...] = (
                 "to the host on a side stream and waits for them before the exchange (one copy and one wait per MoE "
                 "layer per micro-batch forward; K2's dropless routing makes the sizes data-dependent)",
                 detail="MoE all-to-all token counts"),
+    AllowedSync("activation offload summary",
+                "megatron's fine-grained activation offloading (memory.cpu_offload) ends its warm-up step by gathering "
+                "every rank's offloaded bytes per module (two all_gather_object) and printing them on rank 0: once "
+                "per run, after the first step",
+                file="megatron/core/pipeline_parallel/fine_grained_activation_offload.py",
+                function="print_offload_summary_table"),
     AllowedSync("gradient norm",
                 "gradient clipping scales by clip / norm only when the global norm exceeds the threshold, a host "
                 "decision (once per optimizer step); the rehearsal answers a squared norm of 1e6, above any "

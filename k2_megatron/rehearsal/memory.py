@@ -21,6 +21,16 @@ these three are assigned by ownership (``assign``) once the model and optimizer 
 - other: whatever else lives on the device (e.g. left over from setup).
 The step's peak (from ``begin_step``) is reported as the breakdown at the moment the total was highest, and as each
 category's own maximum during the step; setup's high-water mark separately.
+
+A storage resized in place (megatron frees activations early with ``untyped_storage().resize_(0)``: the outputs its
+CheckpointWithoutOutput recomputes, the tensors its activation offloading releases) counts its new size
+(``on_resize``, from the fake-CUDA patch of UntypedStorage.resize_).
+
+Pinned host memory (megatron's activation offloading copies device tensors into it): the bytes of pinned host
+buffers that hold a copy of device data, from the device-to-host copy into them until the host-to-device copy out of
+them (``on_pinned``, ``pinned_filled``, ``pinned_drained``; micro-batch replay adds what a replayed forward keeps
+there with ``hold_pinned``), and its maximum over the step, ``pinned_max``: megatron's offload keeps its host copies in
+a pool that grows to the most held at once, so this is the pinned host memory a rank needs for offloaded activations.
 """
 
 from __future__ import annotations
@@ -59,6 +69,9 @@ class MemoryTracker:
         self.region_max = 0  # high-water mark since it was last set (micro-batch replay resets it)
         self.setup_peak = 0   # high-water mark before begin_step (model and optimizer construction)
         self._watched = None
+        self._pinned: dict[int, list] = {}  # pinned host storage key -> [bytes, serial, holding device data]
+        self.pinned = 0       # bytes of pinned host buffers holding device data now
+        self.pinned_max = 0   # their maximum since begin_step
 
     # ----- counting -----
 
@@ -128,6 +141,43 @@ class MemoryTracker:
             self.current[entry[1]] -= entry[0]
             self.total -= entry[0]
 
+    # ----- pinned host memory -----
+
+    def on_pinned(self, t: torch.Tensor) -> None:
+        """A pinned host tensor was allocated (holding nothing yet)."""
+        storage = t.untyped_storage()
+        self._serial += 1
+        self._pinned[storage._cdata] = [storage.nbytes(), self._serial, False]
+        weakref.finalize(storage, self._free_pinned, storage._cdata, self._serial)
+
+    def is_pinned(self, t: torch.Tensor) -> bool:
+        return t.device.type == "cpu" and storage_key(t) in self._pinned
+
+    def pinned_filled(self, t: torch.Tensor) -> None:
+        """Device data was copied into pinned host tensor ``t``."""
+        entry = self._pinned[storage_key(t)]
+        if not entry[2]:
+            entry[2] = True
+            self.hold_pinned(entry[0])
+
+    def pinned_drained(self, t: torch.Tensor) -> None:
+        """Pinned host tensor ``t`` was copied back to the device: its buffer is free for reuse."""
+        entry = self._pinned[storage_key(t)]
+        if entry[2]:
+            entry[2] = False
+            self.hold_pinned(-entry[0])
+
+    def hold_pinned(self, nbytes: int) -> None:
+        self.pinned += nbytes
+        self.pinned_max = max(self.pinned_max, self.pinned)
+
+    def _free_pinned(self, key: int, serial: int) -> None:
+        entry = self._pinned.get(key)
+        if entry is not None and entry[1] == serial:
+            del self._pinned[key]
+            if entry[2]:
+                self.pinned -= entry[0]
+
     def on_tensor(self, t: torch.Tensor, category: str | None = None) -> None:
         """Counts the storage of a device tensor if it is new."""
         if t.device.type != "cuda":
@@ -191,6 +241,7 @@ class MemoryTracker:
         self.setup_peak = self.peak.total
         self.peak = MemoryPeak(self.total, self.phase, dict(self.current))
         self.category_max = dict(self.current)
+        self.pinned_max = self.pinned
 
     def stats(self) -> dict:
         """torch.cuda.memory_stats()-style answers (what the fake-CUDA patches return for memory_allocated etc.)."""

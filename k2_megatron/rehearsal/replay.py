@@ -10,8 +10,10 @@ run (the pipeline's warm-up runs many forwards first) it is estimated by what of
 micro-batch 2's forward.
 
 - forward: the chunk's output (same shape and dtype, connected to its input for autograd), the bytes the recorded
-  forward kept for backward (one allocation per memory category, e.g. activations and the all-to-all buffers kept as
-  communication buffers, freed when the replayed backward is done; what a
+  forward kept for backward on the device (one allocation per memory category, e.g. activations and the all-to-all
+  buffers kept as communication buffers, freed when the replayed backward is done; with megatron's activation
+  offloading, what it copied to pinned host memory is not among them: the replayed forward holds the same pinned
+  host bytes until its backward, ``MemoryTracker.hold_pinned``; what a
   forward leaves behind until the next forward replaces it, e.g. the MoE dispatcher's copy of the routing map, is not
   replayed: one copy is alive at any time either way), the forward's high-water mark (allocated and freed at once),
   and the collectives and host synchronisations it made;
@@ -73,6 +75,7 @@ class _Record:
     forward_events: tuple = ((), ())   # (collectives, host syncs)
     backward_events: tuple = ((), ())
     backward_done: bool = False
+    pinned_kept: int = 0      # pinned host bytes the forward left holding its offloaded activations
 
 
 def _replay_forward(replay, record) -> list:
@@ -81,6 +84,7 @@ def _replay_forward(replay, record) -> list:
     high = torch.empty(max(record.forward_high, 0), dtype=torch.uint8, device="cuda")
     del high
     replay.events(record.forward_events)
+    replay.r.memory.hold_pinned(record.pinned_kept)
     kept = dict(record.kept)
     if record.output_kept:  # the replayed output stands for it
         kept["activations"] = kept.get("activations", 0) - record.output_bytes
@@ -101,6 +105,7 @@ def _replay_backward(replay, record) -> None:
     high = torch.empty(max(record.backward_high, 0), dtype=torch.uint8, device="cuda")
     del high
     replay.events(record.backward_events)
+    replay.r.memory.hold_pinned(-record.pinned_kept)
 
 
 class _Replayed(torch.autograd.Function):
@@ -206,7 +211,7 @@ class MicroBatchReplay:
 
     def _recorded(self, index, forward):
         mem = self.r.memory
-        start, marks = mem.total, self._marks()
+        start, marks, pinned = mem.total, self._marks(), mem.pinned
         mem.region_max = start
         allocated = mem.watch()
         try:
@@ -215,7 +220,7 @@ class MicroBatchReplay:
             mem.unwatch()
         self.records[index] = _Record(tuple(out.shape), out.dtype, out.numel() * out.element_size(), allocated,
                                       mem.entry_of(out), forward_high=mem.region_max - start,
-                                      forward_events=self._since(marks))
+                                      forward_events=self._since(marks), pinned_kept=mem.pinned - pinned)
         return out
 
     def _decoder_input(self, index):

@@ -41,6 +41,8 @@ class RehearsalReport:
     checkpoint: dict
     seconds: dict            # phase -> CPU seconds the rehearsal spent in it
     replayed: int = 0        # model-chunk micro-batches replayed (k2_megatron.rehearsal.replay) instead of computed
+    pinned_host: int = 0     # most pinned host bytes holding offloaded activations during the step (memory.py)
+    pinned_host_planned: float | None = None  # the dry-run planner's (StagePlan.offloaded)
 
     @classmethod
     def of(cls, r, cfg, *, checkpoint=None, micro_batches: int = 0, replayed: int = 0) -> "RehearsalReport":
@@ -61,7 +63,8 @@ class RehearsalReport:
                    dict(r.memory.category_max),
                    {c: (getattr(stage, f) if f else None) for c, f in PLANNER_FIELDS.items()},
                    r.collectives.summary(), syncs, [s for s in syncs if s["unexpected"]],
-                   dataclasses.asdict(checkpoint) if checkpoint is not None else {}, dict(r.phases), replayed)
+                   dataclasses.asdict(checkpoint) if checkpoint is not None else {}, dict(r.phases), replayed,
+                   r.memory.pinned_max, stage.offloaded)
 
     def check(self) -> "RehearsalReport":
         """Raises RehearsalFailed listing the unexpected host synchronisations; returns self otherwise."""
@@ -95,6 +98,8 @@ class RehearsalReport:
             diff = (f"  {row['difference']:+.0%}" + ("  <- >10%" if abs(row["difference"]) > 0.10 else "")
                     if row["difference"] is not None else "")
             lines.append(f"  {row['category']:<24}{gib(row['at_peak'])}{gib(row['max']):>10}{planned:>10}{diff}")
+        lines.append(f"  {'pinned host (offload)':<24}{'':>9}{gib(self.pinned_host):>10}"
+                     f"{gib(self.pinned_host_planned or 0):>10}  (host memory, not in the device peak)")
         lines.append("  (n/m: not modelled by the dry-run planner, k2_megatron/training/plan.py)")
         return "\n".join(lines)
 
@@ -152,6 +157,10 @@ def format_memory_table(reports: list[RehearsalReport]) -> str:
         lines.append(f"{c:<24}" + "".join(f"{cell:>{width}}" for cell in cells))
     lines.append(f"{'peak (all categories)':<24}" + "".join(
         f"{gib(r.peak_total) + ' (' + r.peak_phase.split()[0] + ')':>{width}}" for r in reports))
+    if any(r.pinned_host or r.pinned_host_planned for r in reports):
+        lines.append(f"{'pinned host (offload)':<24}" + "".join(
+            f"{gib(r.pinned_host):>10}{gib(r.pinned_host_planned or 0):>10}{'':>6}" for r in reports)
+            + "   (host memory of the rank's CPU-offloaded activations, not in the device peak)")
     over = [r for r in reports if r.peak_total > r.device_memory]
     if over:
         lines.append("over the device's memory: " + ", ".join(f"rank {r.rank} by {(r.peak_total - r.device_memory) / GIB:.1f} GiB"

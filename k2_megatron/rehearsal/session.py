@@ -132,6 +132,12 @@ class RehearsalMode(TorchDispatchMode):
             return None
         if func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
             return r.syncs.value_read(args[0], storage_key(args[0]))
+        if kwargs.get("pin_memory"):  # pinned host memory (activation offloading): fake, and counted
+            out = func(*args, **kwargs)
+            r.memory.on_pinned(out)
+            return out
+        if func is aten.is_pinned.default and r.memory.is_pinned(args[0]):
+            return True
         found = [False, False]
         _scan(args, found)
         _scan(kwargs.values(), found)
@@ -143,7 +149,12 @@ class RehearsalMode(TorchDispatchMode):
             r.syncs.record("device-to-host copy", f"{_describe(args[0])}"
                            f"{' (non_blocking)' if kwargs.get('non_blocking') else ''}")
         elif func is aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type == "cuda":
-            r.syncs.record("device-to-host copy", _describe(args[1]))
+            if r.memory.is_pinned(args[0]) and (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)):
+                r.memory.pinned_filled(args[0])  # asynchronous on a GPU: the host does not wait
+            else:
+                r.syncs.record("device-to-host copy", _describe(args[1]))
+        elif func is aten.copy_.default and args[0].device.type == "cuda" and r.memory.is_pinned(args[1]):
+            r.memory.pinned_drained(args[1])
         try:
             out = func(*args, **kwargs)
         except (DynamicOutputShapeException, DataDependentOutputException):
@@ -178,6 +189,14 @@ def _describe(t: torch.Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} on {t.device.type}"
 
 
+def _fresh_offload_manager() -> None:
+    """megatron's activation offload manager is a process-wide singleton (its streams, its warm-up state): a
+    rehearsal starts with none and leaves none behind."""
+    from megatron.core.pipeline_parallel.fine_grained_activation_offload import PipelineOffloadManager
+
+    PipelineOffloadManager.OFFLOAD_MGR = None
+
+
 @contextlib.contextmanager
 def rehearsal(world_size: int, rank: int, *, routing: Routing | None = None,
               device: fake_cuda.RehearsedDevice = fake_cuda.H100):
@@ -195,6 +214,7 @@ def rehearsal(world_size: int, rank: int, *, routing: Routing | None = None,
            "LOCAL_WORLD_SIZE": str(min(device.devices_per_node, world_size))}  # as torchrun sets them
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    _fresh_offload_manager()
     fake_cuda.enable(device, local_rank=local_rank)
     try:
         fake_cuda.observers.host_sync = r.syncs.record
@@ -214,6 +234,7 @@ def rehearsal(world_size: int, rank: int, *, routing: Routing | None = None,
         if dist.is_initialized():
             dist.destroy_process_group()
         fake_cuda.disable()
+        _fresh_offload_manager()
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

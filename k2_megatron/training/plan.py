@@ -42,7 +42,6 @@ per GPU).
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from k2_megatron.config import ConfigError, K2Config, MemoryOptions, ParallelLayout, PretrainConfig, get_preset
@@ -164,12 +163,14 @@ def activation_bytes_by_module(cfg: K2Config, layer: int, options: MemoryOptions
     return e
 
 
-def activation_bytes_per_token(cfg: K2Config, layer: int, options: MemoryOptions, dtype_bytes: int = 2) -> float:
+def activation_bytes_per_token(cfg: K2Config, layer: int, options: MemoryOptions, dtype_bytes: int = 2,
+                               offloaded: bool = False) -> float:
     """Bytes kept on the device for backward per token by decoder layer ``layer`` with ``options``: the modules of
-    ``activation_bytes_by_module`` that ``options.cpu_offload`` leaves on the device."""
+    ``activation_bytes_by_module`` that ``options.cpu_offload`` leaves on the device; offloaded=True: those it moves
+    to pinned host memory instead."""
     off = set(options.cpu_offload)
     return float(sum(b for name, b in activation_bytes_by_module(cfg, layer, options, dtype_bytes).items()
-                     if name not in off))
+                     if (name in off) == offloaded))
 
 
 def chunk_activation_bytes(cfg: K2Config, layers: range, last: bool, options: MemoryOptions, tokens: int,
@@ -241,6 +242,7 @@ class StagePlan:
     activations_configured: float = 0.0  # with the config's memory section (activation_bytes_per_token)
     optimizer_temps: float = 0.0         # peak temporaries of the optimizer step (optimizer_temporary_bytes)
     comm: float = 0.0                    # communication buffers (communication_bytes)
+    offloaded: float = 0.0               # pinned host bytes of the CPU-offloaded activations (memory.cpu_offload)
 
     @property
     def states(self) -> float:
@@ -313,16 +315,19 @@ K2_RECOMPUTE = MemoryOptions(recompute=("layernorm", "mla_up_proj", "swiglu"))  
 
 
 def _stage_activation_bytes(k2, chunks, starts, chunk_layers, pp, vpp, stage, n_micro, extra, options, tokens,
-                            tp) -> tuple[float, int]:
-    """(peak activation bytes, forwards in flight then) of one rank of pipeline stage ``stage`` whose model chunks
-    are ``chunks``: the in-flight passes' chunk_activation_bytes plus, where the last chunk is, the output layer's
-    working set."""
+                            tp) -> tuple[float, int, float]:
+    """(peak activation bytes, forwards in flight then, pinned host bytes of their CPU-offloaded activations) of one
+    rank of pipeline stage ``stage`` whose model chunks are ``chunks``: the in-flight passes' chunk_activation_bytes
+    plus, where the last chunk is, the output layer's working set."""
     last = pp * vpp - 1
     per_chunk = [chunk_activation_bytes(k2, range(starts[c], starts[c] + chunk_layers[c]), c == last, options, tokens,
                                         tp) for c in chunks]
     held, alive = in_flight_chunks(pp, vpp, stage, n_micro, per_chunk, extra)
     working = output_working_bytes(k2, tokens, tp) if last in chunks else 0.0
-    return held + working, sum(alive)
+    host = sum(n * sum(activation_bytes_per_token(k2, layer, options, offloaded=True)
+                       for layer in range(starts[c], starts[c] + chunk_layers[c])) * tokens / tp
+               for n, c in zip(alive, chunks))
+    return held + working, sum(alive), host
 
 
 def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
@@ -361,7 +366,7 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         # the (micro-batch, chunk) forwards alive at this stage's activation peak (megatron's EP all-to-all overlap
         # runs one more micro-batch's forward first), without and with K2's selective recomputation
         extra = 1 if cfg.parallel.overlap_moe_expert_parallel_comm else 0
-        (act, passes), (act_rc, _), (act_cfg, _) = (
+        (act, passes, _), (act_rc, _, _), (act_cfg, _, act_host) = (
             _stage_activation_bytes(k2, chunks, starts, chunk_layers, pp, vpp, s, n_micro, extra, options, tokens, tp)
             for options in (MemoryOptions(), K2_RECOMPUTE, cfg.memory.options()))
         # ZeRO-1: dense states over DP, expert states over expert-DP
@@ -376,7 +381,7 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         plan.stages.append(StagePlan(s, layers, [chunk_layers[c] for c in chunks], params, local_experts, muon, adamw,
                                      params * wbytes, params * 4.0, opt, act, act_rc, passes, act_cfg,
                                      optimizer_temporary_bytes(buffers, tp, cfg.memory.muon_buffer_mib * 2**20),
-                                     communication_bytes(k2, tokens, layers, cfg.parallel, layout)))
+                                     communication_bytes(k2, tokens, layers, cfg.parallel, layout), act_host))
         total += dense + router + experts
         frac = k2.num_experts_per_tok / max(k2.n_routed_experts, 1)
         active += dense + router + experts * frac
@@ -522,6 +527,9 @@ def format_plan(plan: Plan, cfg: PretrainConfig) -> str:
                  f"finiteness check) {', '.join(f'{gb(s.optimizer_temps):.1f}' for s in plan.stages)} GiB; "
                  f"communication buffers (EP all-to-all outputs) "
                  f"{', '.join(f'{gb(s.comm):.1f}' for s in plan.stages)} GiB")
+    if cfg.memory.cpu_offload:
+        lines.append(f"CPU-offloaded activations in pinned host memory per rank: "
+                     f"{', '.join(f'{gb(s.offloaded):.1f}' for s in plan.stages)} GiB by stage")
     big = plan.largest()
     lines.append(f"largest per-rank total (states + optimizer temporaries + communication buffers + activations "
                  f"with the memory section): {gb(big.total):.1f} GiB on stage {big.stage} ("

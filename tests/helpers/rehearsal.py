@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections import Counter
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
@@ -42,6 +43,26 @@ def _error(fn) -> dict:
     except Exception as e:  # noqa: BLE001 - the scenario reports which error it was
         return {"type": type(e).__name__, "message": str(e)}
     return {"type": None, "message": ""}
+
+
+def counts(rows) -> Counter:
+    """Occurrences of the report's collectives or host synchronisations by (op or kind, group or site, phase)."""
+    c = Counter()
+    for row in rows:
+        c[(row["op"] if "op" in row else row["kind"], row.get("group", row.get("site")), row["phase"])] += row["count"]
+    return c
+
+
+def assert_replay_matches_computed(replay: dict, computed: dict, hidden_state: int) -> None:
+    """Micro-batch replay's report against the one computing every micro-batch (k2-tiny on PP2 with virtual stages):
+    the same peaks within replay's known excess (k2_megatron/rehearsal/replay.py: up to two hidden states per model
+    chunk), the same collectives and host synchronisations."""
+    excess = 2 * 2 * hidden_state
+    assert computed["peak_total"] <= replay["peak_total"] <= computed["peak_total"] * 1.005 + excess
+    for category, value in computed["category_max"].items():
+        assert value - 64 * 1024 <= replay["category_max"][category] <= value * 1.005 + excess, category
+    assert counts(replay["collectives"]) == counts(computed["collectives"])
+    assert counts(replay["syncs"]) == counts(computed["syncs"])
 
 
 # ----- scenarios -----
@@ -198,6 +219,49 @@ def step(config: str, world_size: str, rank: str, *overrides: str) -> dict:
         cfg = load_config(None if config == "-" else config, list(overrides))
         report = rehearse_step(cfg, world_size=int(world_size), rank=int(rank), replay=replay)
         results["replay" if replay else "computed"] = report.to_dict()
+    return results
+
+
+def offload_step(world_size: str, rank: str, *overrides: str) -> dict:
+    """``step`` with megatron's activation offloading of every tensor (min_offloaded_tensor_size=0: k2-tiny's are
+    below megatron's default of 2**20 elements), plus what megatron's offload manager reports offloaded in its
+    warm-up step (the first micro-batches, up to the first backward)."""
+    from megatron.core.pipeline_parallel.fine_grained_activation_offload import PipelineOffloadManager
+
+    from k2_megatron.megatron import activation_memory
+    from k2_megatron.rehearsal.replay import MicroBatchReplay
+
+    original = activation_memory.transformer_config_overrides
+
+    def every_tensor(options):
+        out = original(options)
+        if options.cpu_offload:
+            out["min_offloaded_tensor_size"] = 0
+        return out
+
+    activation_memory.transformer_config_overrides = every_tensor
+    summaries = []
+
+    def summary(self):  # what post_warmup_callback computes (once per manager), kept before the rehearsal drops it
+        warmup = getattr(self, "_is_warmup", False)
+        out = reset(self)
+        if warmup and not self._is_warmup:
+            summaries.append(dict(self.offload_summary_bytes))
+        return out
+
+    reset = PipelineOffloadManager.reset
+    PipelineOffloadManager.reset = summary
+    records = []
+
+    def remove(self):  # micro-batch replay's records: what each chunk's recorded forward kept, device and host
+        records.append([{"kept": r.kept, "pinned_kept": r.pinned_kept} for r in self.records if r is not None])
+        return remove_replay(self)
+
+    remove_replay = MicroBatchReplay.remove
+    MicroBatchReplay.remove = remove
+    results = step("-", world_size, rank, *overrides)
+    results["megatron_offloaded"] = summaries  # one per rehearsal: replay first with REPLAY=both
+    results["records"] = records[0] if records else []
     return results
 
 

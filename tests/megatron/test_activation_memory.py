@@ -46,7 +46,7 @@ def test_options_validate_and_map_to_megatron():
     with pytest.raises(ValueError, match=r"memory.recompute: \['rmsnorm'\] has unknown"):
         MemoryOptions(recompute=("rmsnorm",))
     with pytest.raises(ValueError, match="memory.cpu_offload"):
-        MemoryOptions(cpu_offload=("expert_fc1",))
+        MemoryOptions(cpu_offload=("fused_group_mlp",))  # megatron's, TE op fuser only
     with pytest.raises(TypeError, match="memory.fp8_activations must be a bool"):
         MemoryOptions(fp8_activations="yes")
 
@@ -63,7 +63,9 @@ def test_pretrain_config_memory_section(tmp_path):
 
     with pytest.raises(ValueError, match="memory.cpu_offload=.*needs CUDA"):
         check_supported(MemoryOptions(cpu_offload=("core_attn",)), cuda=False)
-    check_supported(MemoryOptions(cpu_offload=("core_attn",)), cuda=True)
+    with pytest.raises(ValueError, match="memory.cpu_offload=.*needs Transformer Engine"):
+        check_supported(MemoryOptions(cpu_offload=("core_attn",)), cuda=True, te_cpu_offload=False)
+    check_supported(MemoryOptions(cpu_offload=("core_attn", "expert_fc1", "moe_act")), cuda=True, te_cpu_offload=True)
 
 
 def test_checkpoint_without_output_default_fixed():
@@ -251,6 +253,15 @@ def test_planner_accounts_for_the_options():
         assert none[layer] - activation_bytes_per_token(cfg, layer, MemoryOptions(recompute=(name,))) == at, name
     saved = none[5] - activation_bytes_per_token(cfg, 5, MemoryOptions(fp8_activations=True))
     assert saved == pytest.approx(k * (h + 2 * fe) * (2 - 1 - 4 / 128))  # fc1's and SwiGLU's inputs as FP8
+    # our experts' offload groups (with K2's SwiGLU recompute): the FP8 copies of the fc1 input and the SwiGLU input
+    # move to pinned host memory
+    fp8 = MemoryOptions(fp8_activations=True, recompute=("swiglu",))
+    moe_offload = MemoryOptions(fp8_activations=True, recompute=("swiglu",), cpu_offload=("expert_fc1", "moe_act"))
+    fp8_inputs = k * (h + 2 * fe) * (1 + 4 / 128)
+    assert (activation_bytes_per_token(cfg, 5, fp8) - activation_bytes_per_token(cfg, 5, moe_offload)
+            == pytest.approx(fp8_inputs))
+    assert activation_bytes_per_token(cfg, 5, moe_offload, offloaded=True) == pytest.approx(fp8_inputs)
+    assert activation_bytes_per_token(cfg, 0, moe_offload, offloaded=True) == 0  # a dense layer has no experts
     offload = MemoryOptions(cpu_offload=("core_attn",))
     assert none[5] - activation_bytes_per_token(cfg, 5, offload) == 2 * qkv + 4 * H  # q, k, v and the log-sum-exp
 
@@ -260,9 +271,11 @@ def test_dry_run_reports_the_memory_section():
 
     from k2_megatron.training.plan import dry_run, plan_memory
 
-    base = load_config("examples/configs/k2_full.yaml")
+    base = load_config("examples/configs/k2_full.yaml", ["memory.fp8_activations=false", "memory.recompute=[]",
+                                                        "memory.cpu_offload=[]"])
     k2 = load_config("examples/configs/k2_full.yaml", ["memory.fp8_activations=true",
-                                                      "memory.recompute=[layernorm,mla_up_proj,swiglu]"])
+                                                      "memory.recompute=[layernorm,mla_up_proj,swiglu]",
+                                                      "memory.cpu_offload=[]"])
     p0, p1 = plan_memory(base, 256), plan_memory(k2, 256)
     for s0, s1 in zip(p0.stages, p1.stages):
         assert s0.activations_configured == pytest.approx(s0.activations)
@@ -270,6 +283,82 @@ def test_dry_run_reports_the_memory_section():
     out = io.StringIO()
     dry_run(k2, 256, file=out)
     assert "memory section (fp8_activations=True, recompute=['layernorm', 'mla_up_proj', 'swiglu']" in out.getvalue()
+    assert "pinned host memory" not in out.getvalue()
+    shipped = load_config("examples/configs/k2_full.yaml")  # K2's memory section: offload of the remaining inputs
+    p2 = plan_memory(shipped, 256)
+    for s1, s2 in zip(p1.stages, p2.stages):
+        assert s2.activations_configured + s2.offloaded == pytest.approx(s1.activations_configured)
+    out = io.StringIO()
+    dry_run(shipped, 256, file=out)
+    assert (f"CPU-offloaded activations in pinned host memory per rank: {p2.stages[0].offloaded / 2**30:.1f}"
+            in out.getvalue())
+
+
+# ----- CPU offload of the experts' inputs (needs a GPU: megatron's offload streams and pinned host memory) -----
+
+def _experts_step(offload: bool, fp8: bool, recompute: bool):
+    """One forward + backward of K2GroupedMLP on the GPU (bf16, 4 experts, 96 routed rows), optionally with megatron's
+    expert_fc1 / moe_act offload of every saved tensor: output, input / routing-weight / weight gradients, and the
+    bytes megatron's offload manager copied to the host."""
+    import types
+
+    import torch.nn.functional as F
+    from megatron.core.pipeline_parallel.fine_grained_activation_offload import (
+        FineGrainedActivationOffloadingInterface as off_interface,
+        PipelineOffloadManager,
+    )
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from k2_megatron.megatron.moe import K2GroupedMLP
+
+    experts, hidden, ffn = 4, 256, 192
+    extra = {"recompute_granularity": "selective", "recompute_modules": ["moe_act"]} if recompute else {}
+    if offload:
+        extra.update(fine_grained_activation_offloading=True, offload_modules=["expert_fc1", "moe_act"],
+                     min_offloaded_tensor_size=0)
+    cfg = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4, num_moe_experts=experts,
+                            moe_ffn_hidden_size=ffn, moe_grouped_gemm=True, gated_linear_unit=True,
+                            activation_func=F.silu, add_bias_linear=False, params_dtype=torch.bfloat16, bf16=True,
+                            use_cpu_initialization=True, perform_initialization=False, **extra)
+    mlp = K2GroupedMLP(experts, cfg, pg_collection=types.SimpleNamespace(ep=None, expt_dp=None, expt_tp=None))
+    mlp.fp8_activation_storage = fp8
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in mlp.parameters():
+            w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+    mlp.cuda()
+    counts = torch.tensor([40, 0, 33, 23])
+    x = torch.randn(int(counts.sum()), hidden, generator=g).bfloat16().cuda().requires_grad_()
+    probs = torch.rand(int(counts.sum()), generator=g).cuda().requires_grad_()
+    dy = torch.randn(int(counts.sum()), hidden, generator=g).bfloat16().cuda()
+    PipelineOffloadManager.reset_instance()
+    if offload:
+        off_interface.init_chunk_handler(pp_rank=0, vp_size=None, vp_stage=None, min_offloaded_tensor_size=0,
+                                         delta_offload_bytes_across_pp_ranks=0, activation_offload_fraction=1.0)
+    out, _ = mlp(x, counts, probs)
+    out.backward(dy)
+    manager = PipelineOffloadManager.get_instance()
+    offloaded = {group._name: group.total_offload_bytes for chunk in manager._cached_chunks_forward
+                 for group in chunk.offload_groups}
+    off_interface.reset()
+    PipelineOffloadManager.OFFLOAD_MGR = None
+    torch.cuda.synchronize()
+    return out.detach(), x.grad, probs.grad, [w.grad for w in mlp.parameters()], offloaded
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8,recompute", [(False, False), (True, True)])
+def test_expert_offload_keeps_the_gradients(fp8, recompute):
+    """Offload copies the saved tensors out and back unchanged: outputs and gradients bit-identical to no offload.
+    (Its wiring and byte counts are checked without a GPU under the rehearsal: tests/rehearsal/test_offload.py.)"""
+    pytest.importorskip("transformer_engine")  # megatron's offload manager sets TE's cpu_offload flag
+    ref = _experts_step(False, fp8, recompute)
+    got = _experts_step(True, fp8, recompute)
+    assert set(got[4]) == {"expert_fc1", "moe_act"} and all(b > 0 for b in got[4].values())
+    assert torch.equal(got[0], ref[0])
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    for a, b in zip(got[3], ref[3]):
+        assert torch.equal(a, b)
 
 
 # ----- training -----

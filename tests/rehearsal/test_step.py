@@ -5,22 +5,13 @@ its location. Each scenario runs in a fresh process (tests/helpers/rehearsal.py)
 from __future__ import annotations
 
 import os
-from collections import Counter
-
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import pytest
 
-from tests.helpers.rehearsal import run
+from tests.helpers.rehearsal import assert_replay_matches_computed, counts, run
 
 pytestmark = pytest.mark.slow  # each scenario runs a rehearsal in a fresh process
-
-
-def _counts(rows):
-    c = Counter()
-    for row in rows:
-        c[(row["op"] if "op" in row else row["kind"], row.get("group", row.get("site")), row["phase"])] += row["count"]
-    return c
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -31,14 +22,7 @@ def test_replay_reports_what_computing_every_micro_batch_reports(monkeypatch, ra
               "train.micro_batch_size=4")
     replay, computed = out["replay"], out["computed"]
     assert replay["micro_batches"] == computed["micro_batches"] == 8
-    # replay's known excess (k2_megatron/rehearsal/replay.py): up to two hidden states per model chunk
-    hidden_state = 128 * 4 * 64 * 4  # seq x micro-batch x hidden x fp32
-    excess = 2 * 2 * hidden_state
-    assert computed["peak_total"] <= replay["peak_total"] <= computed["peak_total"] * 1.005 + excess
-    for category, value in computed["category_max"].items():
-        assert value - 64 * 1024 <= replay["category_max"][category] <= value * 1.005 + excess, category
-    assert _counts(replay["collectives"]) == _counts(computed["collectives"])
-    assert _counts(replay["syncs"]) == _counts(computed["syncs"])
+    assert_replay_matches_computed(replay, computed, hidden_state=128 * 4 * 64 * 4)  # seq x micro-batch x hidden x fp32
     assert {c["group"] for c in computed["collectives"]} >= {"PIPELINE_MODEL_PARALLEL_GROUP"}
 
 
@@ -62,8 +46,8 @@ def test_replay_under_k2_fulls_overlaps_reports_what_computing_reports(monkeypat
     replay, computed = out["replay"], out["computed"]
     assert replay["micro_batches"] == computed["micro_batches"] == 8
     assert replay["replayed"] == 2 * (8 - 4) and computed["replayed"] == 0  # per chunk all but 0, 1, 2 and the last
-    assert _counts(replay["collectives"]) == _counts(computed["collectives"])
-    assert _counts(replay["syncs"]) == _counts(computed["syncs"])
+    assert counts(replay["collectives"]) == counts(computed["collectives"])
+    assert counts(replay["syncs"]) == counts(computed["syncs"])
     excess = 2 * 2 * 128 * 2 * 64 * 2  # replay's known excess (as above; hidden states of 128 x 2 x 64 bf16)
     # combined 1F1B interleaves micro-batch f's forward with b's backward layer by layer; where one of them is
     # replayed the two run one after the other (k2_megatron/rehearsal/replay.py), which holds less at once: here,
