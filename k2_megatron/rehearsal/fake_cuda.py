@@ -432,7 +432,7 @@ def _make_storage_resize(original):
         output in CheckpointWithoutOutput, the combined 1F1B schedule's all-to-all buffers, offloaded activations);
         the rehearsal's memory count is told."""
         out = original(self, size)
-        if observers.storage_resized is not None and self.device.type == "cuda":
+        if observers.storage_resized is not None:
             observers.storage_resized(self)
         return out
 

@@ -189,12 +189,9 @@ class MemoryTracker:
     def on_resize(self, storage) -> None:
         """A device storage resized in place: ``untyped_storage().resize_(0)`` is how megatron frees a recomputed output
         (CheckpointWithoutOutput), the all-to-all buffers of its combined 1F1B schedule and offloaded activations, the
-        tensor object living on; resizing back re-allocates, in the storage's category (a storage not counted yet is
-        counted in the current allocation category)."""
+        tensor object living on; resizing back re-allocates, in the storage's category."""
         entry = self._live.get(storage._cdata)
-        if entry is None:
-            if storage.device.type == "cuda" and storage.nbytes():
-                self._add(storage, self.allocation_category)
+        if entry is None:  # not a counted device storage (a fake tensor's storage is on "meta", host or device)
             return
         delta = storage.nbytes() - entry[0]
         entry[0] += delta
