@@ -21,7 +21,8 @@ identical; only copies are added. Per parameter and step that is 8 bytes each wa
 12 for AdamW; the alternative (elementwise maths on the host, only Newton-Schulz on the device) moves as many bytes
 (gradient down, momentum up, O down, weight up) and computes on the host's CPU, with other rounding. For k2_full
 (~4.8B parameters per rank) it is ~38 GB each way per step, ~1.5 s at ~25 GB/s of PCIe per GPU, against a step of
-minutes. Copies are non_blocking (pinned memory), ordered on the current stream; host readers (checkpoints) first
+minutes. Pieces hold k2_megatron.config.memory.streamed_piece_elements(memory.muon_buffer_mib) elements. Copies are
+non_blocking (pinned memory), ordered on the current stream; host readers (checkpoints) first
 wait for them (``wait_for_host_state``).
 
 On a CPU run host and device are the same memory: the switch keeps separate state tensors and copies them all the
@@ -34,19 +35,10 @@ from collections.abc import Callable
 
 import torch
 
+from k2_megatron.config.memory import streamed_piece_elements
 from k2_megatron.optim.muon import adamw_step_, apply_decoupled_update_, muon_momentum_
 from k2_megatron.optim.muonclip import QKClipStats
 from k2_megatron.optim.qk_clip import WeightShard, qk_clip_
-
-# Device bytes per element of one streamed piece: AdamW's master, two moments and the temporary its denominator
-# needs (fp32); Muon's pieces (momentum, or master) need less.
-STREAMED_BYTES_PER_ELEMENT = 16
-
-
-def streamed_piece_elements(budget_bytes: int) -> int:
-    """Elements of one streamed piece within ``budget_bytes`` (memory.muon_buffer_mib)."""
-    return max(1, budget_bytes // STREAMED_BYTES_PER_ELEMENT)
-
 
 def host_tensor(like: torch.Tensor, device: torch.device, *, copy: bool) -> torch.Tensor:
     """A host tensor shaped as ``like``: zeros, or a copy of it (``copy``); pinned when ``device`` is a CUDA device
@@ -112,9 +104,9 @@ class HostStateStep:
 
     def host_state_bytes(self) -> int:
         """Bytes of host memory the optimizer state and the master weights take."""
-        total = sum(t.numel() * t.element_size() for s in self.state.values() for k, t in s.items() if k != "step")
-        return total + sum(p.numel() * p.element_size() for g in self.param_groups for p in g["params"]
-                           if id(p) in self.host_master_ids)
+        tensors = [t for s in self.state.values() for k, t in s.items() if k != "step"]
+        tensors += [p for g in self.param_groups for p in g["params"] if id(p) in self.host_master_ids]
+        return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cpu")
 
     def _pieces(self, p: torch.Tensor):
         return ((lo, min(lo + self.piece_elements, p.numel())) for lo in range(0, p.numel(), self.piece_elements))
@@ -161,13 +153,8 @@ class HostStateStep:
                     continue
                 state = self._state_of(p, True)
                 self._advance_step(group, state)
-                momentum = state[self.MOMENTUM_KEY]
                 for lo, hi in self._pieces(p):
-                    m = self._to_device(momentum, lo, hi)
-                    g = grad[lo:hi]
-                    update = muon_momentum_(m, g, group["momentum"], group["nesterov"])
-                    g.copy_(update)  # the matrix to orthogonalise, over the gradient it consumed
-                    self._to_host(momentum, lo, m)
+                    self._momentum_piece(state[self.MOMENTUM_KEY], grad[lo:hi], lo, group)
                 items.append((group, p, grad))
         clipped = self._clipped_master_ids()
         for (group, p, _), ortho in zip(items, self.orthogonalize(items)):
@@ -176,6 +163,13 @@ class HostStateStep:
             def update(w, lo, hi, flat=flat, group=group):
                 apply_decoupled_update_(w, flat[lo:hi], group["lr"], group["weight_decay"])
             self._stream_update(p, update, clipped)
+
+    def _momentum_piece(self, momentum: torch.Tensor, grad: torch.Tensor, lo: int, group: dict) -> None:
+        """M = mu M + G for elements [lo, lo + len(grad)) on the device, the matrix to orthogonalise written over the
+        gradient it consumed (its device copies die on return, before the next piece's)."""
+        m = self._to_device(momentum, lo, lo + grad.numel())
+        grad.copy_(muon_momentum_(m, grad, group["momentum"], group["nesterov"]))
+        self._to_host(momentum, lo, m)
 
     def _adamw_group_step(self, group: dict) -> None:
         clipped = self._clipped_master_ids()

@@ -58,7 +58,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 from k2_megatron.megatron import host_state, multi_tensor, optimizer_state
-from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, muon_gather_spans, newton_schulz_batches
+from k2_megatron.config.memory import (DEFAULT_MUON_BUFFER_MIB, muon_gather_spans, newton_schulz_batches,
+                                       streamed_piece_elements)
 from k2_megatron.megatron.attention import K2MLACoreAttention, take_global_max_attn_logits
 from k2_megatron.megatron.layout import all_reduce_on_backend, collective_device
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
@@ -306,7 +307,7 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
                 mains[i] = model.main_param = host
                 hosts.append(host)
         self.optimizer.attach_host_state(device=device,
-                                         piece_elements=host_state.streamed_piece_elements(budget_bytes),
+                                         piece_elements=streamed_piece_elements(budget_bytes),
                                          host_masters=hosts, write_model=self._write_model_piece)
 
     def _model_piece(self, main: torch.Tensor, first: int, numel: int) -> torch.Tensor:

@@ -40,9 +40,11 @@ class RehearsalReport:
     unexpected_syncs: list   # rows of ``syncs`` without an allowed entry
     checkpoint: dict
     seconds: dict            # phase -> CPU seconds the rehearsal spent in it
+    host_optimizer_state: int = 0            # pinned host bytes of the optimizer state (optimizer_state_on_host)
+    planned_host_optimizer_state: float = 0  # the dry-run planner's figure for it
 
     @classmethod
-    def of(cls, r, cfg, *, checkpoint=None, micro_batches: int = 0) -> "RehearsalReport":
+    def of(cls, r, cfg, *, checkpoint=None, micro_batches: int = 0, host_optimizer_state: int = 0) -> "RehearsalReport":
         from megatron.core import parallel_state
 
         from k2_megatron.training.plan import plan_memory
@@ -60,7 +62,8 @@ class RehearsalReport:
                    dict(r.memory.category_max),
                    {c: (getattr(stage, f) if f else None) for c, f in PLANNER_FIELDS.items()},
                    r.collectives.summary(), syncs, [s for s in syncs if s["unexpected"]],
-                   dataclasses.asdict(checkpoint) if checkpoint is not None else {}, dict(r.phases))
+                   dataclasses.asdict(checkpoint) if checkpoint is not None else {}, dict(r.phases),
+                   host_optimizer_state, stage.optimizer_host)
 
     def check(self) -> "RehearsalReport":
         """Raises RehearsalFailed listing the unexpected host synchronisations; returns self otherwise."""
@@ -95,6 +98,9 @@ class RehearsalReport:
                     if row["difference"] is not None else "")
             lines.append(f"  {row['category']:<24}{gib(row['at_peak'])}{gib(row['max']):>10}{planned:>10}{diff}")
         lines.append("  (n/m: not modelled by the dry-run planner, k2_megatron/training/plan.py)")
+        if self.host_optimizer_state or self.planned_host_optimizer_state:
+            lines.append(f"  {'host: optimizer state':<24}{'':>9}{gib(self.host_optimizer_state):>10}"
+                         f"{gib(self.planned_host_optimizer_state):>10}  (pinned, memory.optimizer_state_on_host)")
         return "\n".join(lines)
 
     def format_collectives(self) -> str:
@@ -149,6 +155,10 @@ def format_memory_table(reports: list[RehearsalReport]) -> str:
                                f"{gib(row['planned'])} GiB ({row['difference']:+.0%})")
             cells.append(f"{gib(row['max']):>10}{gib(row['planned']):>10}{diff:>6}")
         lines.append(f"{c:<24}" + "".join(f"{cell:>{width}}" for cell in cells))
+    if any(r.host_optimizer_state or r.planned_host_optimizer_state for r in reports):
+        lines.append(f"{'host: optimizer state':<24}" + "".join(
+            f"{gib(r.host_optimizer_state):>10}{gib(r.planned_host_optimizer_state):>10}{'':>6}" for r in reports)
+            + "  (pinned host memory, memory.optimizer_state_on_host)")
     lines.append(f"{'peak (all categories)':<24}" + "".join(
         f"{gib(r.peak_total) + ' (' + r.peak_phase.split()[0] + ')':>{width}}" for r in reports))
     over = [r for r in reports if r.peak_total > r.device_memory]
