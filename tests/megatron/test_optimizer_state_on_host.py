@@ -15,8 +15,6 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 import pytest
 import torch
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
 STEPS, SAVE_AT = 3, 2
 BUDGET = 4096  # bytes: 256-element pieces (host_state.STREAMED_BYTES_PER_ELEMENT), Muon's spans a few matrices
 
@@ -151,6 +149,8 @@ def runs(request, tmp_path_factory):
                            timeout=600)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_state_on_host_changes_nothing(runs, dtype):
     for rank, res in enumerate(runs):
@@ -163,8 +163,22 @@ def test_state_on_host_changes_nothing(runs, dtype):
         assert r["skipped"] == {False: True, True: True}
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_checkpoints_cross_the_switch(runs, dtype):
     for rank, res in enumerate(runs):
         for (saved, loaded), differing in res[dtype]["resumed"].items():
             assert differing == [], (rank, f"saved with state_on_host={saved}, loaded with {loaded}", differing[:5])
+
+
+def test_state_on_host_needs_the_distributed_optimizer():
+    from megatron.core.optimizer import OptimizerConfig
+
+    from k2_megatron.megatron.optimizer import MuonClipConfig, get_muonclip_optimizer
+
+    with pytest.raises(ValueError, match="state_on_host .*needs the distributed optimizer"):
+        get_muonclip_optimizer(OptimizerConfig(optimizer="adam", use_distributed_optimizer=False),
+                               [torch.nn.Linear(2, 2)], MuonClipConfig(state_on_host=True))
+    with pytest.raises(ValueError, match="state_on_host must be a bool, got 'yes'"):
+        MuonClipConfig(state_on_host="yes")
