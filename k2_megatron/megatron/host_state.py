@@ -42,7 +42,7 @@ from k2_megatron.optim.qk_clip import WeightShard, qk_clip_
 
 def host_tensor(like: torch.Tensor, device: torch.device, *, copy: bool) -> torch.Tensor:
     """A host tensor shaped as ``like``: zeros, or a copy of it (``copy``); pinned when ``device`` is a CUDA device
-    (asynchronous copies both ways). Tensor attributes (megatron's tensor-parallel flags) are carried over."""
+    (asynchronous copies both ways)."""
     host = torch.empty(like.shape, dtype=like.dtype, device="cpu")
     if copy:
         host.copy_(like)
@@ -50,7 +50,6 @@ def host_tensor(like: torch.Tensor, device: torch.device, *, copy: bool) -> torc
         host.zero_()
     if device.type == "cuda":
         host = host.pin_memory()
-    host.__dict__.update(getattr(like, "__dict__", {}))
     return host
 
 

@@ -47,12 +47,12 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.optimizer import (ChainedOptimizer, OptimizerConfig, _get_param_groups_and_buffers,
                                      check_config_overrides_consistency, get_standard_config_overrides)
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import (SEPARATE_GRAD_NORM_GROUPS, FP32Optimizer,
-                                               Float16OptimizerWithFloat16Params)
+                                               Float16OptimizerWithFloat16Params, copy_optimizer_param_metadata)
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
@@ -302,6 +302,10 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
         for models, mains in zip(self.model_float16_groups, self.shard_fp32_from_float16_groups):
             for i, (model, main) in enumerate(zip(models, mains)):
                 host = host_state.host_tensor(main, device, copy=True)
+                # the attributes megatron gives a master shard (tensor-parallel, grad-norm group, ...)
+                tensor_parallel.copy_tensor_model_parallel_attributes(host, model)
+                tensor_parallel.copy_gtp_attributes(host, model)
+                copy_optimizer_param_metadata(host, model)
                 for params in inner_params:
                     params[:] = [host if q is main else q for q in params]
                 mains[i] = model.main_param = host

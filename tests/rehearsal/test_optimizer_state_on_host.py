@@ -65,3 +65,22 @@ def test_the_streamed_step_stays_within_twice_the_budget(report):
     assert 0 < temporaries <= 2 * budget + small, temporaries / budget
     planned = report["planned"]["optimizer temporaries"]
     assert abs(temporaries - planned) <= 0.10 * planned, (temporaries, planned)
+
+
+def test_host_copies_of_fake_device_tensors_are_host_tensors():
+    """On fake CUDA tensors, a host copy of a device tensor is on the host, also when it is too large to be made
+    for real (k2_full's expert master shards: fake host tensors)."""
+    import torch
+
+    from k2_megatron.megatron.host_state import host_tensor
+    from k2_megatron.rehearsal import fake_cuda
+    from k2_megatron.rehearsal.session import REAL_HOST_TENSOR_LIMIT, rehearsal
+
+    with rehearsal(2, 0, device=fake_cuda.H100):
+        for numel in (10, REAL_HOST_TENSOR_LIMIT):  # 4 bytes each: a real and a fake host tensor
+            device = torch.empty(numel, device="cuda")
+            for copy in (False, True):
+                host = host_tensor(device, device.device, copy=copy)
+                assert host.device.type == "cpu" and host.shape == device.shape, (numel, copy, host.device)
+                with pytest.raises(RuntimeError, match="devices|device"):
+                    host.add_(device)  # host and device mixed in one operation: refused
