@@ -35,10 +35,10 @@ from collections.abc import Callable
 
 import torch
 
-from k2_megatron.config.memory import streamed_piece_elements
 from k2_megatron.optim.muon import adamw_step_, apply_decoupled_update_, muon_momentum_
 from k2_megatron.optim.muonclip import QKClipStats
 from k2_megatron.optim.qk_clip import WeightShard, qk_clip_
+
 
 def host_tensor(like: torch.Tensor, device: torch.device, *, copy: bool) -> torch.Tensor:
     """A host tensor shaped as ``like``: zeros, or a copy of it (``copy``); pinned when ``device`` is a CUDA device

@@ -35,6 +35,8 @@ and a local variant:
 - Non-finite gradients and missing or non-finite max logits are detected on every rank and agreed on by all
   ranks before anything is updated (a rank raising alone would leave the others waiting in a collective). The
   gradient buffers are checked in pieces within the budget (``torch.isfinite`` holds 7 bytes per fp32 element).
+With ``MuonClipConfig.state_on_host`` (ZeRO-1) the master shards and the state live in pinned host memory and the
+step streams them through the device in pieces within the budget (k2_megatron.megatron.host_state).
 Optimizer state (master weights, momentum, Adam moments, step) is saved and loaded with megatron's dist_checkpointing
 in model space (``MuonClipChainedOptimizer.sharded_state_dict``, k2_megatron.megatron.optimizer_state), so a run
 resumes on any other TP / PP / EP / DP layout.
