@@ -63,6 +63,18 @@ NEWTON_SCHULZ_BYTES_PER_ELEMENT = 18
 DEFAULT_MUON_BUFFER_MIB = 512
 
 
+# With the optimizer state in host memory (memory.optimizer_state_on_host, k2_megatron.megatron.host_state), the step
+# streams each parameter's master weights and state through the device in pieces of the same budget; the largest
+# piece per element is AdamW's: its master, two moments and the temporary of its denominator (fp32). Muon's pieces
+# (momentum, then master) need less.
+STREAMED_BYTES_PER_ELEMENT = 16
+
+
+def streamed_piece_elements(budget_bytes: int) -> int:
+    """Elements of one piece of optimizer state streamed through the device within ``budget_bytes``."""
+    return max(1, budget_bytes // STREAMED_BYTES_PER_ELEMENT)
+
+
 def finite_check_bytes_per_element(itemsize: int) -> int:
     """Device bytes per element that ``torch.isfinite`` holds at once for a floating tensor of ``itemsize``-byte
     elements: ATen computes ``(x == x) * (x.abs() != inf)`` (aten/src/ATen/native/TensorCompare.cpp), so three bool

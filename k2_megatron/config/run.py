@@ -197,6 +197,10 @@ class MemorySection:
     # ZeRO-1 Muon: fp32 buffers gathering a gradient bucket's momentum for Newton-Schulz, at most this many MiB at a
     # time (k2_megatron.megatron.optimizer.MuonClipConfig.buffer_bytes; a matrix larger than this is gathered alone)
     muon_buffer_mib: int = DEFAULT_MUON_BUFFER_MIB
+    # MuonClip's fp32 master weights and Muon momentum / Adam moments in pinned host memory instead of the device,
+    # streamed through the device in pieces within muon_buffer_mib during the step (k2_megatron.megatron.host_state;
+    # K2 report section 2.4: optimizer states offloaded to the CPU when the nodes are few)
+    optimizer_state_on_host: bool = False
 
     def options(self) -> MemoryOptions:
         """The MemoryOptions of this section."""
@@ -287,6 +291,9 @@ class PretrainConfig:
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
         _positive_int("memory.muon_buffer_mib", self.memory.muon_buffer_mib)
+        if not isinstance(self.memory.optimizer_state_on_host, bool):
+            raise ConfigError(f"memory.optimizer_state_on_host: must be true or false, got "
+                              f"{self.memory.optimizer_state_on_host!r}")
         if not (isinstance(self.memory.device_memory_gib, (int, float)) and self.memory.device_memory_gib > 0):
             raise ConfigError(f"memory.device_memory_gib: must be a number > 0, got {self.memory.device_memory_gib!r}")
         try:

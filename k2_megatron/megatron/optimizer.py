@@ -35,6 +35,8 @@ and a local variant:
 - Non-finite gradients and missing or non-finite max logits are detected on every rank and agreed on by all
   ranks before anything is updated (a rank raising alone would leave the others waiting in a collective). The
   gradient buffers are checked in pieces within the budget (``torch.isfinite`` holds 7 bytes per fp32 element).
+With ``MuonClipConfig.state_on_host`` (ZeRO-1) the master shards and the state live in pinned host memory and the
+step streams them through the device in pieces within the budget (k2_megatron.megatron.host_state).
 Optimizer state (master weights, momentum, Adam moments, step) is saved and loaded with megatron's dist_checkpointing
 in model space (``MuonClipChainedOptimizer.sharded_state_dict``, k2_megatron.megatron.optimizer_state), so a run
 resumes on any other TP / PP / EP / DP layout.
@@ -47,18 +49,19 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.optimizer import (ChainedOptimizer, OptimizerConfig, _get_param_groups_and_buffers,
                                      check_config_overrides_consistency, get_standard_config_overrides)
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import (SEPARATE_GRAD_NORM_GROUPS, FP32Optimizer,
-                                               Float16OptimizerWithFloat16Params)
+                                               Float16OptimizerWithFloat16Params, copy_optimizer_param_metadata)
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
-from k2_megatron.megatron import multi_tensor, optimizer_state
-from k2_megatron.config.memory import DEFAULT_MUON_BUFFER_MIB, muon_gather_spans, newton_schulz_batches
+from k2_megatron.megatron import host_state, multi_tensor, optimizer_state
+from k2_megatron.config.memory import (DEFAULT_MUON_BUFFER_MIB, muon_gather_spans, newton_schulz_batches,
+                                       streamed_piece_elements)
 from k2_megatron.megatron.attention import K2MLACoreAttention, take_global_max_attn_logits
 from k2_megatron.megatron.layout import all_reduce_on_backend, collective_device
 from k2_megatron.ops import DEFAULT_COEFFICIENTS
@@ -86,10 +89,16 @@ class MuonClipConfig:
     # ZeRO-1: bytes of the fp32 buffers that gather a gradient bucket's momentum for Newton-Schulz at a time
     # (k2_megatron.config.memory.muon_gather_spans; a matrix larger than this is gathered alone)
     buffer_bytes: int = DEFAULT_MUON_BUFFER_MIB * 2**20
+    # ZeRO-1: master weights and Muon / AdamW state in pinned host memory, the step streaming them through the
+    # device in pieces within buffer_bytes (k2_megatron.megatron.host_state; the config's
+    # memory.optimizer_state_on_host)
+    state_on_host: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.buffer_bytes, int) and self.buffer_bytes > 0):
             raise ValueError(f"MuonClipConfig: buffer_bytes must be an int > 0, got {self.buffer_bytes!r}")
+        if not isinstance(self.state_on_host, bool):
+            raise ValueError(f"MuonClipConfig: state_on_host must be a bool, got {self.state_on_host!r}")
         if self.qk_clip_tau is not None:
             check_qk_clip_args(self.qk_clip_tau, self.qk_clip_alpha)
         if self.nonfinite not in ("raise", "skip"):
@@ -132,6 +141,10 @@ class _MegatronMuonClip(MuonClip):
         self.param_groups.append(param_group)
 
 
+class _HostStateMegatronMuonClip(host_state.HostStateStep, _MegatronMuonClip):
+    """_MegatronMuonClip with its state and master weights in host memory, the step streamed through the device."""
+
+
 def _megatron_muonclip(param_groups: list[dict], config: OptimizerConfig, muonclip: MuonClipConfig,
                        orthogonalize) -> _MegatronMuonClip | None:
     """The inner MuonClip of one megatron wrapper over megatron's param groups (None for none: a stub wrapper).
@@ -143,7 +156,8 @@ def _megatron_muonclip(param_groups: list[dict], config: OptimizerConfig, muoncl
         # megatron's lr scheduler rewrites lr and weight_decay each step with these multipliers; start the same.
         g["lr"] = config.lr * g.get("lr_mult", 1.0)
         g["weight_decay"] = config.weight_decay * g.get("wd_mult", 1.0)
-    return _MegatronMuonClip(
+    cls = _HostStateMegatronMuonClip if muonclip.state_on_host else _MegatronMuonClip
+    return cls(
         param_groups, lr=config.lr, momentum=muonclip.momentum, nesterov=muonclip.nesterov,
         weight_decay=config.weight_decay, ns_steps=muonclip.ns_steps, ns_coefficients=muonclip.ns_coefficients,
         ns_eps=muonclip.ns_eps, ns_dtype=muonclip.ns_dtype, update_scale=muonclip.update_scale,
@@ -246,7 +260,8 @@ class _MuonClipWrapper:
         copy (None: no piece of it here)."""
         if weight not in self._main_of:
             return None
-        return WeightShard(self._main_of[weight].view(-1), self._first_element(weight), weight.shape[0],
+        main = self._main_of[weight]
+        return WeightShard(main if main.dim() == 1 else main.view(-1), self._first_element(weight), weight.shape[0],
                            weight.shape[1])
 
     def _first_element(self, model: torch.nn.Parameter) -> int:
@@ -270,9 +285,91 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
                  groups: _SubOptimizerGroups, **distributed):
         inner = _megatron_muonclip(param_groups, config, muonclip, self.orthogonalize)
         super().__init__(inner, config, None, _init_muonclip_state, **distributed)
+        self.state_on_host = muonclip.state_on_host and inner is not None
+        self._model_params_written = False  # by the streamed step (state on host)
+        if self.state_on_host:
+            self._masters_to_host(muonclip.buffer_bytes)
         self._init_muonclip(groups)
         self.muon_buffer_bytes = muonclip.buffer_bytes
         self.ns_plan, self.ns_load = self._deal_matrices(is_muon) if inner is not None else ([], [0.0])
+
+    # ---- optimizer state on the host (k2_megatron.megatron.host_state) ----------------------------------------
+
+    def _masters_to_host(self, budget_bytes: int) -> None:
+        """Moves the fp32 master shards megatron made to the host (the same objects everywhere megatron and the
+        inner optimizer hold them) and tells the inner optimizer; its state is created there."""
+        device = self._bucket_device()
+        inner_params = [g["params"] for g in self.optimizer.param_groups]
+        hosts = []
+        for models, mains in zip(self.model_float16_groups, self.shard_fp32_from_float16_groups):
+            for i, (model, main) in enumerate(zip(models, mains)):
+                host = host_state.host_tensor(main, device, copy=True)
+                # the attributes megatron gives a master shard (tensor-parallel, grad-norm group, ...)
+                tensor_parallel.copy_tensor_model_parallel_attributes(host, model)
+                tensor_parallel.copy_gtp_attributes(host, model)
+                copy_optimizer_param_metadata(host, model)
+                for params in inner_params:
+                    params[:] = [host if q is main else q for q in params]
+                mains[i] = model.main_param = host
+                hosts.append(host)
+        self.optimizer.attach_host_state(device=device,
+                                         piece_elements=streamed_piece_elements(budget_bytes),
+                                         host_masters=hosts, write_model=self._write_model_piece)
+
+    def _model_piece(self, main: torch.Tensor, first: int, numel: int) -> torch.Tensor:
+        """Elements [first, first + numel) of master ``main``'s model weight, in megatron's parameter buffer."""
+        model = self.main_to_model[main]
+        world = self._get_model_param_range_map(model)["gbuf_world_in_bucket"]
+        gbuf_index, _, bucket_id = self.model_param_gbuf_map[model]
+        buffer = self.buffers[gbuf_index].buckets[bucket_id].param_data.view(-1)
+        return buffer[world.start + first:world.start + first + numel]
+
+    def _write_model_piece(self, main: torch.Tensor, first: int, piece: torch.Tensor) -> None:
+        """The model weight from an updated master piece on the device (megatron's main-to-model copy, per piece)."""
+        self._model_piece(main, first, piece.numel()).copy_(piece)
+        self._model_params_written = True
+
+    def _copy_model_grads_to_main_grads(self):
+        if not self.state_on_host:
+            return super()._copy_model_grads_to_main_grads()
+        grads = {}
+        for models, mains in ((self.model_float16_groups, self.shard_fp32_from_float16_groups),
+                              (self.model_fp32_groups, self.shard_fp32_groups)):
+            for model_group, main_group in zip(models, mains):
+                for model, main in zip(model_group, main_group):
+                    rng = self._get_model_param_range_map(model)["param"]
+                    grads[main] = model.main_grad.view(-1)[rng.start:rng.end].float()
+        self.optimizer.device_grads = grads
+
+    def get_parameters(self):
+        params = super().get_parameters()
+        if not self.state_on_host:
+            return params
+        grads = self.optimizer.device_grads
+        return [host_state.MasterWithDeviceGrad(p, grads.get(p)) for p in params]
+
+    def _copy_main_params_to_model_params(self):
+        if not self.state_on_host:
+            return super()._copy_main_params_to_model_params()
+        if self._model_params_written:  # by the step, piece by piece (fp32 model shards are the weights)
+            self._model_params_written = False
+            return
+        piece = self.optimizer.piece_elements
+        for mains in self.shard_fp32_from_float16_groups:
+            for main in mains:
+                for first in range(0, main.numel(), piece):
+                    host = main[first:first + piece]
+                    device = torch.empty(host.shape, dtype=host.dtype, device=self.optimizer.device)
+                    device.copy_(host, non_blocking=True)
+                    self._model_piece(main, first, host.numel()).copy_(device)
+
+    def host_state_bytes(self) -> int:
+        """Host memory of the optimizer state and master weights (0 unless the state is on the host)."""
+        return self.optimizer.host_state_bytes() if self.state_on_host else 0
+
+    def wait_for_host_state(self) -> None:
+        if self.state_on_host:
+            host_state.wait_for_host_state(self.optimizer.device)
 
     def _first_element(self, model: torch.nn.Parameter) -> int:
         return self._get_model_param_range_map(model)["param"].start
@@ -315,7 +412,8 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
         dp_size, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
         group = items[0][0] if items else next((g for g in self.optimizer.param_groups if g["use_muon"]), None)
         update_of = {self.main_to_model[main]: update for _, main, update in items}
-        out_of = {self.main_to_model[main]: _output_over_grad(main, update) for _, main, update in items}
+        out_of = {self.main_to_model[main]: _output_over_grad(self._main_grad(main), update)
+                  for _, main, update in items}
         for gbuf_idx, bucket_idx, units in self.ns_plan:
             numel = self.buffers[gbuf_idx].buckets[bucket_idx].grad_data.numel()
             ranges = self._bucket_ranges(units, dp_rank * (numel // dp_size))
@@ -397,6 +495,9 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
     def _bucket_device(self) -> torch.device:
         return self.buffers[0].grad_data.device
 
+    def _main_grad(self, main: torch.Tensor) -> torch.Tensor | None:
+        return self.optimizer.device_grads.get(main) if self.state_on_host else main.grad
+
 
 def _newton_schulz_batches(mine: list[tuple[_Matrix, int]], tp_size: int, budget_bytes: int) -> list[list]:
     """``mine`` grouped by shape and TP split (in order of first appearance), each group cut into the Newton-Schulz
@@ -430,10 +531,9 @@ def _copy_pieces(buf: torch.Tensor, buf_start: int, ranges: dict, tensors: dict,
             buf[a - buf_start:b - buf_start] = piece
 
 
-def _output_over_grad(main: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """Where Muon's O of master shard ``main`` goes: over its gradient (a view of megatron's fp32 gradient buffer,
+def _output_over_grad(grad: torch.Tensor | None, update: torch.Tensor) -> torch.Tensor:
+    """Where Muon's O of a master shard goes: over its gradient ``grad`` (a view of megatron's fp32 gradient buffer,
     consumed by the momentum update before orthogonalisation), else a new tensor."""
-    grad = main.grad
     if grad is not None and grad.dtype == update.dtype and grad.shape == update.shape and grad.is_contiguous():
         return grad
     return torch.empty_like(update)
@@ -594,6 +694,9 @@ def get_muonclip_optimizer(config: OptimizerConfig, model_chunks: list,
     muonclip = muonclip or MuonClipConfig()
     model_chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     _check_config(config, model_chunks)
+    if muonclip.state_on_host and not config.use_distributed_optimizer:
+        raise ValueError("get_muonclip_optimizer: MuonClipConfig.state_on_host (memory.optimizer_state_on_host) needs "
+                         "the distributed optimizer (OptimizerConfig.use_distributed_optimizer=True)")
     names = _named_params(model_chunks)
 
     def is_muon(p, name=None) -> bool:
@@ -665,13 +768,25 @@ class MuonClipChainedOptimizer(ChainedOptimizer):
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata: dict | None = None):
         """The optimizer state in model space (k2_megatron.megatron.optimizer_state): loads on any TP / PP / EP / DP
         layout, with or without the distributed optimizer. Its tensors are views of the live state (a load
-        reads into them in place)."""
+        reads into them in place), which the host may read or write once the step's copies to it are done."""
+        self.wait_for_host_state()
         return optimizer_state.sharded_state_dict(self.chained_optimizers, model_sharded_state_dict)
 
     @torch.no_grad()
     def load_state_dict(self, state_dict) -> None:
         """Completes a load of ``sharded_state_dict`` (its tensors were read in place): the step count."""
         optimizer_state.load_state_dict(self.chained_optimizers, state_dict)
+
+    def wait_for_host_state(self) -> None:
+        """Waits for the last step's copies of optimizer state to the host (memory.optimizer_state_on_host)."""
+        for sub in self.chained_optimizers:
+            if isinstance(sub, MuonClipDistributedOptimizer):
+                sub.wait_for_host_state()
+
+    def host_state_bytes(self) -> int:
+        """Host memory this rank's optimizer state and master weights take (0 unless they are on the host)."""
+        return sum(sub.host_state_bytes() for sub in self.chained_optimizers
+                   if isinstance(sub, MuonClipDistributedOptimizer))
 
     def _agree(self, flags: list[torch.Tensor]) -> list[bool]:
         """Element-wise OR of 0-d flags over all ranks: one reduction, one host read."""

@@ -79,6 +79,16 @@ ALLOWED_SYNCS: tuple[AllowedSync, ...] = (
                 "the validation loss (sum and count over the world) is read on the host once per validation; the "
                 "rehearsal answers 1.0 for the loss and the count",
                 file="k2_megatron/training/trainer.py", function="global_mean", value=1.0),
+    AllowedSync("optimizer state to host",
+                "with memory.optimizer_state_on_host the step writes every updated piece of the master weights and "
+                "Muon / AdamW state back to pinned host memory with non_blocking copies queued on the stream: on a GPU "
+                "the host does not wait for them (the rehearsal's pin_memory leaves tensors pageable, so it sees each "
+                "piece as a device-to-host copy)",
+                file="k2_megatron/megatron/host_state.py", function="_to_host"),
+    AllowedSync("optimizer state on host, before a checkpoint",
+                "with memory.optimizer_state_on_host a checkpoint's save or load first waits for the last step's "
+                "copies of the state to the host (at save and load steps only)",
+                file="k2_megatron/megatron/host_state.py", function="wait_for_host_state"),
     AllowedSync("checkpoint shards to host",
                 "writing a checkpoint stages every shard this rank writes in host memory (at save steps only)",
                 detail="checkpoint: "),

@@ -43,9 +43,12 @@ class RehearsalReport:
     replayed: int = 0        # model-chunk micro-batches replayed (k2_megatron.rehearsal.replay) instead of computed
     pinned_host: int = 0     # most pinned host bytes holding offloaded activations during the step (memory.py)
     pinned_host_planned: float | None = None  # the dry-run planner's (StagePlan.offloaded)
+    host_optimizer_state: int = 0            # pinned host bytes of the optimizer state (optimizer_state_on_host)
+    planned_host_optimizer_state: float = 0  # the dry-run planner's figure for it
 
     @classmethod
-    def of(cls, r, cfg, *, checkpoint=None, micro_batches: int = 0, replayed: int = 0) -> "RehearsalReport":
+    def of(cls, r, cfg, *, checkpoint=None, micro_batches: int = 0, replayed: int = 0,
+           host_optimizer_state: int = 0) -> "RehearsalReport":
         from megatron.core import parallel_state
 
         from k2_megatron.training.plan import plan_memory
@@ -64,7 +67,7 @@ class RehearsalReport:
                    {c: (getattr(stage, f) if f else None) for c, f in PLANNER_FIELDS.items()},
                    r.collectives.summary(), syncs, [s for s in syncs if s["unexpected"]],
                    dataclasses.asdict(checkpoint) if checkpoint is not None else {}, dict(r.phases), replayed,
-                   r.memory.pinned_max, stage.offloaded)
+                   r.memory.pinned_max, stage.offloaded, host_optimizer_state, stage.optimizer_host)
 
     def check(self) -> "RehearsalReport":
         """Raises RehearsalFailed listing the unexpected host synchronisations; returns self otherwise."""
@@ -101,6 +104,9 @@ class RehearsalReport:
         lines.append(f"  {'pinned host (offload)':<24}{'':>9}{gib(self.pinned_host):>10}"
                      f"{gib(self.pinned_host_planned or 0):>10}  (host memory, not in the device peak)")
         lines.append("  (n/m: not modelled by the dry-run planner, k2_megatron/training/plan.py)")
+        if self.host_optimizer_state or self.planned_host_optimizer_state:
+            lines.append(f"  {'host: optimizer state':<24}{'':>9}{gib(self.host_optimizer_state):>10}"
+                         f"{gib(self.planned_host_optimizer_state):>10}  (pinned, memory.optimizer_state_on_host)")
         return "\n".join(lines)
 
     def format_collectives(self) -> str:
@@ -155,6 +161,10 @@ def format_memory_table(reports: list[RehearsalReport]) -> str:
                                f"{gib(row['planned'])} GiB ({row['difference']:+.0%})")
             cells.append(f"{gib(row['max']):>10}{gib(row['planned']):>10}{diff:>6}")
         lines.append(f"{c:<24}" + "".join(f"{cell:>{width}}" for cell in cells))
+    if any(r.host_optimizer_state or r.planned_host_optimizer_state for r in reports):
+        lines.append(f"{'host: optimizer state':<24}" + "".join(
+            f"{gib(r.host_optimizer_state):>10}{gib(r.planned_host_optimizer_state):>10}{'':>6}" for r in reports)
+            + "  (pinned host memory, memory.optimizer_state_on_host)")
     lines.append(f"{'peak (all categories)':<24}" + "".join(
         f"{gib(r.peak_total) + ' (' + r.peak_phase.split()[0] + ')':>{width}}" for r in reports))
     if any(r.pinned_host or r.pinned_host_planned for r in reports):

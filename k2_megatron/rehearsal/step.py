@@ -204,6 +204,7 @@ def rehearse_step(cfg, *, world_size: int, rank: int, routing=None, device=None,
             trainer.step()
             trainer.save()
             return RehearsalReport.of(r, cfg, checkpoint=trainer.checkpoint_plan,
-                                      micro_batches=trainer.layout.num_micro_batches, replayed=trainer.replayed)
+                                      micro_batches=trainer.layout.num_micro_batches, replayed=trainer.replayed,
+                                      host_optimizer_state=trainer.opt.host_state_bytes())
         finally:
             trainer.close()

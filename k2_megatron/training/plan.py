@@ -26,6 +26,8 @@ Memory per rank (bytes per parameter):
   get_schedule_table's order, one more with the EP all-to-all overlap), plus the output layer's working set on the
   last stage; bf16, without and with K2's selective recomputation (norms, SwiGLU, MLA up-projections recomputed), and
   with the config's ``memory`` section (recompute, FP8 storage, CPU offload);
+  with ``memory.optimizer_state_on_host`` the optimizer state (master copy included) is in host memory instead
+  (``optimizer_host``; 0 on the device);
 - optimizer temporaries: the peak of one MuonClip step (``optimizer_temporary_bytes``): Muon's gather span and one
   Newton-Schulz call (the CUDA kernel's workspace included), each within ``memory.muon_buffer_mib``, or the
   finiteness check's piece (gradient clipping scales in place: k2_megatron.megatron.multi_tensor);
@@ -45,8 +47,9 @@ import sys
 from dataclasses import dataclass, field
 
 from k2_megatron.config import ConfigError, K2Config, MemoryOptions, ParallelLayout, PretrainConfig, get_preset
-from k2_megatron.config.memory import (H100_80GB_MEMORY_BYTES, finite_check_bytes_per_element, finite_check_piece,
-                                       muon_temporary_bytes)
+from k2_megatron.config.memory import (H100_80GB_MEMORY_BYTES, STREAMED_BYTES_PER_ELEMENT,
+                                       finite_check_bytes_per_element, finite_check_piece, muon_temporary_bytes,
+                                       streamed_piece_elements)
 from k2_megatron.config.schedule import BatchLayout, batch_layout
 
 GIB = 1024**3
@@ -243,6 +246,7 @@ class StagePlan:
     optimizer_temps: float = 0.0         # peak temporaries of the optimizer step (optimizer_temporary_bytes)
     comm: float = 0.0                    # communication buffers (communication_bytes)
     offloaded: float = 0.0               # pinned host bytes of the CPU-offloaded activations (memory.cpu_offload)
+    optimizer_host: float = 0.0          # optimizer state in host memory (memory.optimizer_state_on_host)
 
     @property
     def states(self) -> float:
@@ -378,10 +382,13 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         buffers = [b for c in chunks for b in _chunk_buffers(k2, range(starts[c], starts[c] + chunk_layers[c]),
                                                               c == 0, c == pp * vpp - 1, layout,
                                                               cfg.parallel.ddp_bucket_size if c < pp else None)]
+        on_host = cfg.memory.optimizer_state_on_host
         plan.stages.append(StagePlan(s, layers, [chunk_layers[c] for c in chunks], params, local_experts, muon, adamw,
-                                     params * wbytes, params * 4.0, opt, act, act_rc, passes, act_cfg,
-                                     optimizer_temporary_bytes(buffers, tp, cfg.memory.muon_buffer_mib * 2**20),
-                                     communication_bytes(k2, tokens, layers, cfg.parallel, layout), act_host))
+                                     params * wbytes, params * 4.0, 0.0 if on_host else opt, act, act_rc, passes,
+                                     act_cfg, optimizer_temporary_bytes(buffers, tp, cfg.memory.muon_buffer_mib * 2**20,
+                                                                        state_on_host=on_host),
+                                     communication_bytes(k2, tokens, layers, cfg.parallel, layout), act_host,
+                                     opt if on_host else 0.0))
         total += dense + router + experts
         frac = k2.num_experts_per_tok / max(k2.n_routed_experts, 1)
         active += dense + router + experts * frac
@@ -434,19 +441,25 @@ def _chunk_buffers(k2: K2Config, layers: range, embedding: bool, output: bool, l
     return buffers
 
 
-def optimizer_temporary_bytes(buffers: list[GradBuffer], tp: int, budget_bytes: int) -> float:
+def optimizer_temporary_bytes(buffers: list[GradBuffer], tp: int, budget_bytes: int, *,
+                              state_on_host: bool = False) -> float:
     """Peak temporaries of one MuonClip step on a rank with these gradient buffers (one thing at a time): the
     finiteness check of MuonClipChainedOptimizer.step, in pieces within ``budget_bytes``
     (config.memory.finite_check_piece); per bucket Muon's gather -> Newton-Schulz -> scatter streamed within
     ``budget_bytes`` (config.memory.muon_temporary_bytes). Gradient clipping adds nothing: it scales the gradients
     in place (Transformer Engine's or Apex's kernel, else k2_megatron.megatron.multi_tensor's replacement of
     megatron-core's fallback, which copied each gradient shard). AdamW's temporary (one fp32 copy of a parameter's
-    shard) is no larger."""
+    shard) is no larger. With the state on the host (``state_on_host``), the pieces streamed through the device
+    (config.memory.streamed_piece_elements of a parameter's shard, at most STREAMED_BYTES_PER_ELEMENT each)."""
     peak = 0.0
     for b in buffers:
         finite = finite_check_bytes_per_element(4) * min(b.numel, finite_check_piece(4, budget_bytes))
-        peak = max(peak, finite, muon_temporary_bytes(b.largest_bucket, b.shards, b.largest_matrix // tp,
-                                                      budget_bytes, tp))
+        streamed = 0.0
+        if state_on_host:
+            shard = min(b.largest_param, -(-b.numel // b.shards))
+            streamed = STREAMED_BYTES_PER_ELEMENT * min(shard, streamed_piece_elements(budget_bytes))
+        peak = max(peak, finite, streamed, muon_temporary_bytes(b.largest_bucket, b.shards, b.largest_matrix // tp,
+                                                                budget_bytes, tp))
     return peak
 
 
@@ -530,6 +543,12 @@ def format_plan(plan: Plan, cfg: PretrainConfig) -> str:
     if cfg.memory.cpu_offload:
         lines.append(f"CPU-offloaded activations in pinned host memory per rank: "
                      f"{', '.join(f'{gb(s.offloaded):.1f}' for s in plan.stages)} GiB by stage")
+    if cfg.memory.optimizer_state_on_host:
+        host = max(s.optimizer_host for s in plan.stages)
+        lines.append(f"optimizer state in pinned host memory (memory.optimizer_state_on_host; fp32 master + MuonClip "
+                     f"state, streamed through the device in the step): "
+                     f"{', '.join(f'{gb(s.optimizer_host):.1f}' for s in plan.stages)} GiB per rank by stage, at most "
+                     f"{gb(8 * host):.0f} GiB per 8-GPU node")
     big = plan.largest()
     lines.append(f"largest per-rank total (states + optimizer temporaries + communication buffers + activations "
                  f"with the memory section): {gb(big.total):.1f} GiB on stage {big.stage} ("
@@ -541,7 +560,7 @@ def format_plan(plan: Plan, cfg: PretrainConfig) -> str:
 def _memory_summary(cfg) -> str:
     m = cfg.memory
     parts = [f"fp8_activations={m.fp8_activations}", f"recompute={list(m.recompute)}",
-             f"cpu_offload={list(m.cpu_offload)}"]
+             f"cpu_offload={list(m.cpu_offload)}", f"optimizer_state_on_host={m.optimizer_state_on_host}"]
     return ", ".join(parts)
 
 

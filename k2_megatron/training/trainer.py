@@ -260,7 +260,8 @@ def build_optimizer(cfg: PretrainConfig, tc, chunks):
                                  bf16=cfg.model.params_dtype == "bfloat16", params_dtype=tc.params_dtype,
                                  use_distributed_optimizer=True, clip_grad=cfg.train.clip_grad)
     muon = MuonClipConfig(momentum=o.momentum, qk_clip_tau=o.qk_clip_tau, ns_dtype=getattr(torch, o.ns_dtype),
-                          buffer_bytes=cfg.memory.muon_buffer_mib * 2**20, nonfinite=o.nonfinite)
+                          buffer_bytes=cfg.memory.muon_buffer_mib * 2**20, nonfinite=o.nonfinite,
+                          state_on_host=cfg.memory.optimizer_state_on_host)
     return get_muonclip_optimizer(opt_config, chunks, muon)
 
 

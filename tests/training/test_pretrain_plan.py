@@ -100,8 +100,36 @@ def test_dry_run_command_line(capsys):
     assert "config error: memory.device_memory_gib: must be a number > 0, got 0" in capsys.readouterr().err
     assert main(["--dry-run", "memory.muon_buffer_mib=0"]) == 2
     assert "config error: memory.muon_buffer_mib: must be an int >= 1, got 0" in capsys.readouterr().err
+    assert main(["--dry-run", "memory.optimizer_state_on_host=1"]) == 2
+    assert "config error: memory.optimizer_state_on_host" in capsys.readouterr().err
     assert main(["--dry-run", "train.iters=0"]) == 2
     assert "config error: train.iters: must be an int >= 1" in capsys.readouterr().err
+
+
+def test_optimizer_state_on_host_moves_it_off_the_device(capsys):
+    """memory.optimizer_state_on_host: the optimizer state (master copy and MuonClip state) is counted in host memory
+    instead of on the device, the same bytes; the temporaries gain the streamed pieces (at most the budget), less than
+    Muon's gather span on k2_full."""
+    from k2_megatron.config.memory import STREAMED_BYTES_PER_ELEMENT
+    from k2_megatron.training.plan import GIB, GradBuffer, optimizer_temporary_bytes
+
+    cfg = load_config(os.path.join(CONFIGS, "k2_full.yaml"))
+    on = load_config(os.path.join(CONFIGS, "k2_full.yaml"), ["memory.optimizer_state_on_host=true"])
+    device, host = plan_memory(cfg, 256), plan_memory(on, 256)
+    for d, h in zip(device.stages, host.stages):
+        assert h.optimizer == 0 and d.optimizer_host == 0
+        assert h.optimizer_host == d.optimizer > 16 * GIB
+        assert h.optimizer_temps == d.optimizer_temps and h.total == pytest.approx(d.total - d.optimizer)
+    assert max(s.optimizer_host for s in host.stages) / GIB == pytest.approx(31.8, abs=0.05)  # expert-DP 1
+    dry_run(on, world_size=256)
+    assert "optimizer state in pinned host memory" in capsys.readouterr().out
+    budget = 2**20
+    # a rank's shard of its largest parameter, or a piece of the budget's elements
+    for buffer, streamed in ((GradBuffer(numel=10**4, shards=2, largest_param=10**4, largest_matrix=1), 16 * 5000),
+                             (GradBuffer(numel=10**9, shards=1, largest_param=10**8, largest_matrix=1), budget)):
+        off = optimizer_temporary_bytes([buffer], 1, budget)
+        assert optimizer_temporary_bytes([buffer], 1, budget, state_on_host=True) == max(off, streamed)
+    assert STREAMED_BYTES_PER_ELEMENT == 16  # AdamW: master, two moments, its denominator (fp32)
 
 
 def test_dry_run_errors():
