@@ -30,8 +30,9 @@ Three independent switches (``k2_megatron.config.MemoryOptions``; the pretrainin
   and scales are what is offloaded (``fp8_saved_tensors`` passes what it stores through the offload hooks); with
   the swiglu recompute, moe_act's group commits after the down-projection, so the SwiGLU input is reloaded before
   it is recomputed. Megatron asks for attn_proj only with core_attn (the output of core attention is attn_proj's
-  input). It needs CUDA (copy streams, pinned host memory) and Transformer Engine's cpu_offload module, whose flag
-  megatron's offload manager sets (``check_supported``); megatron's schedules and GPTModel drive it.
+  input). It needs CUDA (copy streams, pinned host memory: ``check_supported``), not Transformer Engine (megatron's
+  offload manager sets a TE flag that only TE's layers read: cpu_compat.fix_offload_without_transformer_engine);
+  megatron's schedules and GPTModel drive it.
 
 ``transformer_config_overrides(options)`` gives the MLATransformerConfig fields, ``apply_activation_memory``
 switches the FP8 storage on in built model chunks. The planner's analytic count of each option is
@@ -46,7 +47,8 @@ import torch
 
 from k2_megatron import ops
 from k2_megatron.config.memory import RECOMPUTE_CHOICES, MemoryOptions
-from k2_megatron.megatron.cpu_compat import fix_checkpoint_without_output_default
+from k2_megatron.megatron.cpu_compat import (fix_checkpoint_without_output_default,
+                                              fix_offload_without_transformer_engine)
 
 __all__ = ["apply_activation_memory", "check_supported", "fp8_saved_tensors", "swiglu_recompute_enabled",
            "transformer_config_overrides"]
@@ -64,31 +66,25 @@ def transformer_config_overrides(options: MemoryOptions) -> dict:
     return out
 
 
-def check_supported(options: MemoryOptions, *, cuda: bool | None = None, te_cpu_offload: bool | None = None) -> None:
-    """Raise ValueError for options this machine cannot run: CPU offload without CUDA, or without Transformer Engine's
-    cpu_offload module (megatron-core 0.19.2's offload manager raises "TE CPU offload is not available" without it)."""
+def check_supported(options: MemoryOptions, *, cuda: bool | None = None) -> None:
+    """Raise ValueError for options this machine cannot run: CPU offload without CUDA."""
     if not options.cpu_offload:
         return
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if not cuda:
         raise ValueError(f"memory.cpu_offload={list(options.cpu_offload)} needs CUDA: megatron-core's activation "
                          f"offloading copies to pinned host memory on side streams (set memory.cpu_offload=[] on CPU)")
-    if te_cpu_offload is None:
-        from megatron.core.extensions import transformer_engine as te_extension
-
-        te_cpu_offload = te_extension.cpu_offload is not None
-    if not te_cpu_offload:
-        raise ValueError(f"memory.cpu_offload={list(options.cpu_offload)} needs Transformer Engine: megatron-core's "
-                         f"activation offload manager sets transformer_engine.pytorch.cpu_offload's flag (install "
-                         f"transformer-engine or set memory.cpu_offload=[])")
 
 
 def apply_activation_memory(model_chunks, options: MemoryOptions) -> int:
     """Switch FP8 activation storage on (or off) in every module of ``model_chunks`` (modules or a list) that has
     the switch (``fp8_activation_storage``: K2GroupedMLP); fix megatron-core 0.19.2's CheckpointWithoutOutput
-    default when recomputation is on. Returns the number of modules set."""
+    default when recomputation is on and its offload manager's need of Transformer Engine when offload is on. Returns
+    the number of modules set."""
     if options.recompute:
         fix_checkpoint_without_output_default()
+    if options.cpu_offload:
+        fix_offload_without_transformer_engine()
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     count = 0
     for chunk in chunks:

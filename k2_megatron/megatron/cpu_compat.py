@@ -11,7 +11,8 @@ megatron-core versions in TESTED_MEGATRON_VERSIONS (it raises for others, since 
 internals). ``disable()`` removes every patch. ``cpu_mode()`` scopes enable/disable to a ``with`` block.
 Each patch is listed in PATCHES with the reason it exists. One fix here is not CPU-specific and is applied by
 the code that needs it, on any device: ``fix_checkpoint_without_output_default`` (megatron-core 0.19.2's
-selective "layernorm" recompute calls Transformer Engine's FP8 state without TE installed).
+selective "layernorm" recompute calls Transformer Engine's FP8 state without TE installed) and
+``fix_offload_without_transformer_engine`` (its activation offloading sets a TE flag, refusing without TE).
 
 Not patched, avoid instead: expert-tensor-parallel > 1 (megatron then all_gathers uneven splits, which
 gloo refuses; K2 uses expert_tensor_parallel=1) and megatron's torch norm with sequence parallel (the K2 spec
@@ -58,6 +59,23 @@ def fix_checkpoint_without_output_default() -> None:
 
     __init__._k2_default_fixed = True
     cls.__init__ = __init__
+
+
+class _TransformerEngineOffloadFlag:
+    """Stands in for transformer_engine.pytorch.cpu_offload without Transformer Engine (see below)."""
+
+    CPUOffloadEnabled = False
+
+
+def fix_offload_without_transformer_engine() -> None:
+    """megatron-core 0.19.2's fine-grained activation offload manager sets Transformer Engine's
+    ``cpu_offload.CPUOffloadEnabled`` around each offload group and raises "TE CPU offload is not available" without
+    TE, although only TE's own layers read that flag (the K2 layers are megatron's local ones and ours). Without TE,
+    megatron's name for that module becomes a holder of the flag. Idempotent; a no-op with TE installed."""
+    from megatron.core.extensions import transformer_engine as te_extension
+
+    if getattr(te_extension, "cpu_offload", None) is None:
+        te_extension.cpu_offload = _TransformerEngineOffloadFlag
 
 
 def megatron_version() -> str:

@@ -18,7 +18,6 @@ What stands in the way on a CPU-only machine with torch 2.13 (CUDA build) and me
 | megatron frees memory with ``untyped_storage().resize_(0)`` (recomputed outputs, combined 1F1B's all-to-all buffers, offloaded activations), which no operator dispatch shows | ``UntypedStorage.resize_`` tells the memory count (``observers.storage_resized``) |
 | pinning host memory (``Tensor.pin_memory``: the loop's micro-batches, k2_megatron.training.prefetch) needs the driver | the tensor itself (pageable host memory: its copy to a fake device tensor moves no data anyway) |
 | megatron's fine-grained activation offloading manages only real CUDA tensors (it skips fake ones, as under torch.compile tracing) | ``ChunkOffloadHandler._can_manage_tensor_for_offload`` takes fake CUDA tensors (its pinned host copies are fake host tensors, counted by the session) |
-| megatron's offload manager sets Transformer Engine's ``cpu_offload.CPUOffloadEnabled`` (and refuses without TE) | without TE, a stand-in module holding that flag (only TE's own layers read it) |
 
 ``enable()`` installs everything (refusing untested torch / megatron-core releases, and refusing while cpu_compat
 is enabled, which routes CUDA to the CPU); ``disable()`` removes the Python patches. The C++ runtime stand-in cannot be
@@ -418,14 +417,6 @@ def _make_tensor(original):
     return tensor
 
 
-class _TransformerEngineCpuOffloadFlag:
-    """Stands in for transformer_engine.pytorch.cpu_offload without TE: megatron's offload manager only sets its
-    CPUOffloadEnabled flag around each offload group (TE's own layers read it; the K2 layers are megatron's local
-    ones)."""
-
-    CPUOffloadEnabled = False
-
-
 def _make_storage_resize(original):
     def resize_(self, size):
         """UntypedStorage.resize_: megatron frees memory with ``resize_(0)``, below the dispatcher (a recomputed
@@ -493,7 +484,6 @@ def check_versions(allow_untested: bool = False) -> None:
 
 def _patch_list(device: RehearsedDevice, local_rank: int):
     from megatron.core.models.common.model_chunk_schedule_plan import TransformerModelChunkSchedulePlan as ChunkPlan
-    from megatron.core.extensions import transformer_engine as te_extension
     from megatron.core.pipeline_parallel import fine_grained_activation_offload as offload
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
@@ -518,8 +508,6 @@ def _patch_list(device: RehearsedDevice, local_rank: int):
     patches += [(dist, name, value) for name, value in _make_object_collectives().items()]
     patches.append((torch.Tensor, "pin_memory", _pin_memory))
     patches.append((offload.ChunkOffloadHandler, "_can_manage_tensor_for_offload", staticmethod(_offloadable)))
-    if te_extension.cpu_offload is None:
-        patches.append((te_extension, "cpu_offload", _TransformerEngineCpuOffloadFlag))
     return patches
 
 
@@ -602,6 +590,5 @@ PATCHES = ("torch.tensor (device values inside the data)",
            "for micro-batch replay)",
            "megatron.core.pipeline_parallel.fine_grained_activation_offload.ChunkOffloadHandler."
            "_can_manage_tensor_for_offload (fake CUDA tensors offloaded)",
-           "megatron.core.extensions.transformer_engine.cpu_offload (a flag holder, without Transformer Engine)",
            "torch.UntypedStorage.resize_ (an observer hook: megatron frees buffers with resize_(0), memory counts it)",
            "C++: CUDA device guard, CUDAHooks::hasPrimaryContext (fake_cuda_runtime.cpp)")
