@@ -264,6 +264,18 @@ def test_planner_accounts_for_the_options():
     assert activation_bytes_per_token(cfg, 0, moe_offload, offloaded=True) == 0  # a dense layer has no experts
     offload = MemoryOptions(cpu_offload=("core_attn",))
     assert none[5] - activation_bytes_per_token(cfg, 5, offload) == 2 * qkv + 4 * H  # q, k, v and the log-sum-exp
+    # what megatron's attention offload groups copy to pinned host memory, once per save and before recomputation
+    # discards anything (measured: the groups' tensors under the rehearsal, k2_full): the attention norm's output
+    # twice (both MLA down-projections save it), the latents and their normed copies; q, k, v and attention's output
+    # (saved again by attn_proj) even though mla_up_proj recomputes q, k, v; the 1/RMS, RoPE tables and
+    # log-sum-exp stay (under megatron's min_offloaded_tensor_size)
+    ql, kl, dr = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    attention = MemoryOptions(recompute=("layernorm", "mla_up_proj"),
+                              cpu_offload=("attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm"))
+    host = {"attn_norm": h, "qkv_linear": 2 * h + 2 * ql + 2 * kl + dr, "core_attn": qkv + H * cfg.v_head_dim,
+            "attn_proj": H * cfg.v_head_dim, "mlp_norm": h}
+    for layer in (0, 5):
+        assert activation_bytes_per_token(cfg, layer, attention, offloaded=True) == 2 * sum(host.values()), layer
 
 
 def test_dry_run_reports_the_memory_section():
