@@ -298,8 +298,8 @@ def test_dry_run_reports_the_memory_section():
     assert "pinned host memory" not in out.getvalue()
     shipped = load_config("examples/configs/k2_full.yaml")  # K2's memory section: offload of the remaining inputs
     p2 = plan_memory(shipped, 256)
-    for s1, s2 in zip(p1.stages, p2.stages):
-        assert s2.activations_configured + s2.offloaded == pytest.approx(s1.activations_configured)
+    for s1, s2 in zip(p1.stages, p2.stages):  # the host copies more than leaves the device (every save is copied)
+        assert s1.activations_configured - s2.activations_configured < s2.offloaded, s2.stage
     out = io.StringIO()
     dry_run(shipped, 256, file=out)
     assert (f"CPU-offloaded activations in pinned host memory per rank: {p2.stages[0].offloaded / 2**30:.1f}"
