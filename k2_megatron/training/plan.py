@@ -166,14 +166,40 @@ def activation_bytes_by_module(cfg: K2Config, layer: int, options: MemoryOptions
     return e
 
 
+def offloaded_bytes_by_module(cfg: K2Config, layer: int, options: MemoryOptions, dtype_bytes: int = 2) -> dict:
+    """Pinned host bytes per token that megatron-core's fine-grained offloading copies for each offload group of
+    decoder layer ``layer`` (keys as ``activation_bytes_by_module``'s), whether or not it is in
+    ``options.cpu_offload``. A group copies every tensor saved inside it, once per save and before recomputation
+    discards anything (ChunkOffloadHandler.bulk_offload_group), so it can copy more than the device would keep:
+    the attention norm's output is saved by both MLA down-projections (two copies, recomputed norm or not), and
+    core_attn copies q, k, v and attention's output (saved again by attn_proj) although mla_up_proj recomputes
+    q, k, v. Tensors under its min_offloaded_tensor_size (2**20 elements: K2's fp32 1/RMS, RoPE tables and
+    log-sum-exp at 4096 tokens) stay on the device. Measured under the rehearsal (k2_full, 4096 tokens: the groups'
+    tensors); the experts' FP8 copies are a few rows larger there (megatron pads each expert's rows), not counted."""
+    d = dtype_bytes
+    h, H = cfg.hidden_size, cfg.num_attention_heads
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    ql, kl = cfg.q_lora_rank or 0, cfg.kv_lora_rank
+    on_device = activation_bytes_by_module(cfg, layer, options, dtype_bytes)
+    out = {"attn_norm": h * d, "qkv_linear": (2 * h + 2 * ql + 2 * kl + dr) * d,
+           "core_attn": (2 * H * (dn + dr) + 2 * H * dv) * d, "attn_proj": H * dv * d, "mlp_norm": h * d}
+    for name in ("expert_fc1", "moe_act"):  # the experts' offload groups hold exactly what the device would keep
+        if name in on_device:
+            out[name] = on_device[name]
+    return out
+
+
 def activation_bytes_per_token(cfg: K2Config, layer: int, options: MemoryOptions, dtype_bytes: int = 2,
                                offloaded: bool = False) -> float:
     """Bytes kept on the device for backward per token by decoder layer ``layer`` with ``options``: the modules of
-    ``activation_bytes_by_module`` that ``options.cpu_offload`` leaves on the device; offloaded=True: those it moves
-    to pinned host memory instead."""
+    ``activation_bytes_by_module`` that ``options.cpu_offload`` leaves on the device; offloaded=True: the pinned
+    host bytes megatron copies for those it offloads (``offloaded_bytes_by_module``)."""
     off = set(options.cpu_offload)
+    if offloaded:
+        return float(sum(b for name, b in offloaded_bytes_by_module(cfg, layer, options, dtype_bytes).items()
+                         if name in off))
     return float(sum(b for name, b in activation_bytes_by_module(cfg, layer, options, dtype_bytes).items()
-                     if (name in off) == offloaded))
+                     if name not in off))
 
 
 def chunk_activation_bytes(cfg: K2Config, layers: range, last: bool, options: MemoryOptions, tokens: int,
@@ -584,6 +610,6 @@ def dry_run(cfg, world_size: int | None = None, file=None) -> int:
 
 
 __all__ = ["GradBuffer", "K2_RECOMPUTE", "LayerLargest", "LayerParams", "Plan", "StagePlan",
-           "activation_bytes_by_module", "activation_bytes_per_token", "chunk_activation_bytes", "communication_bytes", "in_flight_chunks",
-           "output_working_bytes", "dry_run", "format_plan", "layer_largest", "layer_params",
-           "optimizer_temporary_bytes", "plan_memory"]
+           "activation_bytes_by_module", "activation_bytes_per_token", "chunk_activation_bytes", "communication_bytes",
+           "in_flight_chunks", "offloaded_bytes_by_module", "output_working_bytes", "dry_run", "format_plan",
+           "layer_largest", "layer_params", "optimizer_temporary_bytes", "plan_memory"]

@@ -290,6 +290,18 @@ def test_planner_accounts_for_the_options():
     assert activation_bytes_per_token(cfg, 0, moe_offload, offloaded=True) == 0  # a dense layer has no experts
     offload = MemoryOptions(cpu_offload=("core_attn",))
     assert none[5] - activation_bytes_per_token(cfg, 5, offload) == 2 * qkv + 4 * H  # q, k, v and the log-sum-exp
+    # what megatron's attention offload groups copy to pinned host memory, once per save and before recomputation
+    # discards anything (measured: the groups' tensors under the rehearsal, k2_full): the attention norm's output
+    # twice (both MLA down-projections save it), the latents and their normed copies; q, k, v and attention's output
+    # (saved again by attn_proj) even though mla_up_proj recomputes q, k, v; the 1/RMS, RoPE tables and
+    # log-sum-exp stay (under megatron's min_offloaded_tensor_size)
+    ql, kl, dr = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    attention = MemoryOptions(recompute=("layernorm", "mla_up_proj"),
+                              cpu_offload=("attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm"))
+    host = {"attn_norm": h, "qkv_linear": 2 * h + 2 * ql + 2 * kl + dr, "core_attn": qkv + H * cfg.v_head_dim,
+            "attn_proj": H * cfg.v_head_dim, "mlp_norm": h}
+    for layer in (0, 5):
+        assert activation_bytes_per_token(cfg, layer, attention, offloaded=True) == 2 * sum(host.values()), layer
 
 
 def test_dry_run_reports_the_memory_section():
@@ -312,8 +324,8 @@ def test_dry_run_reports_the_memory_section():
     assert "pinned host memory" not in out.getvalue()
     shipped = load_config("examples/configs/k2_full.yaml")  # K2's memory section: offload of the remaining inputs
     p2 = plan_memory(shipped, 256)
-    for s1, s2 in zip(p1.stages, p2.stages):
-        assert s2.activations_configured + s2.offloaded == pytest.approx(s1.activations_configured)
+    for s1, s2 in zip(p1.stages, p2.stages):  # the host copies more than leaves the device (every save is copied)
+        assert s1.activations_configured - s2.activations_configured < s2.offloaded, s2.stage
     out = io.StringIO()
     dry_run(shipped, 256, file=out)
     assert (f"CPU-offloaded activations in pinned host memory per rank: {p2.stages[0].offloaded / 2**30:.1f}"
