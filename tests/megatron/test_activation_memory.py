@@ -321,7 +321,7 @@ def test_dry_run_reports_the_memory_section():
     out = io.StringIO()
     dry_run(k2, 256, file=out)
     assert "memory section (fp8_activations=True, recompute=['layernorm', 'mla_up_proj', 'swiglu']" in out.getvalue()
-    assert "pinned host memory" not in out.getvalue()
+    assert "CPU-offloaded activations in pinned host memory" not in out.getvalue()
     shipped = load_config("examples/configs/k2_full.yaml")  # K2's memory section: offload of the remaining inputs
     p2 = plan_memory(shipped, 256)
     for s1, s2 in zip(p1.stages, p2.stages):  # the host copies more than leaves the device (every save is copied)
