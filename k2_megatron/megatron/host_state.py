@@ -118,6 +118,11 @@ class HostStateStep:
         piece.copy_(t.view(-1)[lo:hi], non_blocking=True)
         return piece
 
+    def device_pieces(self, t: torch.Tensor):
+        """(first element, a device copy of the piece) for each piece of host tensor ``t``."""
+        for lo, hi in self._pieces(t):
+            yield lo, self._to_device(t, lo, hi)
+
     def _to_host(self, t: torch.Tensor, lo: int, piece: torch.Tensor, on_host: bool = True) -> None:
         if on_host:
             t.view(-1)[lo:lo + piece.numel()].copy_(piece, non_blocking=True)

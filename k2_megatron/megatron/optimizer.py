@@ -354,14 +354,10 @@ class MuonClipDistributedOptimizer(_MuonClipWrapper, DistributedOptimizer):
         if self._model_params_written:  # by the step, piece by piece (fp32 model shards are the weights)
             self._model_params_written = False
             return
-        piece = self.optimizer.piece_elements
         for mains in self.shard_fp32_from_float16_groups:
             for main in mains:
-                for first in range(0, main.numel(), piece):
-                    host = main[first:first + piece]
-                    device = torch.empty(host.shape, dtype=host.dtype, device=self.optimizer.device)
-                    device.copy_(host, non_blocking=True)
-                    self._model_piece(main, first, host.numel()).copy_(device)
+                for first, piece in self.optimizer.device_pieces(main):
+                    self._model_piece(main, first, piece.numel()).copy_(piece)
 
     def host_state_bytes(self) -> int:
         """Host memory of the optimizer state and master weights (0 unless the state is on the host)."""
