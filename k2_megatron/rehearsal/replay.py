@@ -13,7 +13,8 @@ micro-batch 2's forward.
   forward kept for backward on the device (one allocation per memory category, e.g. activations and the all-to-all
   buffers kept as communication buffers, freed when the replayed backward is done; with megatron's activation
   offloading, what it copied to pinned host memory is not among them: the replayed forward holds the same pinned
-  host bytes until its backward, ``MemoryTracker.hold_pinned``; what a
+  host bytes until its backward, ``MemoryTracker.hold_pinned``, and frees its received input's storage when the
+  recorded forward did (megatron's attn_norm offload releases the layer's input once copied); what a
   forward leaves behind until the next forward replaces it, e.g. the MoE dispatcher's copy of the routing map, is not
   replayed: one copy is alive at any time either way), the forward's high-water mark (allocated and freed at once),
   and the collectives and host synchronisations it made;
@@ -43,8 +44,11 @@ pipeline hooks in its order); two computed halves run megatron's own interleaved
 holds part of the forward's allocations (its first layer's, and transients) while the backward still holds its own,
 so the rehearsed peak can be lower by up to what one layer of one micro-batch keeps plus that layer's transients:
 on k2-tiny with one layer per chunk and five micro-batches in flight 7% of the activations (tests/rehearsal/
-test_step.py); on k2_full (two layers per chunk; 2-4 GiB kept per chunk and micro-batch, 31-47 of them in flight on
-the first and middle stages) 1-2 GiB, about 1% of a stage's peak.
+test_step.py). On k2_full as shipped (offload: 0.33 GiB kept per pass of a 2-layer MoE chunk, its backward working
+in 3.3 GiB above that) computing every micro-batch of a 32-micro-batch step measured 31.6, 13.9 and 9.8 GiB of
+activations on the first, middle and last stages, replay 31.8, 14.1 and 9.8 at 1024 (within 2%), the all-to-all
+buffers 1.32 GiB on each, replay 0.88-1.32. What a recorded pass keeps is read at the next schedule step (the
+combined schedule frees the last layer's node outputs when it drops the plan, after the backward's own run).
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ class _Record:
     backward_events: tuple = ((), ())
     backward_done: bool = False
     pinned_kept: int = 0      # pinned host bytes the forward left holding its offloaded activations
+    input_bytes: int = 0      # the chunk's received input (allocated before the forward), as the forward left it
+    input_released: bool = False  # the forward freed its received input's storage (megatron's attn_norm offload)
 
 
 def _replay_forward(replay, record) -> list:
@@ -138,6 +144,7 @@ class MicroBatchReplay:
         self.anchor_is_input = False
         self.replayed = 0
         self._backward = None  # (record, start bytes, collectives index, syncs index) while one is being recorded
+        self._unsettled = None  # (record, its allocations alive when its backward started) until _settle_kept
         self._originals = []
         self._anchors = {}
         self._chunk_of_model = {}  # id of each module in a chunk's wrapper chain -> chunk index
@@ -156,6 +163,7 @@ class MicroBatchReplay:
         return self
 
     def remove(self) -> None:
+        self._settle_kept()
         for chunk, _ in self._originals:
             chunk.__dict__.pop("forward", None)
         self._originals = []
@@ -202,15 +210,23 @@ class MicroBatchReplay:
 
     def _measured(self, index, forward, kind):
         out = forward()
+        if kind == "measure":
+            self._estimate_kept(index)
+        return out
+
+    def _estimate_kept(self, index):
+        """After micro-batch MEASURED's forward: what of the recorded forward's allocations is still alive stands for
+        what a replayed forward keeps until the recorded backward says what it frees (which in combined 1F1B may have
+        run in the same schedule step, just before this forward)."""
         record, mem = self.records[index], self.r.memory
-        if kind == "measure" and not record.backward_done:  # the estimate until the recorded backward says what it
-            # frees (which in combined 1F1B may have run in the same schedule step, just before this forward)
+        if not record.backward_done and (self._unsettled is None or self._unsettled[0] is not record):
             record.kept = _by_category(_alive(mem, record.allocated).values())
             record.output_kept = mem.is_live(record.output_entry)
-        return out
 
     def _recorded(self, index, forward):
         mem = self.r.memory
+        received = self._decoder_input(index)
+        received_bytes = _storage_bytes(received)
         start, marks, pinned = mem.total, self._marks(), mem.pinned
         mem.region_max = start
         allocated = mem.watch()
@@ -220,8 +236,18 @@ class MicroBatchReplay:
             mem.unwatch()
         self.records[index] = _Record(tuple(out.shape), out.dtype, out.numel() * out.element_size(), allocated,
                                       mem.entry_of(out), forward_high=mem.region_max - start,
-                                      forward_events=self._since(marks), pinned_kept=mem.pinned - pinned)
+                                      forward_events=self._since(marks), pinned_kept=mem.pinned - pinned,
+                                      input_bytes=_storage_bytes(received),
+                                      input_released=received_bytes > 0 and _storage_bytes(received) == 0)
         return out
+
+    def chunk_passes(self) -> list[dict]:
+        """Per model chunk, what one of its passes holds on the device (measured by the recorded micro-batch):
+        ``kept``, what its forward kept for its backward plus its received input; ``backward_high``, its backward's
+        high-water mark above what was held when it started; ``forward_high`` the same for its forward."""
+        return [{"kept": sum(r.kept.values()) + r.input_bytes, "backward_high": r.backward_high,
+                 "forward_high": r.forward_high} if r is not None and r.backward_done else None
+                for r in self.records]
 
     def _decoder_input(self, index):
         return getattr(getattr(_innermost(self.chunks[index]), "decoder", None), "input_tensor", None)
@@ -234,7 +260,9 @@ class MicroBatchReplay:
             anchor = decoder_input
         else:  # a leaf of our own, not a parameter: megatron DDP's hooks must not see a gradient-less parameter
             anchor = self._anchors.setdefault(index, torch.empty(0, device="cuda", requires_grad=True))
-        return _Replayed.apply(anchor, self, record)
+        out = _Replayed.apply(anchor, self, record)
+        _release_input(record, decoder_input)
+        return out
 
     def _start_backward(self, record):
         mem = self.r.memory
@@ -242,17 +270,30 @@ class MicroBatchReplay:
         alive = _alive(mem, record.allocated)
         self._backward = (record, mem.total, self._marks(), alive)
 
-    def _finish_backward(self):
+    def _finish_backward(self, settle_later: bool = False):
+        """The recorded backward is done: its high-water mark and events now; what its forward kept (its allocations
+        that the backward freed) now, or with ``settle_later`` at the next schedule step (``_settle_kept``): megatron's
+        combined 1F1B frees part of them (the last layer's node outputs) when it drops the schedule plan, after the
+        backward's own run."""
         record, start, marks, alive = self._backward
         mem = self.r.memory
         record.backward_high = mem.region_max - start
         record.backward_events = self._since(marks)
-        # what the forward kept for backward: its allocations that the backward freed
+        self._backward = None
+        self._unsettled = (record, alive)
+        if not settle_later:
+            self._settle_kept()
+
+    def _settle_kept(self):
+        if self._unsettled is None:
+            return
+        record, alive = self._unsettled
+        mem = self.r.memory
         record.kept = _by_category((n - (mem.live(entry) or (0,))[0], category)
                                    for entry, (n, category) in alive.items())
         record.output_kept = record.output_entry in alive and not mem.is_live(record.output_entry)
         record.backward_done = True
-        self._backward = None
+        self._unsettled = None
 
     def _around_backward(self, original, *args, **kwargs):
         out = original(*args, **kwargs)
@@ -268,10 +309,14 @@ class MicroBatchReplay:
         micro-batch b's backward of a chunk, between megatron's pipeline hooks. When either is replayed or recorded
         the two run one after the other, b's backward first, then f's forward (the module docstring says what that
         approximates), with the hooks in megatron's order; otherwise megatron's own interleaved run."""
+        self._settle_kept()
         f_kind = self._forward_kind(self._chunk_of_model[id(f_plan.state.model)]) if f_plan is not None else None
         if f_kind in (None, "compute", "measure") and getattr(b_plan, "_replay_tag", None) is None:
-            return original(f_plan, b_plan, b_grad=b_grad, pre_forward=pre_forward, pre_backward=pre_backward,
-                            post_forward=post_forward, post_backward=post_backward)
+            out = original(f_plan, b_plan, b_grad=b_grad, pre_forward=pre_forward, pre_backward=pre_backward,
+                           post_forward=post_forward, post_backward=post_backward)
+            if f_kind == "measure":
+                self._estimate_kept(self._chunk_of_model[id(f_plan.state.model)])
+            return out
         if f_plan is not None and pre_forward is not None:
             pre_forward(f_plan.vp_stage)
         if b_plan is not None and pre_backward is not None:
@@ -298,6 +343,7 @@ class MicroBatchReplay:
         plan._replay_kept = _replay_forward(self, record)
         plan._replay_input = self._decoder_input(index)
         plan._replay_tag = ("replay", record)
+        _release_input(record, plan._replay_input)
         return torch.empty(record.output_shape, dtype=record.output_dtype, device="cuda", requires_grad=True)
 
     def _plan_backward(self, original, plan, grad):
@@ -316,8 +362,19 @@ class MicroBatchReplay:
             self._start_backward(record)
         original(None, plan, b_grad=grad, post_backward=lambda g, vp_stage=None: sent.append(g))
         if kind == "record":
-            self._finish_backward()
+            self._finish_backward(settle_later=True)
         return sent[0] if sent else None
+
+
+def _storage_bytes(t) -> int:
+    return 0 if t is None else t.untyped_storage().nbytes()
+
+
+def _release_input(record, received) -> None:
+    """A replayed forward frees its received input's storage as the recorded one did: megatron's attn_norm offload
+    releases the layer's input (its residual) once copied to the host, although the schedule keeps the tensor."""
+    if record.input_released and received is not None:
+        received.untyped_storage().resize_(0)
 
 
 def _alive(memory, entries) -> dict:

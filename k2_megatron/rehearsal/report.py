@@ -45,10 +45,13 @@ class RehearsalReport:
     pinned_host_planned: float | None = None  # the dry-run planner's (StagePlan.offloaded)
     host_optimizer_state: int = 0            # pinned host bytes of the optimizer state (optimizer_state_on_host)
     planned_host_optimizer_state: float = 0  # the dry-run planner's figure for it
+    # per local model chunk (micro-batch replay's records): what one pass keeps and its backward's high-water mark,
+    # measured ("kept", "backward_high", "forward_high") and planned ("kept_planned", "backward_planned")
+    chunk_passes: list = dataclasses.field(default_factory=list)
 
     @classmethod
     def of(cls, r, cfg, *, checkpoint=None, micro_batches: int = 0, replayed: int = 0,
-           host_optimizer_state: int = 0) -> "RehearsalReport":
+           host_optimizer_state: int = 0, chunk_passes: list = ()) -> "RehearsalReport":
         from megatron.core import parallel_state
 
         from k2_megatron.training.plan import plan_memory
@@ -67,7 +70,10 @@ class RehearsalReport:
                    {c: (getattr(stage, f) if f else None) for c, f in PLANNER_FIELDS.items()},
                    r.collectives.summary(), syncs, [s for s in syncs if s["unexpected"]],
                    dataclasses.asdict(checkpoint) if checkpoint is not None else {}, dict(r.phases), replayed,
-                   r.memory.pinned_max, stage.offloaded, host_optimizer_state, stage.optimizer_host)
+                   r.memory.pinned_max, stage.offloaded, host_optimizer_state, stage.optimizer_host,
+                   [dict(measured, kept_planned=kept, backward_planned=backward)
+                    for measured, kept, backward in zip(chunk_passes, stage.chunk_kept, stage.chunk_backward)
+                    if measured is not None])
 
     def check(self) -> "RehearsalReport":
         """Raises RehearsalFailed listing the unexpected host synchronisations; returns self otherwise."""
@@ -107,6 +113,10 @@ class RehearsalReport:
         if self.host_optimizer_state or self.planned_host_optimizer_state:
             lines.append(f"  {'host: optimizer state':<24}{'':>9}{gib(self.host_optimizer_state):>10}"
                          f"{gib(self.planned_host_optimizer_state):>10}  (pinned, memory.optimizer_state_on_host)")
+        for i, c in enumerate(self.chunk_passes):
+            lines.append(f"  model chunk {i}, one micro-batch: keeps {c['kept'] / GIB:.3f} GiB (planner "
+                         f"{c['kept_planned'] / GIB:.3f}), backward working set {c['backward_high'] / GIB:.3f} GiB "
+                         f"(planner {c['backward_planned'] / GIB:.3f})")
         return "\n".join(lines)
 
     def format_collectives(self) -> str:

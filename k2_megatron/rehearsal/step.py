@@ -108,6 +108,7 @@ class RehearsedTrainer(Trainer):
         self.r, self.replay = session, replay
         self.checkpoint_plan = None
         self.replayed = 0  # model-chunk micro-batches replayed in the last step
+        self.chunk_passes: list = []  # MicroBatchReplay.chunk_passes() of the last step
 
     def setup(self) -> None:
         with self.r.phase("setup"):
@@ -160,7 +161,7 @@ class RehearsedTrainer(Trainer):
             fake_cuda.observers.schedule_plan_run = None
             if replayer is not None:
                 replayer.remove()
-                self.replayed = replayer.replayed
+                self.replayed, self.chunk_passes = replayer.replayed, replayer.chunk_passes()
 
     def _in_combined_phase(self, inner):
         """megatron's combined 1F1B schedule-plan runs (overlap_moe_expert_parallel_comm) in their own phase,
@@ -205,6 +206,7 @@ def rehearse_step(cfg, *, world_size: int, rank: int, routing=None, device=None,
             trainer.save()
             return RehearsalReport.of(r, cfg, checkpoint=trainer.checkpoint_plan,
                                       micro_batches=trainer.layout.num_micro_batches, replayed=trainer.replayed,
+                                      chunk_passes=trainer.chunk_passes,
                                       host_optimizer_state=trainer.opt.host_state_bytes())
         finally:
             trainer.close()

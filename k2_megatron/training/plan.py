@@ -20,12 +20,15 @@ Memory per rank (bytes per parameter):
   + MuonClip state: Muon momentum 4 (hidden matrices and expert stacks), AdamW moments 8 (embeddings, output
   layer, router, norms);
 - activations: what each (micro-batch, model chunk) forward alive at the stage's peak keeps for backward
-  (``chunk_activation_bytes``: per module and token, ``activation_bytes_by_module``, as measured under the rehearsal;
-  the chunk's output; on the last chunk the final norm's output and the loss's fp32 logits), the passes alive taken
-  from megatron's schedule order (``in_flight_chunks``: 1F1B PP - stage, interleaved its warm-up count in
-  get_schedule_table's order, one more with the EP all-to-all overlap), plus the output layer's working set on the
-  last stage; bf16, without and with K2's selective recomputation (norms, SwiGLU, MLA up-projections recomputed), and
-  with the config's ``memory`` section (recompute, FP8 storage, CPU offload);
+  (``chunk_activation_bytes``: per module and token, ``activation_bytes_by_module``, as measured under the rehearsal,
+  less what CPU offload moves to the host, ``offload_leftover_bytes`` staying; on the last chunk its output, the final
+  norm's output and the loss's fp32 logits), the passes alive taken from megatron's schedule order
+  (``in_flight_chunks``: 1F1B PP - stage, interleaved its warm-up count in get_schedule_table's order, one more with
+  the EP all-to-all overlap), plus the working set of the backward running then (``chunk_backward_bytes``: the
+  experts' dispatched rows, the embedding's or the logits' gradient) or of the last chunk's forward (the output
+  layer's logits); bf16, without and with K2's selective recomputation (norms, SwiGLU, MLA up-projections
+  recomputed), and with the config's ``memory`` section (recompute, FP8 storage, CPU offload); each chunk's two parts
+  are checked against the rehearsal's measurement (tests/rehearsal/test_recipes_rehearsed.py);
   with ``memory.optimizer_state_on_host`` the optimizer state (master copy included) is in host memory instead
   (``optimizer_host``; 0 on the device);
 - optimizer temporaries: the peak of one MuonClip step (``optimizer_temporary_bytes``): Muon's gather span and one
@@ -189,46 +192,136 @@ def offloaded_bytes_by_module(cfg: K2Config, layer: int, options: MemoryOptions,
     return out
 
 
+MIN_OFFLOADED_ELEMENTS = 2**20  # megatron-core's min_offloaded_tensor_size: smaller saved tensors stay on the device
+
+
+def offload_leftover_bytes(cfg: K2Config, layer: int, options: MemoryOptions, dtype_bytes: int = 2,
+                           tokens: int | None = None) -> dict:
+    """Device bytes per token that each CPU-offloaded module of decoder layer ``layer`` (``options.cpu_offload``)
+    still keeps: its saved tensors under megatron's min_offloaded_tensor_size (fp32 1/RMS per norm, RoPE's fp32
+    tables, attention's fp32 log-sum-exp; with ``tokens`` None all of them) and, with mla_up_proj recompute, what the
+    up-projections' recomputation saves outside qkv_linear's offload group: the normed q and kv latents and the kv
+    down-projection's output (the RoPE key k_R is a view of it). Measured under the rehearsal (k2_full)."""
+    rc, d = set(options.recompute), dtype_bytes
+    H, dr = cfg.num_attention_heads, cfg.qk_rope_head_dim
+    ql, kl = cfg.q_lora_rank or 0, cfg.kv_lora_rank
+
+    def small(width: int, nbytes: float) -> float:  # a [tokens, width] tensor
+        return nbytes if tokens is None or tokens * width < MIN_OFFLOADED_ELEMENTS else 0.0
+
+    rstd = 0.0 if "layernorm" in rc else small(1, 4)
+    latents = (ql + kl + kl + dr) * d if "mla_up_proj" in rc else 0
+    left = {"attn_norm": rstd, "qkv_linear": (2 if ql else 1) * rstd + small(dr, dr * 4) + latents,
+            "core_attn": small(H, H * 4), "attn_proj": 0.0, "mlp_norm": rstd, "expert_fc1": 0.0, "moe_act": 0.0}
+    return {name: b for name, b in left.items() if name in options.cpu_offload}
+
+
 def activation_bytes_per_token(cfg: K2Config, layer: int, options: MemoryOptions, dtype_bytes: int = 2,
-                               offloaded: bool = False) -> float:
+                               offloaded: bool = False, tokens: int | None = None) -> float:
     """Bytes kept on the device for backward per token by decoder layer ``layer`` with ``options``: the modules of
-    ``activation_bytes_by_module`` that ``options.cpu_offload`` leaves on the device; offloaded=True: the pinned
-    host bytes megatron copies for those it offloads (``offloaded_bytes_by_module``)."""
+    ``activation_bytes_by_module`` that ``options.cpu_offload`` leaves on the device and what the offloaded ones
+    still keep there (``offload_leftover_bytes``, at ``tokens`` per micro-batch); offloaded=True: the pinned host
+    bytes megatron copies for those it offloads (``offloaded_bytes_by_module``)."""
     off = set(options.cpu_offload)
     if offloaded:
         return float(sum(b for name, b in offloaded_bytes_by_module(cfg, layer, options, dtype_bytes).items()
                          if name in off))
-    return float(sum(b for name, b in activation_bytes_by_module(cfg, layer, options, dtype_bytes).items()
-                     if name not in off))
+    kept = sum(b for name, b in activation_bytes_by_module(cfg, layer, options, dtype_bytes).items() if name not in off)
+    return float(kept + sum(offload_leftover_bytes(cfg, layer, options, dtype_bytes, tokens).values()))
 
 
 def chunk_activation_bytes(cfg: K2Config, layers: range, last: bool, options: MemoryOptions, tokens: int,
-                           tp: int = 1, dtype_bytes: int = 2) -> float:
+                           tp: int = 1, dtype_bytes: int = 2, *, layer_nodes: bool = False) -> float:
     """Device bytes one micro-batch's forward through a model chunk keeps until its backward: its decoder layers'
-    (``activation_bytes_per_token``), the chunk's output (megatron's schedule keeps it; its input is the first
-    layer's) and, on the last chunk, the final norm's output with its 1/RMS and the loss's fp32 logits."""
-    per_token = sum(activation_bytes_per_token(cfg, layer, options, dtype_bytes) for layer in layers)
-    per_token += cfg.hidden_size * dtype_bytes
+    (``activation_bytes_per_token``; the first one's norm saves the chunk's input, received from the previous
+    pipeline stage or the embedding's output; with attn_norm offloaded megatron frees it, the schedule's reference
+    included, once copied); ``layer_nodes``: megatron's combined 1F1B schedule (EP all-to-all overlap) runs the
+    layers as schedule nodes, which hold a hidden state per MoE layer (its shared expert's output) until the backward
+    has run and the plan is dropped; on the last chunk its output (the final norm's input; the other chunks' outputs
+    are freed once sent: deallocate_pipeline_outputs), the final norm's output with its 1/RMS and the loss's fp32
+    logits."""
+    h, d = cfg.hidden_size, dtype_bytes
+    per_token = sum(activation_bytes_per_token(cfg, layer, options, d, tokens=tokens // tp) for layer in layers)
+    if layer_nodes:
+        per_token += h * d * sum(layer >= cfg.first_k_dense_replace for layer in layers)
     if last:
-        per_token += cfg.hidden_size * dtype_bytes + 4 + cfg.vocab_size * 4
+        per_token += h * d + h * d + 4 + cfg.vocab_size * 4
     return per_token * tokens / tp
 
 
+def layer_backward_bytes(cfg: K2Config, layer: int, options: MemoryOptions, tokens: int, tp: int = 1,
+                         dtype_bytes: int = 2, *, local_experts: int = 0, delayed_wgrad: bool = False) -> float:
+    """The high-water mark of decoder layer ``layer``'s backward above what the micro-batch held when it started
+    (one micro-batch of ``tokens``), as measured under the rehearsal (k2_full's MoE layer with FP8, recompute and
+    delayed expert wgrad within 3% with CPU offload, 4% without): the residual stream's gradients in flight (2 hidden
+    states, plus the recomputed norm's output, plus 4 with CPU offload: the groups reloaded ahead with their
+    gradients); a dense layer's fc1 output gradient and fc1's weight gradient in the model's dtype (megatron adds it to
+    the fp32 buffer after: no gradient-accumulation fusion without TE or apex); an MoE layer's dispatched rows (tokens x top-k per rank under balanced routing) held
+    at once in the experts' backward: the gradients through the combine and the dispatch all-to-alls with their
+    sorted copies and fc1's input gradient (4), fc1's input dequantized from FP8 storage (FP8) and fc2's output
+    gradient kept for the delayed weight gradient, fc1's output gradient, SwiGLU's recomputed output, less the FP8
+    copies of fc1's input and output that the layer kept on the device (freed once dequantized); without delayed
+    wgrad fc1's weight gradient of the ``local_experts`` (backward_dw computes one weight's at a time)."""
+    rc, d, h = set(options.recompute), dtype_bytes, cfg.hidden_size
+    t = tokens / tp
+    stream = (2 + ("layernorm" in rc) + 4 * bool(options.cpu_offload)) * t * h * d
+    if layer < cfg.first_k_dense_replace:
+        f = cfg.intermediate_size / tp
+        return stream + t * 2 * f * d + 2 * f * h * d
+    rows, fe = t * cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    held_rows = 4 + options.fp8_activations + delayed_wgrad
+    work = stream + rows * (held_rows * h + 2 * fe + ("swiglu" in rc) * fe) * d
+    if options.fp8_activations:
+        kept = activation_bytes_by_module(cfg, layer, options, dtype_bytes)
+        work -= sum(kept[name] for name in ("expert_fc1", "moe_act") if name not in options.cpu_offload) * t
+    return work + (0 if delayed_wgrad else local_experts * 2 * fe * h * d)
+
+
+def chunk_backward_bytes(cfg: K2Config, layers: range, first: bool, last: bool, options: MemoryOptions, tokens: int,
+                         tp: int = 1, dtype_bytes: int = 2, *, local_experts: int = 0,
+                         delayed_wgrad: bool = False) -> float:
+    """The high-water mark of one micro-batch's backward through a model chunk above what was held when it started:
+    the largest of its steps, each less what the steps before it freed. On the last chunk the loss's backward first
+    (the logits' gradient in the model's dtype beside the fp32 one, which is freed with the final norm's output
+    next), then the layers last to first (``layer_backward_bytes``, each freeing what its forward kept), then on the
+    first chunk the embedding's weight gradient in the model's dtype."""
+    h, d, t = cfg.hidden_size, dtype_bytes, tokens / tp
+    V = cfg.vocab_size / tp
+    high = freed = 0.0
+    if last:
+        high = t * V * d
+        freed = t * (V * 4 + h * d + 4)
+    for layer in reversed(layers):
+        high = max(high, layer_backward_bytes(cfg, layer, options, tokens, tp, d, local_experts=local_experts,
+                                              delayed_wgrad=delayed_wgrad) - freed)
+        freed += activation_bytes_per_token(cfg, layer, options, d, tokens=int(t)) * t
+    if first:
+        high = max(high, V * h * d + 2 * t * h * d - freed)
+    return high
+
+
 def output_working_bytes(cfg: K2Config, tokens: int, tp: int = 1, dtype_bytes: int = 2) -> float:
-    """The last chunk's working set above what it keeps, at its peak: the output layer's logits in the model's dtype
-    while the loss makes its fp32 copy (the decoder layers' own working sets are smaller)."""
+    """The last chunk's forward working set above what it keeps, at its peak: the output layer's logits in the model's
+    dtype while the loss makes its fp32 copy."""
     return cfg.vocab_size * dtype_bytes * tokens / tp
 
 
 def in_flight_chunks(pp: int, vpp: int, stage: int, n_micro: int, chunk_bytes: list[float],
-                     extra_warmup: int = 0) -> tuple[float, list[int]]:
-    """(bytes, passes per local chunk) of the (micro-batch, model chunk) forwards alive at the activation peak of
-    pipeline stage ``stage``, chunk_bytes[v] being what one pass through its virtual stage v keeps. megatron-core
-    0.19.2's schedules (pipeline_parallel/schedules.py): without pipelining one at a time; 1F1B PP - stage - 1
-    warm-up forwards; interleaved 1F1B (PP - stage - 1) * 2 + (V - 1) * PP warm-up forwards in the order of
+                     extra_warmup: int = 0, backward_bytes: list[float] | None = None,
+                     forward_bytes: list[float] | None = None, combined: bool = False) -> tuple[float, list[int]]:
+    """(peak bytes, passes per local chunk alive then) of the (micro-batch, model chunk) passes of pipeline stage
+    ``stage``: chunk_bytes[v] is what one forward through its virtual stage v keeps for its backward,
+    backward_bytes[v] / forward_bytes[v] the high-water mark of one backward / forward above that (default 0).
+    megatron-core 0.19.2's schedules (pipeline_parallel/schedules.py): without pipelining one at a time; 1F1B PP -
+    stage - 1 warm-up forwards; interleaved 1F1B (PP - stage - 1) * 2 + (V - 1) * PP warm-up forwards in the order of
     get_schedule_table (groups of PP micro-batches per virtual stage) and the backwards in the same order with the
-    virtual stages reversed; ``extra_warmup``: one more with the EP all-to-all overlap. Then one forward and one
-    backward at a time: the peak is right after a steady-state forward (or after the warm-up when it takes all)."""
+    virtual stages reversed; ``extra_warmup``: one more with the EP all-to-all overlap. Then a forward, then a
+    backward; ``combined``: megatron's combined 1F1B (the EP all-to-all overlap) runs them together, layer by layer,
+    so that the backward's largest step (its first layer, the chunk's last) meets only the forward's first layer:
+    counted as the backward first (what the rehearsal runs; lower by up to one layer's kept bytes). The peak is the
+    largest of (held + the running forward's or backward's high-water mark)."""
+    backward_bytes = backward_bytes or [0.0] * vpp
+    forward_bytes = forward_bytes or [0.0] * vpp
     total = n_micro * vpp
     if pp == 1:
         warmup = min(extra_warmup, total)
@@ -239,17 +332,33 @@ def in_flight_chunks(pp: int, vpp: int, stage: int, n_micro: int, chunk_bytes: l
     groups = [(start, min(start + pp, n_micro)) for start in range(0, n_micro, pp)] if vpp > 1 else [(0, n_micro)]
     order = [v for a, b in groups for v in range(vpp) for _ in range(a, b)]
     alive = [0] * vpp
-    for v in order[:warmup]:
-        alive[v] += 1
     best = (-1.0, list(alive))
-    for i in range(total - warmup):
-        alive[order[warmup + i]] += 1
-        held = sum(n * b for n, b in zip(alive, chunk_bytes))
+
+    def note(extra: float) -> None:
+        nonlocal best
+        held = sum(n * b for n, b in zip(alive, chunk_bytes)) + extra
         if held > best[0]:
             best = (held, list(alive))
-        alive[vpp - 1 - order[i]] -= 1
-    if warmup == total:
-        best = (sum(n * b for n, b in zip(alive, chunk_bytes)), list(alive))
+
+    for v in order[:warmup]:
+        note(forward_bytes[v])
+        alive[v] += 1
+    for i in range(total - warmup):
+        forward, backward = order[warmup + i], vpp - 1 - order[i]
+        if combined:  # the backward's largest step (its first layer's) meets the forward's first layer only
+            note(backward_bytes[backward])
+            alive[backward] -= 1
+            note(forward_bytes[forward])
+            alive[forward] += 1
+        else:
+            note(forward_bytes[forward])
+            alive[forward] += 1
+            note(backward_bytes[backward])
+            alive[backward] -= 1
+    for i in range(total - warmup, total):  # the cool-down's backwards
+        backward = vpp - 1 - order[i]
+        note(backward_bytes[backward])
+        alive[backward] -= 1
     return best
 
 
@@ -273,6 +382,10 @@ class StagePlan:
     comm: float = 0.0                    # communication buffers (communication_bytes)
     offloaded: float = 0.0               # pinned host bytes of the CPU-offloaded activations (memory.cpu_offload)
     optimizer_host: float = 0.0          # optimizer state in host memory (memory.optimizer_state_on_host)
+    # per local chunk, with the memory section: what one pass keeps (chunk_activation_bytes) and its backward's
+    # working set (chunk_backward_bytes)
+    chunk_kept: list[float] = field(default_factory=list)
+    chunk_backward: list[float] = field(default_factory=list)
 
     @property
     def states(self) -> float:
@@ -344,20 +457,28 @@ def _planned_layout(cfg: PretrainConfig, world_size: int, k2: K2Config) -> tuple
 K2_RECOMPUTE = MemoryOptions(recompute=("layernorm", "mla_up_proj", "swiglu"))  # the dry run's "act rc" column
 
 
-def _stage_activation_bytes(k2, chunks, starts, chunk_layers, pp, vpp, stage, n_micro, extra, options, tokens,
-                            tp) -> tuple[float, int, float]:
-    """(peak activation bytes, forwards in flight then, pinned host bytes of their CPU-offloaded activations) of one
-    rank of pipeline stage ``stage`` whose model chunks are ``chunks``: the in-flight passes' chunk_activation_bytes
-    plus, where the last chunk is, the output layer's working set."""
+def _stage_activation_bytes(k2, chunks, starts, chunk_layers, layout, stage, n_micro, options, tokens,
+                            overlap_ep: bool) -> tuple[float, int, float, list[float], list[float]]:
+    """(peak activation bytes, forwards in flight then, pinned host bytes of their CPU-offloaded activations, per
+    chunk what a pass keeps, per chunk its backward's working set) of one rank of pipeline stage ``stage`` whose
+    model chunks are ``chunks``: in_flight_chunks of what each chunk's pass
+    keeps (chunk_activation_bytes), its backward's working set (chunk_backward_bytes) and, on the last chunk, the
+    output layer's working set in the forward. ``overlap_ep``: megatron's EP all-to-all overlap (combined 1F1B,
+    delayed expert weight gradients, one more warm-up forward)."""
+    tp, pp, vpp = layout.tensor_parallel, layout.pipeline_parallel, layout.virtual_stages
+    local_experts = k2.n_routed_experts // layout.expert_parallel
     last = pp * vpp - 1
-    per_chunk = [chunk_activation_bytes(k2, range(starts[c], starts[c] + chunk_layers[c]), c == last, options, tokens,
-                                        tp) for c in chunks]
-    held, alive = in_flight_chunks(pp, vpp, stage, n_micro, per_chunk, extra)
-    working = output_working_bytes(k2, tokens, tp) if last in chunks else 0.0
-    host = sum(n * sum(activation_bytes_per_token(k2, layer, options, offloaded=True)
-                       for layer in range(starts[c], starts[c] + chunk_layers[c])) * tokens / tp
-               for n, c in zip(alive, chunks))
-    return held + working, sum(alive), host
+    ranges = [range(starts[c], starts[c] + chunk_layers[c]) for c in chunks]
+    kept = [chunk_activation_bytes(k2, layers, c == last, options, tokens, tp, layer_nodes=overlap_ep)
+            for c, layers in zip(chunks, ranges)]
+    backward = [chunk_backward_bytes(k2, layers, c == 0, c == last, options, tokens, tp, local_experts=local_experts,
+                                     delayed_wgrad=overlap_ep) for c, layers in zip(chunks, ranges)]
+    forward = [output_working_bytes(k2, tokens, tp) if c == last else 0.0 for c in chunks]
+    held, alive = in_flight_chunks(pp, vpp, stage, n_micro, kept, int(overlap_ep), backward, forward,
+                                   combined=overlap_ep)
+    host = sum(n * sum(activation_bytes_per_token(k2, layer, options, offloaded=True) for layer in layers)
+               * tokens / tp for n, layers in zip(alive, ranges))
+    return held, sum(alive), host, kept, backward
 
 
 def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
@@ -395,9 +516,9 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
         adamw = params - muon
         # the (micro-batch, chunk) forwards alive at this stage's activation peak (megatron's EP all-to-all overlap
         # runs one more micro-batch's forward first), without and with K2's selective recomputation
-        extra = 1 if cfg.parallel.overlap_moe_expert_parallel_comm else 0
-        (act, passes, _), (act_rc, _, _), (act_cfg, _, act_host) = (
-            _stage_activation_bytes(k2, chunks, starts, chunk_layers, pp, vpp, s, n_micro, extra, options, tokens, tp)
+        overlap_ep = bool(cfg.parallel.overlap_moe_expert_parallel_comm)
+        (act, passes, *_), (act_rc, *_), (act_cfg, _, act_host, chunk_kept, chunk_backward) = (
+            _stage_activation_bytes(k2, chunks, starts, chunk_layers, layout, s, n_micro, options, tokens, overlap_ep)
             for options in (MemoryOptions(), K2_RECOMPUTE, cfg.memory.options()))
         # ZeRO-1: dense states over DP, expert states over expert-DP
         dense_local = params - local_experts
@@ -414,7 +535,7 @@ def plan_memory(cfg: PretrainConfig, world_size: int) -> Plan:
                                      act_cfg, optimizer_temporary_bytes(buffers, tp, cfg.memory.muon_buffer_mib * 2**20,
                                                                         state_on_host=on_host),
                                      communication_bytes(k2, tokens, layers, cfg.parallel, layout), act_host,
-                                     opt if on_host else 0.0))
+                                     opt if on_host else 0.0, chunk_kept, chunk_backward))
         total += dense + router + experts
         frac = k2.num_experts_per_tok / max(k2.n_routed_experts, 1)
         active += dense + router + experts * frac
@@ -493,14 +614,16 @@ def communication_bytes(k2: K2Config, tokens: int, layers: list[int], parallel, 
     """Communication buffers of a rank outside the activations (bf16): the EP all-to-all's output buffers of one
     micro-batch's routed tokens, two alive at once (measured in the rehearsal: a MoE layer's forward still holds the
     dispatch's output when the combine's arrives; the dispatched tokens kept for backward are the dispatcher's
-    regrouped copy, an activation), twice that with the EP overlap (a forward beside a backward). The pipeline's received tensors are the chunks' inputs,
-    counted with the activations; ZeRO-1's gradient reduce-scatter and parameter all-gather work in place in the
-    gradient and parameter buffers; NCCL's own workspace is not counted."""
+    regrouped copy, an activation), three with the EP overlap (megatron's combined 1F1B: the other micro-batch's
+    all-to-all output beside them; measured computing every micro-batch of k2_full's first, middle and last stages).
+    The pipeline's received tensors are the chunks' inputs, counted with the activations; ZeRO-1's gradient
+    reduce-scatter and parameter all-gather work in place in the gradient and parameter buffers; NCCL's own workspace
+    is not counted."""
     moe = any(layer >= k2.first_k_dense_replace for layer in layers)
     if not moe or layout.expert_parallel == 1:
         return 0.0
     buffer = tokens * k2.num_experts_per_tok * k2.hidden_size * 2
-    return 2 * buffer * (2 if parallel.overlap_moe_expert_parallel_comm else 1)
+    return buffer * (3 if parallel.overlap_moe_expert_parallel_comm else 2)
 
 
 def _vocab_size(cfg: PretrainConfig) -> int:
@@ -611,5 +734,6 @@ def dry_run(cfg, world_size: int | None = None, file=None) -> int:
 
 __all__ = ["GradBuffer", "K2_RECOMPUTE", "LayerLargest", "LayerParams", "Plan", "StagePlan",
            "activation_bytes_by_module", "activation_bytes_per_token", "chunk_activation_bytes", "communication_bytes",
-           "in_flight_chunks", "offloaded_bytes_by_module", "output_working_bytes", "dry_run", "format_plan",
+           "in_flight_chunks", "offloaded_bytes_by_module", "offload_leftover_bytes", "layer_backward_bytes",
+           "chunk_backward_bytes", "output_working_bytes", "dry_run", "format_plan",
            "layer_largest", "layer_params", "optimizer_temporary_bytes", "plan_memory"]

@@ -20,7 +20,7 @@ import torch
 
 from k2_megatron.config import ConfigError, MemoryOptions, get_preset, load_config
 from k2_megatron.megatron.activation_memory import transformer_config_overrides
-from k2_megatron.training.plan import activation_bytes_per_token
+from k2_megatron.training.plan import activation_bytes_per_token, offload_leftover_bytes
 
 ALL_RECOMPUTE = ("layernorm", "mla_up_proj", "swiglu")
 OPTION_SETS = {
@@ -289,13 +289,16 @@ def test_planner_accounts_for_the_options():
     assert activation_bytes_per_token(cfg, 5, moe_offload, offloaded=True) == pytest.approx(fp8_inputs)
     assert activation_bytes_per_token(cfg, 0, moe_offload, offloaded=True) == 0  # a dense layer has no experts
     offload = MemoryOptions(cpu_offload=("core_attn",))
-    assert none[5] - activation_bytes_per_token(cfg, 5, offload) == 2 * qkv + 4 * H  # q, k, v and the log-sum-exp
-    # what megatron's attention offload groups copy to pinned host memory, once per save and before recomputation
-    # discards anything (measured: the groups' tensors under the rehearsal, k2_full): the attention norm's output
-    # twice (both MLA down-projections save it), the latents and their normed copies; q, k, v and attention's output
-    # (saved again by attn_proj) even though mla_up_proj recomputes q, k, v; the 1/RMS, RoPE tables and
-    # log-sum-exp stay (under megatron's min_offloaded_tensor_size)
+    # q, k, v; the fp32 log-sum-exp ([tokens, H]) stays on the device under megatron's min_offloaded_tensor_size
+    # (2**20 elements), which it exceeds from 16384 tokens on
+    assert none[5] - activation_bytes_per_token(cfg, 5, offload, tokens=4096) == 2 * qkv
+    assert none[5] - activation_bytes_per_token(cfg, 5, offload, tokens=16384) == 2 * qkv + 4 * H
+    # with mla_up_proj recompute, the up-projections' recomputation saves MLA's normed q and kv latents and the kv
+    # down-projection's output outside qkv_linear's offload group: they stay (measured, k2_full)
     ql, kl, dr = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    left = offload_leftover_bytes(cfg, 5, MemoryOptions(recompute=("layernorm", "mla_up_proj"),
+                                                        cpu_offload=("qkv_linear",)), tokens=4096)
+    assert left == {"qkv_linear": 2 * (ql + kl + kl + dr) + 4 * dr}  # ... and RoPE's fp32 tables (small)
     attention = MemoryOptions(recompute=("layernorm", "mla_up_proj"),
                               cpu_offload=("attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm"))
     host = {"attn_norm": h, "qkv_linear": 2 * h + 2 * ql + 2 * kl + dr, "core_attn": qkv + H * cfg.v_head_dim,

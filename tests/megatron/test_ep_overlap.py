@@ -99,7 +99,7 @@ def test_delayed_wgrad_equals_the_ordinary_backward(megatron_cpu, fp8, recompute
 
 def test_delayed_wgrad_goes_through_the_ddp_hooks(megatron_cpu):
     """megatron DDP (delay_wgrad_compute=True) registers one hook per weight marked skip_backward_post_hook; each
-    moves the weight's .grad into its buffer. They run after backward_dw has set every gradient."""
+    moves the weight's .grad into its buffer, called by backward_dw as soon as that weight's gradient is set."""
     ordinary = _experts(False)
     delayed = _experts(True, like=ordinary)
     assert all(p.skip_backward_post_hook for p in delayed.parameters())
@@ -121,6 +121,25 @@ def test_delayed_wgrad_goes_through_the_ddp_hooks(megatron_cpu):
     assert seen == [True, True]
     for p, q in zip(delayed.parameters(), ordinary.parameters()):
         assert p.grad is None and torch.equal(buffers[p], q.grad.float())
+
+
+def test_backward_dw_holds_one_weight_gradient_at_a_time(megatron_cpu):
+    """Each weight's gradient goes to DDP (whose hook adds it to the buffer and frees it) before the next weight's is
+    computed: two expert weight gradients at once (fc1's and fc2's, in the model's dtype: ~2 GiB per K2 layer at
+    EP16) would be the peak of a rank's backward. The hooks are megatron DDP's, one per weight in parameter order."""
+    experts = _experts(True)
+    held = []
+
+    def hook_for(p):
+        def hook():
+            held.append([q.grad is not None for q in experts.parameters()])
+            p.grad = None
+        return hook
+
+    for p in experts.parameters():
+        experts.register_wgrad_accumulation_and_reduce_hooks(hook_for(p))
+    _run(experts, [7])
+    assert held == [[False, True], [True, False]]  # fc2's backward ran first: its gradient first, then fc1's
 
 
 def test_delayed_wgrad_refuses_what_would_lose_gradients(megatron_cpu):

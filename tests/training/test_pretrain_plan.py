@@ -201,7 +201,7 @@ def test_optimizer_temporaries_and_communication_buffers():
     plan = plan_memory(cfg, 256)
     tokens, h = cfg.data.seq_length * cfg.train.micro_batch_size, k2.hidden_size
     buffer = tokens * k2.num_experts_per_tok * h * 2  # one all-to-all output of a micro-batch's routed tokens
-    assert plan.stages[1].comm == 2 * 2 * buffer  # dispatch's + combine's, two micro-batches with the EP overlap
+    assert plan.stages[1].comm == 3 * buffer  # dispatch's + combine's, and the other micro-batch's with the EP overlap
     off = load_config(os.path.join(CONFIGS, "k2_full.yaml"), ["parallel.overlap_moe_expert_parallel_comm=false",
                                                               "parallel.delay_wgrad_compute=false"])
     assert communication_bytes(k2, tokens, plan.stages[1].layers, off.parallel, plan.layout) == 2 * buffer
@@ -212,3 +212,46 @@ def test_default_device_memory_is_the_rehearsed_h100s():
 
     plan = plan_memory(load_config(os.path.join(CONFIGS, "k2_full.yaml")), 256)
     assert plan.device_memory == H100.total_memory == 81559 * 2**20  # torch's total_memory of an H100 SXM 80GB
+
+
+def test_in_flight_peak_meets_a_backward_with_the_passes_megatron_holds():
+    """The activation peak is the passes held plus the running forward's or backward's working set, in megatron's
+    order: 1F1B runs a steady-state forward before its backward (both passes held while the backward works); the
+    combined 1F1B schedule (EP all-to-all overlap) interleaves them layer by layer, so the backward's largest step,
+    its first layer, meets only the forward's first layer (counted as the backward first)."""
+    from k2_megatron.training.plan import in_flight_chunks
+
+    # PP2, stage 0, 3 micro-batches: one warm-up forward, then (forward, backward) twice, then one backward
+    assert in_flight_chunks(2, 1, 0, 3, [1.0]) == (2.0, [2])
+    assert in_flight_chunks(2, 1, 0, 3, [1.0], backward_bytes=[10.0]) == (12.0, [2])
+    assert in_flight_chunks(2, 1, 0, 3, [1.0], backward_bytes=[10.0], combined=True) == (11.0, [1])
+    assert in_flight_chunks(2, 1, 0, 3, [1.0], forward_bytes=[5.0]) == (6.0, [1])
+    # the last stage runs each forward's backward right after it: one pass held, whatever the micro-batch count
+    assert in_flight_chunks(2, 1, 1, 8, [1.0], backward_bytes=[10.0]) == (11.0, [1])
+    # interleaved, PP2 x 2 virtual stages, stage 0: (2 - 0 - 1) * 2 + (2 - 1) * 2 = 4 warm-up forwards in the
+    # order v0, v0, v1, v1; the first backward is v1's (the last virtual stage)
+    held, alive = in_flight_chunks(2, 2, 0, 4, [1.0, 100.0], backward_bytes=[0.0, 0.0])
+    assert alive == [3, 2] and held == 203.0  # after the first steady-state forward (v0), before v1's backward
+
+
+def test_backward_working_set_of_k2s_chunks():
+    """chunk_backward_bytes on k2_full's chunks, with K2's memory section, against what the rehearsal measures
+    (tests/rehearsal/test_recipes_rehearsed.py checks every chunk of the first, a middle and the last stage within
+    10%): the embedding's weight gradient dominates the first chunk, the experts' rows an MoE chunk, the logits'
+    gradient the last chunk; each step counts what the steps before it freed."""
+    from k2_megatron.training.plan import GIB, chunk_backward_bytes, layer_backward_bytes
+
+    cfg = load_config(os.path.join(CONFIGS, "k2_full.yaml"))
+    k2, options, tokens = cfg.k2_config(None), cfg.memory.options(), 4096
+    kw = dict(local_experts=24, delayed_wgrad=True)
+    moe = chunk_backward_bytes(k2, range(15, 17), False, False, options, tokens, **kw)
+    assert moe == layer_backward_bytes(k2, 16, options, tokens, **kw)  # the chunk's last layer runs first
+    assert 3.0 * GIB < moe < 3.6 * GIB  # measured 3.29 GiB
+    first = chunk_backward_bytes(k2, range(0, 1), True, False, options, tokens, **kw)
+    assert 1.4 * GIB < first < 1.75 * GIB  # the embedding's bf16 weight gradient less the freed layer: 1.57 measured
+    last = chunk_backward_bytes(k2, range(60, 61), False, True, options, tokens, **kw)
+    assert last == k2.vocab_size * tokens * 2  # the logits' gradient in bf16 beside the fp32 one: 1.25 GiB measured
+    # without delayed wgrad the experts' fc1 weight gradient (bf16, 24 local experts) is part of it
+    plain = layer_backward_bytes(k2, 16, options, tokens, local_experts=24, delayed_wgrad=False)
+    rows = tokens * k2.num_experts_per_tok * k2.hidden_size * 2
+    assert plain - moe == pytest.approx(24 * 2 * k2.moe_intermediate_size * k2.hidden_size * 2 - rows)
