@@ -181,15 +181,13 @@ class K2GroupedMLP(MegatronModule):
         pending = list(self._pending_wgrad)
         self._pending_wgrad.clear()  # the same list object: in-flight backward passes append to it
         hooks = self._hooks_by_weight()
-        last_use = {id(weight): i for i, (weight, *_) in enumerate(pending)}
-        for i in range(len(pending)):
-            weight, x, dy, batch_sizes = pending[i]
-            pending[i] = None
+        while pending:
+            weight, x, dy, batch_sizes = pending.pop(0)
             dw = ops.grouped_gemm_wgrad(x, dy, batch_sizes, trans_b=True)
             del x, dy
             weight.grad = dw if weight.grad is None else weight.grad.add_(dw)
             del dw
-            if last_use[id(weight)] == i:
+            if all(w is not weight for w, *_ in pending):  # its last pending gradient: hand it to DDP
                 for hook in hooks.pop(id(weight), ()):
                     hook()
         for rest in hooks.values():  # weights without a pending gradient: DDP's hook decides (as autograd's would)

@@ -47,7 +47,7 @@ on k2-tiny with one layer per chunk and five micro-batches in flight 7% of the a
 test_step.py). On k2_full as shipped (offload: 0.33 GiB kept per pass of a 2-layer MoE chunk, its backward working
 in 3.3 GiB above that) computing every micro-batch of a 32-micro-batch step measured 31.6, 13.9 and 9.8 GiB of
 activations on the first, middle and last stages, replay 31.8, 14.1 and 9.8 at 1024 (within 2%), the all-to-all
-buffers 1.32 GiB on each, replay 0.88-1.32. What a recorded pass keeps is read at the next schedule step (the
+buffers 1.32 GiB on each, replay 0.89-1.32. What a recorded pass keeps is read at the next schedule step (the
 combined schedule frees the last layer's node outputs when it drops the plan, after the backward's own run).
 """
 
@@ -226,7 +226,7 @@ class MicroBatchReplay:
     def _recorded(self, index, forward):
         mem = self.r.memory
         received = self._decoder_input(index)
-        received_bytes = _storage_bytes(received)
+        received_before = _storage_bytes(received)
         start, marks, pinned = mem.total, self._marks(), mem.pinned
         mem.region_max = start
         allocated = mem.watch()
@@ -234,11 +234,12 @@ class MicroBatchReplay:
             out = forward()
         finally:
             mem.unwatch()
+        received_after = _storage_bytes(received)
         self.records[index] = _Record(tuple(out.shape), out.dtype, out.numel() * out.element_size(), allocated,
                                       mem.entry_of(out), forward_high=mem.region_max - start,
                                       forward_events=self._since(marks), pinned_kept=mem.pinned - pinned,
-                                      input_bytes=_storage_bytes(received),
-                                      input_released=received_bytes > 0 and _storage_bytes(received) == 0)
+                                      input_bytes=received_after,
+                                      input_released=received_before > 0 and received_after == 0)
         return out
 
     def chunk_passes(self) -> list[dict]:
@@ -310,12 +311,13 @@ class MicroBatchReplay:
         the two run one after the other, b's backward first, then f's forward (the module docstring says what that
         approximates), with the hooks in megatron's order; otherwise megatron's own interleaved run."""
         self._settle_kept()
-        f_kind = self._forward_kind(self._chunk_of_model[id(f_plan.state.model)]) if f_plan is not None else None
+        f_index = self._chunk_of_model[id(f_plan.state.model)] if f_plan is not None else None
+        f_kind = self._forward_kind(f_index) if f_plan is not None else None
         if f_kind in (None, "compute", "measure") and getattr(b_plan, "_replay_tag", None) is None:
             out = original(f_plan, b_plan, b_grad=b_grad, pre_forward=pre_forward, pre_backward=pre_backward,
                            post_forward=post_forward, post_backward=post_backward)
             if f_kind == "measure":
-                self._estimate_kept(self._chunk_of_model[id(f_plan.state.model)])
+                self._estimate_kept(f_index)
             return out
         if f_plan is not None and pre_forward is not None:
             pre_forward(f_plan.vp_stage)
